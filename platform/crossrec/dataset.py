@@ -1,0 +1,201 @@
+"""A prepared dataset: a folder of Parquet files plus `manifest.json`, written atomically by `prepare`.
+
+    items.parquet          item_id, domain, title, optional text / feature columns; sorted by (domain, item_id)
+    interactions.parquet   user_id, item_id, domain, timestamp[, rating, event, platform]; sorted by
+                           (user_id, timestamp), ties in input order
+    identity.parquet       optional: platform, platform_user_id -> user_id
+    manifest.json          schema version, source, counts per domain, what was merged or skipped, hashes
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+import crossrec
+from crossrec.ingest import read_source
+from crossrec.ingest.tables import CSV, JSONL, PARQUET
+from crossrec.schema import (SCHEMA_VERSION, DataError, SourceTable, validate_identity, validate_interactions,
+                             validate_items)
+
+__all__ = ["Dataset", "prepare", "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_FILES = ("items", "interactions", "identity")
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset loaded in memory (pyarrow tables)."""
+
+    path: Path
+    items: pa.Table
+    interactions: pa.Table
+    identity: pa.Table | None
+    manifest: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Dataset":
+        path = Path(path)
+        man = path / MANIFEST
+        if not man.is_file():
+            raise DataError(f"{path}: not a prepared crossrec dataset (no {MANIFEST}); "
+                            f"run `crossrec prepare SRC --out {path}` first")
+        manifest = json.loads(man.read_text())
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(f"{man}: schema version {manifest.get('schema_version')!r}, this crossrec reads "
+                            f"{SCHEMA_VERSION}; prepare the data again")
+        ident = path / "identity.parquet"
+        return cls(path=path, items=pq.read_table(path / "items.parquet"),
+                   interactions=pq.read_table(path / "interactions.parquet"),
+                   identity=pq.read_table(ident) if ident.is_file() else None, manifest=manifest)
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted(self.manifest["counts"]["domains"])
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+
+def _apply_identity(inters: pa.Table, identity: pa.Table) -> tuple[pa.Table, dict]:
+    """Maps (platform, platform_user_id) to the unified user_id. The platform of an interaction is its
+    `platform` column, else its domain. Unmapped users become `platform:id`, so raw ids of two platforms
+    never merge by accident."""
+    platform = inters.column("platform") if "platform" in inters.column_names else inters.column("domain")
+    keys = pc.binary_join_element_wise(platform, inters.column("user_id"), "\x1f")
+    id_keys = pc.binary_join_element_wise(identity.column("platform"), identity.column("platform_user_id"), "\x1f")
+    idx = pc.index_in(keys, value_set=id_keys)
+    mapped = pc.take(identity.column("user_id"), pc.fill_null(idx, 0))
+    fallback = pc.binary_join_element_wise(platform, inters.column("user_id"), ":")
+    user = pc.if_else(pc.is_null(idx), fallback, mapped)
+    n_unmapped = idx.null_count
+    out = inters.set_column(inters.column_names.index("user_id"), "user_id", user)
+    return out, {"interactions_mapped": inters.num_rows - n_unmapped, "interactions_unmapped": n_unmapped}
+
+
+def _sort_interactions(inters: pa.Table) -> pa.Table:
+    # Stable: equal timestamps keep input order (the protocol's tie rule; see splits.py).
+    users, ucode = np.unique(inters.column("user_id").to_numpy(zero_copy_only=False).astype(str),
+                             return_inverse=True)
+    ts = inters.column("timestamp").to_numpy()
+    order = np.lexsort((np.arange(inters.num_rows), ts, ucode.reshape(-1)))
+    return inters.take(pa.array(order))
+
+
+def _counts(items: pa.Table, inters: pa.Table) -> dict:
+    per = {}
+    idom = items.column("domain").to_numpy(zero_copy_only=False)
+    dom = inters.column("domain").to_numpy(zero_copy_only=False)
+    users = inters.column("user_id").to_numpy(zero_copy_only=False)
+    for d in sorted(set(idom.tolist())):
+        m = dom == d
+        per[d] = {"items": int((idom == d).sum()), "interactions": int(m.sum()),
+                  "users": int(len(np.unique(users[m])))}
+    return {"users": int(len(np.unique(users))), "items": items.num_rows,
+            "interactions": inters.num_rows, "domains": per}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", domain: str | None = None,
+            identity: str | Path | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Reads, validates and writes a dataset; returns its manifest.
+
+    Nothing is half-written: the dataset is built in a sibling temporary folder and renamed into place
+    only when complete; on any failure the temporary folder is removed and `out` is left as it was.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise DataError(f"{out}: already exists; pass --force to replace it")
+    if not sources:
+        raise DataError("no source given")
+    steps = ["read"] * len(sources) + ["validate", "sort", "write"]
+    bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=not progress)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        read = []
+        for src in sources:
+            bar.set_postfix_str(f"read {src}")
+            read.append(read_source(src, fmt, domain))
+            bar.update()
+        bar.set_postfix_str("validate")
+        items, report = validate_items([t for s in read for t in s.items])
+        inters = validate_interactions([t for s in read for t in s.interactions], items)
+        ident_src = [s.identity for s in read if s.identity is not None]
+        if identity is not None:
+            ident_src.append(_read_identity(Path(identity)))
+        ident = None
+        if ident_src:
+            ident = pa.concat_tables([validate_identity(s) for s in ident_src])
+            inters, report["identity"] = _apply_identity(inters, ident)
+        skipped: dict[str, int] = {}
+        for s in read:
+            for k, v in s.skipped.items():
+                skipped[k] = skipped.get(k, 0) + v
+        bar.update()
+        bar.set_postfix_str("sort")
+        items = items.take(pc.sort_indices(items, [("domain", "ascending"), ("item_id", "ascending")]))
+        inters = _sort_interactions(inters)
+        bar.update()
+        bar.set_postfix_str(f"write {out}")
+        tmp.mkdir(parents=True)
+        tables = {"items": items, "interactions": inters, "identity": ident}
+        hashes = {}
+        for name in _FILES:
+            if tables[name] is None:
+                continue
+            pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
+            hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "created_by": f"crossrec {crossrec.__version__}",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": [{"path": str(src), "format": fmt, "read_as": s.description}
+                       for src, s in zip(sources, read)],
+            "counts": _counts(items, inters),
+            "report": report,
+            "skipped": skipped,
+            "files": hashes,
+            "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        bar.update()
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _read_identity(path: Path) -> SourceTable:
+    for fmt in (CSV, PARQUET, JSONL):
+        if path.suffix == fmt.suffix:
+            return SourceTable(fmt.reader(path), str(path))
+    raise DataError(f"{path}: identity table must be .csv, .parquet or .jsonl")

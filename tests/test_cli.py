@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+from crossrec.cli import main
+
+
+def test_evaluate_popularity_writes_design_json(art_office, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--baselines", "popularity", "--data", str(art_office), "--json", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "arts  (150 targets)" in printed and "popularity" in printed
+    res = json.loads(out.read_text())
+    assert res["bundle"] is None and res["dataset"] == str(art_office)
+    assert set(res["metrics"]["popularity"]) == {"arts", "office", "all"}
+    assert set(res["metrics"]["popularity"]["all"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr")
+                                                        for k in (10, 20, 50)}
+    assert res["slices"]["popularity"]["arts"]["cold_user"]["n"] == 0
+
+
+def test_evaluate_bad_arguments_exit_nonzero_with_one_line(art_office, capsys):
+    assert main(["evaluate", "--data", str(art_office), "--domains", "toys", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == "crossrec evaluate: error: --domains: unknown domain 'toys' (domains in " \
+                  f"{art_office}: arts, office)\n"
+    assert main(["evaluate", "--data", str(art_office / "nope")]) == 2
+    assert "not a prepared crossrec dataset" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "crossrec.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "prepare" in r.stdout and "evaluate" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "crossrec.cli", "prepare", "--help"], capture_output=True, text=True)
+    assert "--identity" in r.stdout and "atomically" in r.stdout
