@@ -32,15 +32,24 @@ class EvalResult:
 
 def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[str] | None = None,
              ks: tuple[int, ...] = KS, mask_history: bool = True, batch_size: int | None = None,
-             progress: bool = False, desc: str = "evaluate") -> EvalResult:
+             progress: bool = False, desc: str = "evaluate", max_targets: int = 0,
+             shard: tuple[int, int] = (0, 1)) -> EvalResult:
+    """max_targets > 0 keeps that many targets per domain, evenly spaced (a fixed subset: validation during
+    training); shard=(rank, world) keeps every world-th of them (workers split the work)."""
     domains = list(splits.domains if domains is None else domains)
     for d in domains:
         splits._check_domain(d)
     ranks, cold_user, cold_item = {}, {}, {}
-    total = sum(len(splits.targets(split, d)) for d in domains)
+    def rows_of(d: str) -> np.ndarray:
+        rows = splits.targets(split, d)
+        if max_targets and len(rows) > max_targets:
+            rows = rows[np.linspace(0, len(rows) - 1, max_targets).astype(np.int64)]
+        return rows[shard[0]::shard[1]]
+
+    total = sum(len(rows_of(d)) for d in domains)
     bar = tqdm(total=total, desc=desc, unit="target", disable=not progress)
     for d in domains:
-        rows = splits.targets(split, d)
+        rows = rows_of(d)
         off, n = splits.offset[d], splits.n_items[d]
         # Keep a score block near 32M floats whatever the catalog size.
         bs = batch_size or max(64, min(4096, int(3.2e7 // max(n, 1))))

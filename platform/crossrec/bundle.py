@@ -1,0 +1,106 @@
+"""A trained model as a folder, loadable without Ray. Never pickle: JSON, safetensors and Parquet only.
+
+    bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
+    model.safetensors    adaptor (or item embeddings) + user tower + temperature
+    items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+    adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+import crossrec
+from crossrec.config import TrainConfig, config_from_dict, config_to_dict
+from crossrec.model import CrossRecModel
+
+__all__ = ["Bundle", "save_bundle", "load_bundle", "BUNDLE_FORMAT"]
+
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    config: TrainConfig
+    model: CrossRecModel
+    domains: list[str]  # the model's domain ids, in order; id len(domains) = unknown
+    items: dict[str, pa.Table]  # per domain: item_id, title, vector
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    def domain_id(self, name: str) -> int:
+        return self.domains.index(name) if name in self.domains else len(self.domains)
+
+    def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
+        t = self.items[domain]
+        vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
+        return t.column("item_id").to_pylist(), torch.from_numpy(vecs.reshape(t.num_rows, -1))
+
+
+def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domains: list[str], in_dim: int | None,
+                n_items: int | None, items: dict[str, tuple[list[str], list[str], np.ndarray]], metrics: dict,
+                data_hash: str, extra: dict | None = None, adapter_dir: Path | None = None) -> Path:
+    """Writes a bundle atomically (temp folder, then rename). items[domain] = (ids, titles, vectors (n, D))."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "items").mkdir(parents=True)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        for d, (ids, titles, vecs) in items.items():
+            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
+            pq.write_table(pa.table({"item_id": ids, "title": titles, "vector": col}), tmp / "items" / f"{d}.parquet")
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, tmp / "adapter")
+        h = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+        meta = {"format": BUNDLE_FORMAT, "created_by": f"crossrec {crossrec.__version__}",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "version": f"{path.name}-{h[:12]}", "config": config_to_dict(cfg), "domains": domains,
+                "in_dim": in_dim, "n_items": n_items, "data_hash": data_hash, "metrics": metrics,
+                **(extra or {})}
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    path = Path(path)
+    meta_file = path / "bundle.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{path}: not a crossrec bundle (no bundle.json); create one with `crossrec train`")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{meta_file}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")
+    cfg = config_from_dict(meta["config"])
+    model = CrossRecModel(cfg, len(meta["domains"]), in_dim=meta["in_dim"], n_items=meta["n_items"])
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.eval()
+    items = {d: pq.read_table(path / "items" / f"{d}.parquet") for d in meta["domains"]
+             if (path / "items" / f"{d}.parquet").is_file()}
+    return Bundle(path=path, meta=meta, config=cfg, model=model, domains=list(meta["domains"]), items=items)

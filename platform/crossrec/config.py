@@ -1,0 +1,213 @@
+"""Typed training configuration: YAML files and `--set key=value` overrides load into these dataclasses.
+
+What is saved with a model (`TrainConfig`, in the bundle) is kept apart from where and how a run executes
+(`RunSettings`: workers, GPUs, storage, Ray address), as peft keeps `LoraRuntimeConfig` apart.
+Unknown keys are errors that list the accepted ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["LoraConfig", "DeepSpeedConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
+           "config_to_dict", "config_from_dict"]
+
+MODES = ("cached", "end-to-end")
+ADAPTORS = ("moe", "mlp", "linear")
+ITEM_ENCODERS = ("text", "id")
+STRATEGIES = ("ddp", "deepspeed")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the backbone (end-to-end mode)."""
+
+    enabled: bool = True  # False: full fine-tuning of the backbone
+    rank: int = 8  # adapter rank r
+    alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] | None = None  # None: the backbone family's default (see backbones.py)
+    per_domain: bool = False  # one adapter per domain on a shared backbone
+
+    def __post_init__(self):
+        _check_positive("lora.rank", self.rank)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"`lora.dropout` must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings (strategy `deepspeed`)."""
+
+    zero_stage: int = 2  # 1, 2 or 3
+    bf16: bool = True  # where supported
+    grad_accum: int = 1  # gradient accumulation steps
+    offload_optimizer: bool = False
+    offload_params: bool = False  # stage 3 only
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check_choice("deepspeed.zero_stage", self.zero_stage, (1, 2, 3))
+        _check_positive("deepspeed.grad_accum", self.grad_accum)
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("`deepspeed.offload_params` needs `deepspeed.zero_stage` 3")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a trained model; saved in the bundle."""
+
+    backbone: str = "minilm"  # registry name (minilm, smollm2-135m) or a local Hugging Face model directory
+    mode: str = "cached"  # cached: frozen backbone, precomputed vectors; end-to-end: backbone trained too
+    item_encoder: str = "text"  # text: adaptor over backbone vectors; id: an embedding per item (SASRec)
+    text_template: str = ""  # item text; "" = title plus any attributes/categories/brand (see text.py)
+    max_tokens: int = 64  # item text truncation, in backbone tokens
+    adaptor: str = "moe"  # moe (UniSRec whitening + mixture of experts), mlp, linear
+    n_experts: int = 8  # experts of the moe adaptor
+    dim: int = 128  # item / user vector size
+    layers: int = 2  # user-tower transformer layers
+    heads: int = 2  # attention heads
+    max_len: int = 50  # history items the user tower reads
+    dropout: float = 0.2
+    temperature: float = 0.07  # initial softmax temperature tau of the InfoNCE loss
+    learn_temperature: bool = True  # tau is a trained parameter (clamped to [0.01, 1])
+    n_negatives: int = 256  # sampled negatives per domain and batch, on top of in-batch ones
+    domain_dropout: float = 0.1  # chance to replace a domain id by "unknown": trains the zero-shot path
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (overrides epochs)
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4  # end-to-end: learning rate of the backbone's trainable weights
+    weight_decay: float = 0.01
+    batch_size: int = 128  # sequences per optimizer step, over all workers
+    seed: int = 0
+    train_domains: list[str] | None = None  # None: all domains of the dataset
+    init_from: str | None = None  # a bundle to start from (transfer: pretrained on other domains)
+    finetune: str = "all"  # with init_from: "all" weights, or "adaptor" only (user tower frozen)
+    min_per_domain: int = 3  # split protocol
+    valid_max_targets: int = 4000  # validation targets per domain scored each epoch (0: all)
+    patience: int = 3  # epochs without validation gain before stopping (0: never)
+    strategy: str = "ddp"  # ddp or deepspeed
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = _from_dict(LoraConfig, self.lora, "lora.")
+        if isinstance(self.deepspeed, dict):
+            self.deepspeed = _from_dict(DeepSpeedConfig, self.deepspeed, "deepspeed.")
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("item_encoder", self.item_encoder, ITEM_ENCODERS)
+        _check_choice("adaptor", self.adaptor, ADAPTORS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("finetune", self.finetune, ("all", "adaptor"))
+        if self.finetune == "adaptor" and self.item_encoder != "text":
+            raise ValueError("`finetune` adaptor needs `item_encoder` text (an id model has no adaptor)")
+        for name in ("dim", "layers", "heads", "max_len", "n_experts", "epochs", "batch_size", "max_tokens",
+                     "lr", "backbone_lr", "temperature"):
+            _check_positive(name, getattr(self, name))
+        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if self.dim % self.heads:
+            raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
+        for name in ("dropout", "domain_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+        if self.min_per_domain < 2:
+            raise ValueError(f"`min_per_domain` must be >= 2, got {self.min_per_domain}")
+        if self.item_encoder == "id" and self.mode != "cached":
+            raise ValueError("`item_encoder` id (SASRec) has no backbone: use `mode` cached")
+        if isinstance(self.train_domains, str):
+            self.train_domains = [d for d in self.train_domains.split(",") if d]
+
+
+@dataclass
+class RunSettings:
+    """Where and how a run executes; not saved with the model."""
+
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    address: str | None = None  # Ray address; None: a local in-process Ray
+    storage_path: str | None = None  # checkpoints and results (default: BUNDLE/../.runs)
+    name: str | None = None  # run name inside storage_path (same name resumes)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"unknown config key `{prefix}{unknown[0]}` (accepted: "
+                         f"{', '.join(prefix + n for n in sorted(names))})")
+    return cls(**data)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return _from_dict(TrainConfig, dict(data))
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars (true, null, [a, b], 16); YAML 1.1 reads `1e-3` as a string, so floats are tried too."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key=value` with dotted keys (`lora.rank=16`) applied onto a config mapping."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: `{p}` is not a section")
+        node[parts[-1]] = _parse_value(value.strip())
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file (data only) plus `--set` overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"--config {p}: no such file")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping of config keys")
+    return config_from_dict(apply_overrides(data, overrides or []))

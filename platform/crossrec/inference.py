@@ -1,0 +1,75 @@
+"""A bundle applied to a dataset: item vectors for its catalog and a scorer for evaluation or recommendation.
+
+Items the bundle already has (same domain, same id) keep the bundle's vectors; any other item - a new item,
+or a whole domain the model never saw (zero-shot) - is embedded from its text with the bundle's backbone and
+adaptor. Domains the model never trained on use its "unknown" domain id.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from crossrec.bundle import Bundle
+from crossrec.dataset import Dataset
+from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors, save_cached_vectors,
+                                template_of, vector_cache_path)
+from crossrec.splits import Splits
+from crossrec.training import ModelScorer
+
+__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors"]
+
+
+def domain_map_for(bundle_domains: list[str], splits: Splits) -> np.ndarray:
+    """Dataset domain code -> model domain id (unknown = len(bundle_domains))."""
+    return np.array([bundle_domains.index(d) if d in bundle_domains else len(bundle_domains)
+                     for d in splits.domains], dtype=np.int64)
+
+
+def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template: str, max_tokens: int,
+                     progress: bool = False) -> np.ndarray:
+    """Frozen-backbone vectors of the catalog in `splits`' global item order, cached on disk."""
+    items = data.items.take(splits.item_row)
+    template = template_of(text_template, max_tokens)
+    texts = catalog_texts(items, template)
+    path = vector_cache_path(splits.item_ids.tolist(), texts, backbone, template)
+    vecs = load_cached_vectors(path, len(texts))
+    if vecs is None:
+        vecs = embed_texts(texts, backbone, max_tokens, progress=progress)
+        save_cached_vectors(path, vecs)
+    return vecs
+
+
+def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> torch.Tensor:
+    n = len(splits.item_ids)
+    dim = bundle.config.dim
+    out = torch.zeros(n, dim)
+    have = np.zeros(n, dtype=bool)
+    for d in splits.domains:
+        if d not in bundle.items:
+            continue
+        ids, vecs = bundle.item_matrix(d)
+        pos = {iid: k for k, iid in enumerate(ids)}
+        off = splits.offset[d]
+        for j, iid in enumerate(splits.item_ids[off:off + splits.n_items[d]]):
+            k = pos.get(iid)
+            if k is not None:
+                out[off + j] = vecs[k]
+                have[off + j] = True
+    missing = np.flatnonzero(~have)
+    if len(missing):
+        cfg = bundle.config
+        if cfg.item_encoder != "text":
+            raise ValueError(f"{len(missing)} items of the dataset are not in the bundle, and an ID-based model "
+                             "(item_encoder id) cannot embed new items")
+        # Embed the whole catalog once (cached), then keep the rows that are needed.
+        bb = backbone_vectors(data, splits, cfg.backbone, cfg.text_template, cfg.max_tokens, progress)
+        with torch.inference_mode():
+            for s in range(0, len(missing), 4096):
+                idx = missing[s:s + 4096]
+                out[idx] = bundle.model.item_vectors(torch.from_numpy(bb[idx]))
+    return out
+
+
+def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> ModelScorer:
+    return ModelScorer(bundle.model, catalog_vectors(bundle, data, splits, progress), splits,
+                       domain_map_for(bundle.domains, splits))

@@ -1,0 +1,190 @@
+"""Training data, loss and scoring for the two-tower model: plain PyTorch, shared by every trainer.
+
+`SequenceData` cuts each user's training sequence (targets already removed by the split) into windows of
+`max_len + 1` items; `loss_inputs` prepares a batch for the model's InfoNCE forward; `ModelScorer` scores full catalogs for evaluation, validation
+during training, `crossrec recommend` and serving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from crossrec.model import CrossRecModel
+from crossrec.splits import Splits, TargetBatch
+
+__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays"]
+
+
+@dataclass
+class SeqBatch:
+    """Left-padded windows: position t reads items[:, :t+1] and predicts targets[:, t]."""
+
+    items: np.ndarray  # (B, L) global item index (0 where padded)
+    domains: np.ndarray  # (B, L) domain code
+    next_domains: np.ndarray  # (B, L) domain code of the target
+    valid: np.ndarray  # (B, L) bool: a real input item
+    targets: np.ndarray  # (B, L) global item index
+    target_valid: np.ndarray  # (B, L) bool
+
+
+class SequenceData:
+    """Training windows of a split, optionally restricted to some domains (transfer pre-training)."""
+
+    def __init__(self, splits: Splits, max_len: int, domains: list[str] | None = None,
+                 domain_map: np.ndarray | None = None):
+        """domain_map: dataset domain code -> model domain id (default: the same)."""
+        self.max_len = max_len
+        keep_dom = None if domains is None else np.array([splits.dom_code[splits._check_domain(d)]
+                                                          for d in domains])
+        windows = []
+        for rows in splits.train_sequences():
+            if keep_dom is not None:
+                rows = rows[np.isin(splits.dom[rows], keep_dom)]
+            n = len(rows)
+            # Windows ending at n, n - L, ...: every training interaction after the first is a target once.
+            for end in range(n, 1, -max_len):
+                windows.append(rows[max(0, end - max_len - 1):end])
+        self.windows = windows
+        self.item = splits.item
+        self.dom = splits.dom if domain_map is None else domain_map[splits.dom]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batches(self, batch_size: int, rng: np.random.Generator, rank: int = 0,
+                world: int = 1) -> Iterator[SeqBatch]:
+        """This rank's batches of one epoch. Every rank gets the same number of batches (DDP needs it)."""
+        order = rng.permutation(len(self.windows))
+        per_rank = len(order) // world
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        # Full batches only (the remainder changes every epoch); a tiny dataset still gets one batch.
+        n_batches = per_rank // batch_size if per_rank >= batch_size else int(per_rank > 0)
+        mine = mine[:n_batches * batch_size] if per_rank >= batch_size else mine
+        # Bucket by length within chunks of 32 batches: batches of similar lengths pad little (most histories
+        # are far shorter than max_len), while the chunks keep the epoch's order random.
+        lengths = np.array([len(self.windows[k]) for k in mine])
+        chunk = 32 * batch_size
+        for c in range(0, len(mine), chunk):
+            part = mine[c:c + chunk][np.argsort(lengths[c:c + chunk], kind="stable")]
+            groups = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+            for g in rng.permutation(len(groups)):
+                yield self.collate([self.windows[k] for k in groups[g]])
+
+    def collate(self, windows: list[np.ndarray]) -> SeqBatch:
+        b, length = len(windows), max(len(w) for w in windows) - 1  # pad to the batch's longest only
+        items = np.zeros((b, length), np.int64)
+        doms = np.zeros((b, length), np.int64)
+        nxt = np.zeros((b, length), np.int64)
+        tgt = np.zeros((b, length), np.int64)
+        valid = np.zeros((b, length), bool)
+        for r, w in enumerate(windows):
+            inp, out = w[:-1], w[1:]
+            k = len(inp)
+            items[r, length - k:] = self.item[inp]
+            doms[r, length - k:] = self.dom[inp]
+            nxt[r, length - k:] = self.dom[out]
+            tgt[r, length - k:] = self.item[out]
+            valid[r, length - k:] = True
+        return SeqBatch(items, doms, nxt, valid, tgt, valid.copy())
+
+
+def _drop_domains(batch: SeqBatch, p: float, unknown: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Whole sequences lose their domain ids with probability p: trains the zero-shot (unknown domain) path."""
+    drop = rng.random(len(batch.items)) < p
+    doms, nxt = batch.domains.copy(), batch.next_domains.copy()
+    doms[drop], nxt[drop] = unknown, unknown
+    return doms, nxt
+
+
+def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_items: list[torch.Tensor],
+                n_negatives: int, rng: np.random.Generator, unknown_domain: int,
+                domain_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+    """Arguments of `CrossRecModel.forward` (the InfoNCE loss) for a batch: each position's target is scored
+    against the batch's targets plus `n_negatives` uniform samples per domain, within the target's domain
+    (the model ranks within a domain). item_input(idx) is the item encoder's input for global indices."""
+    doms, nxt = batch.domains, batch.next_domains
+    if domain_dropout:
+        doms, nxt = _drop_domains(batch, domain_dropout, unknown_domain, rng)
+    valid = torch.from_numpy(batch.valid)
+    tv = torch.from_numpy(batch.target_valid)
+    hist = torch.from_numpy(batch.items)
+    targets = torch.from_numpy(batch.targets)[tv]  # (P,)
+    negs = [d[torch.from_numpy(rng.integers(0, len(d), n_negatives))] for d in domain_items
+            if n_negatives and len(d)]
+    # One item-encoder pass over every item the batch touches: history, targets, negatives.
+    uniq = torch.unique(torch.cat([hist[valid], targets, *negs]))
+    cand = torch.unique(torch.cat([targets, *negs]))
+    return {
+        "item_x": item_input(uniq),
+        "hist_index": torch.searchsorted(uniq, hist).clamp(max=len(uniq) - 1),  # pads: any row, zeroed later
+        "domains": torch.from_numpy(doms), "next_domains": torch.from_numpy(nxt),
+        "valid": valid, "target_valid": tv,
+        "cand_index": torch.searchsorted(uniq, cand),
+        "wrong_domain": item_domain[cand].unsqueeze(0) != item_domain[targets].unsqueeze(1),
+        "labels": torch.searchsorted(cand, targets),
+    }
+
+
+def history_arrays(histories: list[np.ndarray], hist_domains: list[np.ndarray], target_domain: np.ndarray,
+                   max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded (items, domains, next_domains, valid) for inference: the last position asks for the
+    target domain. Histories longer than max_len keep their most recent items."""
+    b = len(histories)
+    items = np.zeros((b, max_len), np.int64)
+    doms = np.zeros((b, max_len), np.int64)
+    nxt = np.zeros((b, max_len), np.int64)
+    valid = np.zeros((b, max_len), bool)
+    for r, (h, hd) in enumerate(zip(histories, hist_domains)):
+        h, hd = h[-max_len:], hd[-max_len:]
+        k = len(h)
+        if k == 0:
+            # No history: one padded slot still carries the target domain to the last position.
+            nxt[r, -1] = target_domain[r]
+            continue
+        items[r, max_len - k:] = h
+        doms[r, max_len - k:] = hd
+        nxt[r, max_len - k:-1] = hd[1:]
+        nxt[r, -1] = target_domain[r]
+        valid[r, max_len - k:] = True
+    return items, doms, nxt, valid
+
+
+class ModelScorer:
+    """Scores every item of a domain for a batch of histories, with one model and one item catalog.
+
+    `item_vectors` (N, D) are the model's item vectors for the catalog's global indices; `domain_map`
+    maps the catalog's domain codes to the model's domain ids (unknown domains -> the unknown id)."""
+
+    name = "crossrec"
+
+    def __init__(self, model: CrossRecModel, item_vectors: torch.Tensor, catalog: Splits,
+                 domain_map: np.ndarray, batch_size: int = 512):
+        self.model = model.eval()
+        self.vecs = item_vectors
+        self.catalog = catalog
+        self.domain_map = domain_map
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
+        c = self.catalog
+        out = []
+        tcode = self.domain_map[c.dom_code[target_domain]]
+        for s in range(0, len(histories), self.batch_size):
+            hs = histories[s:s + self.batch_size]
+            hd = [self.domain_map[c.item_domain[h]] for h in hs]
+            items, doms, nxt, valid = history_arrays(hs, hd, np.full(len(hs), tcode), self.model.cfg.max_len)
+            hv = self.vecs[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
+            u = self.model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
+                                        torch.from_numpy(valid))
+            out.append(u[:, -1])
+        return torch.cat(out) if out else torch.zeros(0, self.vecs.shape[1])
+
+    @torch.inference_mode()
+    def __call__(self, batch: TargetBatch) -> np.ndarray:
+        off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
+        users = self.user_vectors(batch.histories, batch.domain)
+        return (users @ self.vecs[off:off + n].T).numpy()

@@ -1,0 +1,258 @@
+"""Training the two-tower model with Ray Train: `train_func(config)` runs on every worker; `fit` is the driver.
+
+train_func is plain PyTorch from `crossrec.training` plus the few Ray lines it needs (context, report,
+checkpoint I/O), marked `# ray`. DDP over gloo on CPUs, NCCL on GPUs (`ray.train.torch.prepare_model`).
+Each epoch: train, validate (full ranking of a fixed subset of validation targets, split across workers,
+summed with all_reduce), checkpoint (rank 0 writes, every rank reports), stop early after `patience`
+epochs without gain. A re-run with the same run name, or a worker-group restart after a failure, resumes
+from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray  # ray
+import ray.train  # ray
+import ray.train.torch  # ray
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from crossrec.config import RunSettings, TrainConfig, config_from_dict, config_to_dict
+from crossrec.dataset import Dataset
+from crossrec.evaluation import evaluate
+from crossrec.metrics import metrics_from_ranks
+from crossrec.model import CrossRecModel
+from crossrec.splits import Splits
+from crossrec.training import ModelScorer, SequenceData, loss_inputs
+
+__all__ = ["train_func", "fit", "VALID_METRIC"]
+
+VALID_METRIC = "valid/ndcg@10"
+
+
+def model_domains(cfg: TrainConfig, splits: Splits) -> list[str]:
+    """The domains the model learns ids for: the training domains (others are 'unknown' to it)."""
+    domains = cfg.train_domains or splits.domains
+    for d in domains:
+        splits._check_domain(d)
+    return sorted(domains)
+
+
+def _validate(model: CrossRecModel, item_input, n_items: int, splits: Splits, domain_map: np.ndarray,
+              cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+    """NDCG@10 / Recall@10 on the validation subset, per domain and overall, summed over workers."""
+    model.eval()
+    with torch.inference_mode():
+        vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
+                          for s in range(0, n_items, 8192)])
+    scorer = ModelScorer(model, vecs, splits, domain_map)
+    res = evaluate(splits, scorer, split="valid", max_targets=cfg.valid_max_targets, shard=(rank, world))
+    sums = []
+    for d in splits.domains:
+        m = metrics_from_ranks(res.ranks[d], ks=(10,))
+        n = res.n_targets[d]
+        sums += [(m["ndcg@10"] or 0.0) * n, (m["recall@10"] or 0.0) * n, n]
+    t = torch.tensor(sums, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    out, tot = {}, np.zeros(3)
+    for k, d in enumerate(splits.domains):
+        nd, rc, n = t[3 * k:3 * k + 3].tolist()
+        tot += (nd, rc, n)
+        out[f"valid/{d}/ndcg@10"] = nd / max(n, 1)
+        out[f"valid/{d}/recall@10"] = rc / max(n, 1)
+    out[VALID_METRIC] = tot[0] / max(tot[2], 1)
+    out["valid/recall@10"] = tot[1] / max(tot[2], 1)
+    return out
+
+
+def _load_state(model: CrossRecModel, opt: torch.optim.Optimizer, folder: str) -> dict:
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(folder, "state.json")) as f:
+        return json.load(f)
+
+
+def train_func(config: dict) -> None:
+    """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None,
+    "resume_from": checkpoint folder or None, "threads": torch threads}."""
+    cfg = config_from_dict(config["train"])
+    ctx = ray.train.get_context()  # ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    torch.manual_seed(cfg.seed)
+
+    splits = Splits(Dataset.load(config["data"]), cfg.min_per_domain)
+    domains = model_domains(cfg, splits)
+    dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
+    seqs = SequenceData(splits, cfg.max_len, cfg.train_domains, dmap)
+    n_items = len(splits.item_ids)
+    if cfg.item_encoder == "text":
+        vectors = torch.from_numpy(np.load(config["vectors"]))  # (N, backbone dim), frozen backbone
+
+        def item_input(idx):
+            return vectors[idx]
+        in_dim = vectors.shape[1]
+    else:
+        def item_input(idx):
+            return idx
+        in_dim = None
+    model = CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    ckpt = ray.train.get_checkpoint()  # ray
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            state = _load_state(model, opt, folder)
+    elif config.get("resume_from"):
+        state = _load_state(model, opt, config["resume_from"])
+    net = ray.train.torch.prepare_model(model) if world > 1 else model  # ray: DDP over gloo / NCCL
+
+    item_domain = torch.from_numpy(splits.item_domain)
+    domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
+                    for d in (cfg.train_domains or splits.domains)]
+    per_worker = max(1, cfg.batch_size // world)
+    while state["epoch"] < cfg.epochs and not (cfg.max_steps and state["step"] >= cfg.max_steps):
+        epoch = state["epoch"]
+        t0 = time.time()
+        net.train()
+        # Same permutation on every rank (disjoint shards); negatives differ per rank.
+        order_rng = np.random.default_rng([cfg.seed, epoch])
+        neg_rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+        losses = []
+        for batch in seqs.batches(per_worker, order_rng, rank, world):
+            inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
+                                 len(domains), cfg.domain_dropout)
+            loss = net(**inputs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            state["step"] += 1
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        metrics = _validate(model, item_input, n_items, splits, dmap, cfg, rank, world)
+        metrics.update({"epoch": epoch + 1, "step": state["step"], "train/loss": float(np.mean(losses or [0])),
+                        "train/epoch_s": time.time() - t0, "tau": float(model.tau)})
+        state["epoch"] = epoch + 1
+        improved = metrics[VALID_METRIC] > state["best"]
+        state["best"] = max(state["best"], metrics[VALID_METRIC])
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                          os.path.join(tmp, "model.safetensors"))
+                torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                with open(os.path.join(tmp, "state.json"), "w") as f:
+                    json.dump(state, f)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # ray
+            ray.train.report(metrics, checkpoint=checkpoint)  # ray
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            break
+
+
+# -- driver -------------------------------------------------------------------------------------------------
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connects to a cluster, or starts the embedded local Ray (no dashboard, small object store)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
+                 logging_level="WARNING", log_to_driver=True)
+
+
+def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
+        resume_from: str | Path | None = None, progress: bool = True):
+    """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray
+    from ray.train.torch import TorchTrainer  # ray
+
+    init_ray(run.address)
+    storage = str(Path(run.storage_path or "out/.runs").resolve()) if "://" not in str(run.storage_path or "") \
+        else run.storage_path
+    cpus = run.cpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"train": config_to_dict(cfg), "data": str(Path(data).resolve()),
+                           "vectors": str(vectors) if vectors else None,
+                           "resume_from": str(resume_from) if resume_from else None,
+                           "threads": max(1, int(cpus))},
+        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": cpus,
+                                                           **({"GPU": run.gpus_per_worker}
+                                                              if run.gpus_per_worker else {})}),
+        run_config=RunConfig(
+            name=run.name or f"crossrec-{int(time.time())}", storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=run.max_failures)),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError("training reported no checkpoint")
+    metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
+    return best, metrics, result
+
+
+def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSettings,
+                 resume_from: str | Path | None = None, progress: bool = True) -> dict:
+    """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json."""
+    from crossrec.bundle import load_bundle, save_bundle
+    from crossrec.inference import backbone_vectors
+
+    dataset = Dataset.load(data)
+    splits = Splits(dataset, cfg.min_per_domain)
+    domains = model_domains(cfg, splits)
+    out = Path(out)
+    vec_path = None
+    t0 = time.time()
+    if cfg.item_encoder == "text":
+        from trainers.embed import embed_catalog
+
+        vec_path = embed_catalog(dataset, splits, cfg, progress=progress)
+    t_embed = time.time() - t0
+    run.storage_path = run.storage_path or str(out.parent / ".runs")
+    run.name = run.name or out.name
+    best, valid_metrics, result = fit(data, cfg, run, vec_path, resume_from, progress)
+    t_fit = time.time() - t0 - t_embed
+    dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
+    with best.as_directory() as folder:
+        vectors = np.load(vec_path) if vec_path else None
+        n_items = len(splits.item_ids)
+        model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        with open(os.path.join(folder, "state.json")) as f:
+            history = json.load(f)["history"]
+    model.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(vectors) if vectors is not None else torch.arange(n_items)
+        item_vecs = torch.cat([model.item_vectors(x[s:s + 8192]) for s in range(0, n_items, 8192)])
+    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test", progress=progress,
+                    desc="test")
+    titles = dataset.items.take(splits.item_row).column("title").to_pylist()
+    items = {}
+    for d in splits.domains:
+        off, n = splits.offset[d], splits.n_items[d]
+        items[d] = (splits.item_ids[off:off + n].tolist(), titles[off:off + n], item_vecs[off:off + n].numpy())
+    metrics = {"valid": {k: v for k, v in valid_metrics.items() if k.startswith("valid/")},
+               "test": test.metrics, "n_targets": test.n_targets, "history": history,
+               "time_s": {"embed": round(t_embed, 1), "fit": round(t_fit, 1)}}
+    save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
+                n_items if cfg.item_encoder == "id" else None, items, metrics, dataset.content_hash,
+                extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
+                       "checkpoint": best.path, "run": {"workers": run.workers, "name": run.name}})
+    return load_bundle(out).meta
