@@ -40,3 +40,68 @@ def food_kitchen(tmp_path_factory, food_kitchen_csv) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "fk"
     prepare([food_kitchen_csv], out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (2 CPUs, no dashboard, small object store), shut down at the end."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _subset(src: Path, dst: Path, n_users: int, extra_items: int = 30) -> Path:
+    """The first n_users of a real slice (file order) with their items, plus a few untouched items per domain."""
+    import csv
+
+    dst.mkdir(parents=True)
+    with open(src / "interactions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    users = list(dict.fromkeys(r["user_id"] for r in rows))[:n_users]
+    keep = set(users)
+    rows = [r for r in rows if r["user_id"] in keep]
+    used = {r["item_id"] for r in rows}
+    with open(src / "items.csv", newline="", encoding="utf-8") as f:
+        items = list(csv.DictReader(f))
+    extra: dict[str, int] = {}
+    kept = []
+    for it in items:
+        if it["item_id"] in used:
+            kept.append(it)
+        elif extra.get(it["domain"], 0) < extra_items:
+            extra[it["domain"]] = extra.get(it["domain"], 0) + 1
+            kept.append(it)
+    for name, table in (("interactions.csv", rows), ("items.csv", kept)):
+        with open(dst / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_fk(tmp_path_factory, food_kitchen_csv) -> Path:
+    """~120 real food-kitchen users (both domains), prepared: small enough to embed and train in seconds."""
+    from crossrec.dataset import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "fk"
+    prepare([_subset(food_kitchen_csv, root / "fk-src", 120)], out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ao(tmp_path_factory, art_office_csv) -> Path:
+    """~20 real art-office users, prepared (a second dataset for zero-shot transfer)."""
+    from crossrec.dataset import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "ao"
+    prepare([_subset(art_office_csv, root / "ao-src", 20)], out, progress=False)
+    return out

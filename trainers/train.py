@@ -10,6 +10,7 @@ from the latest checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from crossrec.bundle import init_from_bundle
 from crossrec.config import RunSettings, TrainConfig, config_from_dict, config_to_dict
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
@@ -84,6 +86,10 @@ def train_func(config: dict) -> None:
     """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None,
     "resume_from": checkpoint folder or None, "threads": torch threads}."""
     cfg = config_from_dict(config["train"])
+    # Train V2 logs every report at INFO, partly on loggers outside `ray.train`; our epoch lines suffice.
+    level = os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING")
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ray.train").setLevel(level)
     ctx = ray.train.get_context()  # ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -105,6 +111,13 @@ def train_func(config: dict) -> None:
             return idx
         in_dim = None
     model = CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
+    if cfg.init_from:
+        init_from_bundle(model, cfg, domains, cfg.init_from)
+    elif cfg.item_encoder == "text":
+        model.adaptor.init_from_vectors(vectors)  # rank 0's init wins: DDP broadcasts it
+    if cfg.finetune == "adaptor":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("adaptor."))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": []}
@@ -135,18 +148,21 @@ def train_func(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach().item())
             state["step"] += 1
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         metrics = _validate(model, item_input, n_items, splits, dmap, cfg, rank, world)
         metrics.update({"epoch": epoch + 1, "step": state["step"], "train/loss": float(np.mean(losses or [0])),
-                        "train/epoch_s": time.time() - t0, "tau": float(model.tau)})
+                        "train/epoch_s": time.time() - t0, "tau": float(model.tau.detach())})
         state["epoch"] = epoch + 1
         improved = metrics[VALID_METRIC] > state["best"]
         state["best"] = max(state["best"], metrics[VALID_METRIC])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["history"].append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  loss {metrics['train/loss']:.4f}  "
+                  f"{VALID_METRIC} {metrics[VALID_METRIC]:.4f}  ({metrics['train/epoch_s']:.0f}s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -167,17 +183,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray libraries in workers log at ERROR: without a dashboard Train's placement-group cleaner warns every
+    # few seconds that the state API is unavailable; our own per-epoch lines carry the progress.
+    quiet = ray.LoggingConfig(log_level=os.environ.get("CROSSREC_RAY_LOG_LEVEL", "ERROR"))
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", logging_config=quiet)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=True)
+                 logging_level="WARNING", log_to_driver=True, logging_config=quiet)
 
 
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
         resume_from: str | Path | None = None, progress: bool = True):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
     init_ray(run.address)
@@ -198,7 +217,8 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
             name=run.name or f"crossrec-{int(time.time())}", storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=run.max_failures)),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            logging_config=LoggingConfig(log_level=os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING"))),
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
@@ -235,6 +255,8 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
         n_items = len(splits.item_ids)
         model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    # The whole run's history is in the latest checkpoint (the best one may be older).
+    with (result.checkpoint or best).as_directory() as folder:
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
     model.eval()

@@ -49,7 +49,7 @@ class Bundle:
     def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
         t = self.items[domain]
         vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
-        return t.column("item_id").to_pylist(), torch.from_numpy(vecs.reshape(t.num_rows, -1))
+        return t.column("item_id").to_pylist(), torch.from_numpy(vecs.reshape(t.num_rows, -1).copy())
 
 
 def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domains: list[str], in_dim: int | None,
@@ -104,3 +104,25 @@ def load_bundle(path: str | Path) -> Bundle:
     items = {d: pq.read_table(path / "items" / f"{d}.parquet") for d in meta["domains"]
              if (path / "items" / f"{d}.parquet").is_file()}
     return Bundle(path=path, meta=meta, config=cfg, model=model, domains=list(meta["domains"]), items=items)
+
+
+def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str], path: str | Path) -> None:
+    """Transfer: start `model` (for `domains`) from a bundle trained on other domains. Domain embeddings are
+    matched by name; a domain the bundle never saw starts from the bundle's "unknown" embedding, which is
+    what zero-shot uses, so fine-tuning starts exactly where zero-shot stands."""
+    meta = json.loads((Path(path) / "bundle.json").read_text()) if (Path(path) / "bundle.json").is_file() else None
+    if meta is None:
+        raise ValueError(f"`init_from`: {path} is not a crossrec bundle (no bundle.json)")
+    src = meta["config"]
+    for key in ("item_encoder", "backbone", "dim", "layers", "heads", "max_len", "adaptor", "n_experts"):
+        if src[key] != getattr(cfg, key):
+            raise ValueError(f"`init_from`: the bundle has {key}={src[key]!r}, this run {getattr(cfg, key)!r}; "
+                             "they must match")
+    if cfg.item_encoder != "text":
+        raise ValueError("`init_from` needs `item_encoder` text: ID embeddings do not transfer across catalogs")
+    state = load_file(str(Path(path) / "model.safetensors"))
+    old = list(meta["domains"])
+    rows = [old.index(d) if d in old else len(old) for d in domains] + [len(old)]
+    for key in ("tower.domain.weight", "tower.next_domain.weight"):
+        state[key] = state[key][rows]
+    model.load_state_dict(state)

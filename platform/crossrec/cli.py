@@ -45,34 +45,66 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 # -- evaluate --------------------------------------------------------------------------------------------
+def _baseline_scorers(names: list[str], splits, data, text_cfg, backbone: str, args) -> dict:
+    from crossrec.baselines import BASELINES
+
+    out = {}
+    for name in names:
+        if name == "sasrec":
+            from trainers.baselines import sasrec_scorer  # trains with Ray Train (cached per dataset + config)
+
+            out[name] = sasrec_scorer(args.data, data, splits, address=getattr(args, "address", None),
+                                      progress=not args.quiet)
+        else:
+            out[name] = BASELINES[name](splits, data, backbone, text_cfg.text_template, text_cfg.max_tokens,
+                                        progress=not args.quiet)
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossrec.baselines import BASELINES
+    from crossrec.config import TrainConfig
     from crossrec.dataset import Dataset
     from crossrec.evaluation import evaluate, format_table
     from crossrec.splits import Splits
 
-    baselines = _csv_list(args.baselines) or ([] if args.bundle else ["popularity"])
-    unknown = [b for b in baselines if b not in BASELINES]
+    accepted = [*BASELINES, "sasrec"]
+    baselines = _csv_list(args.baselines)
+    if baselines is None:
+        baselines = ["popularity", "textknn"] if args.bundle else ["popularity"]
+    unknown = [b for b in baselines if b not in accepted]
     if unknown:
-        raise UsageError(f"--baselines: unknown baseline {unknown[0]!r} (accepted: {', '.join(BASELINES)})")
+        raise UsageError(f"--baselines: unknown baseline {unknown[0]!r} (accepted: {', '.join(accepted)})")
     if args.bundle is None and not baselines:
         raise UsageError("nothing to evaluate: pass --bundle, --baselines, or both")
+    bundle = None
     if args.bundle is not None:
-        raise UsageError("--bundle: evaluating a trained bundle needs `crossrec train` (not in this version); "
-                         "evaluate baselines with --baselines")
+        from crossrec.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle)
     data = Dataset.load(args.data)
     splits = Splits(data, min_per_domain=args.min_per_domain)
     domains = _csv_list(args.domains)
-    if domains:
-        for d in domains:
-            if d not in splits.domains:
-                raise UsageError(f"--domains: unknown domain {d!r} (domains in {args.data}: "
-                                 f"{', '.join(splits.domains)})")
-    results = {}
-    for name in baselines:
-        scorer = BASELINES[name](splits)
-        results[name] = evaluate(splits, scorer, split=args.split, domains=domains, progress=not args.quiet,
-                                 desc=name, mask_history=not args.no_mask)
+    for d in domains or []:
+        if d not in splits.domains:
+            raise UsageError(f"--domains: unknown domain {d!r} (domains in {args.data}: "
+                             f"{', '.join(splits.domains)})")
+    scorers = {}
+    if bundle is not None:
+        from crossrec.inference import bundle_scorer
+
+        unseen = [d for d in (domains or splits.domains) if d not in bundle.domains]
+        if unseen:
+            print(f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
+                  f"text with {bundle.config.backbone}")
+        scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
+    # Text baselines (textknn) use the bundle's backbone, template and truncation, else the training defaults;
+    # --backbone overrides the backbone.
+    text_cfg = bundle.config if bundle is not None else TrainConfig()
+    backbone = args.backbone or text_cfg.backbone
+    scorers.update(_baseline_scorers(baselines, splits, data, text_cfg, backbone, args))
+    results = {name: evaluate(splits, scorer, split=args.split, domains=domains, progress=not args.quiet,
+                              desc=name, mask_history=not args.no_mask) for name, scorer in scorers.items()}
     print(format_table(results))
     if args.json:
         out = {"bundle": args.bundle, "dataset": str(args.data), "data_hash": data.content_hash,
@@ -82,9 +114,79 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                "metrics": {m: r.metrics for m, r in results.items()},
                "n_targets": next(iter(results.values())).n_targets,
                "slices": {m: r.slices for m, r in results.items()}}
+        if bundle is not None:
+            out["bundle_version"] = bundle.version
+            out["zero_shot_domains"] = [d for d in (domains or splits.domains) if d not in bundle.domains]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossrec.config import RunSettings, load_config
+
+    overrides = list(args.set or [])
+    if args.mode:
+        overrides.append(f"mode={args.mode}")
+    if args.train_domains:
+        overrides.append(f"train_domains=[{args.train_domains}]")
+    if args.init:
+        overrides.append(f"init_from={args.init}")
+    cfg = load_config(args.config, overrides)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if cfg.mode == "end-to-end":
+        raise UsageError("--mode end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
+                         "use --mode cached")
+    run = RunSettings(workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
+                      storage_path=args.storage, name=args.name)
+    from crossrec.dataset import Dataset
+
+    Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    from trainers.train import train_bundle
+
+    meta = train_bundle(args.data, args.out, cfg, run, resume_from=args.resume, progress=not args.quiet)
+    m = meta["metrics"]
+    print(f"\nwrote bundle {args.out} (version {meta['version']}); fit {m['time_s']['fit']:.0f}s, "
+          f"embedding {m['time_s']['embed']:.0f}s")
+    print(f"  {'test':<10}{'targets':>9}{'R@10':>9}{'N@10':>9}{'MRR@10':>9}")
+    for d, v in m["test"].items():
+        print(f"  {d:<10}{m['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+    print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
+    return 0
+
+
+# -- recommend -------------------------------------------------------------------------------------------
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from crossrec.bundle import load_bundle
+    from crossrec.recommender import HistoryItem, Recommender
+
+    rec = Recommender(load_bundle(args.bundle))
+    history = []
+    for token in _csv_list(args.history) or []:
+        # An item id alone is looked up in every domain; DOMAIN:ITEM_ID names the domain.
+        dom, _, iid = token.rpartition(":") if ":" in token else ("", "", token)
+        found = [d for d in rec.domains if iid in rec.pos[d]] if not dom else [dom]
+        if not found:
+            raise UsageError(f"--history: unknown item_id {iid!r} (not in any domain of the bundle)")
+        history.append(HistoryItem(domain=found[0], item_id=iid))
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    try:
+        recs = rec.recommend(history, args.domain, k=args.k, explain=True)
+    except KeyError as e:
+        raise UsageError(str(e)) from None
+    print(f"history ({len(history)} items):")
+    for h in history:
+        print(f"  [{h.domain}] {h.item_id}  {rec.titles[h.domain][rec.pos[h.domain][h.item_id]][:80]}")
+    print(f"top {len(recs)} in {args.domain}:")
+    for i, r in enumerate(recs, 1):
+        print(f"{i:>3}. {r.item_id}  {r.score:7.2f}  {r.title[:80]}")
+        for reason in r.reasons or []:
+            t = rec.titles[reason['domain']][rec.pos[reason['domain']][reason['item_id']]]
+            print(f"       because of [{reason['domain']}] {reason['item_id']} ({reason['weight']:+.2f})  {t[:60]}")
     return 0
 
 
@@ -138,7 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bundle", help="a trained bundle (omit to evaluate baselines only)")
     sp.add_argument("--data", required=True, metavar="DATASET", help="a prepared dataset")
     sp.add_argument("--domains", help="comma-separated domains (default: all)")
-    sp.add_argument("--baselines", help="comma-separated: popularity (default without --bundle: popularity)")
+    sp.add_argument("--baselines", help="comma-separated: popularity, textknn, sasrec (trained with Ray Train) "
+                                        "(default: popularity,textknn with --bundle, else popularity)")
+    sp.add_argument("--address", help="Ray address for baselines that train (sasrec)")
+    sp.add_argument("--backbone", help="backbone of text baselines (textknn): a registry name or a local model "
+                                       "directory (default: the bundle's backbone, else minilm)")
     sp.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     sp.add_argument("--split", default="test", choices=["test", "valid"], help="which targets (default: test)")
     sp.add_argument("--min-per-domain", type=int, default=3,
@@ -146,6 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-mask", action="store_true", help="keep history items as candidates")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("train", help="train the cross-domain recommender with Ray Train; writes a bundle",
+                        description="Train the two-tower model (item adaptor over backbone text vectors + causal "
+                                    "user tower) on all domains with Ray Train (DDP over gloo on CPUs), report "
+                                    "validation NDCG@10 each epoch, keep the best checkpoint, evaluate the test "
+                                    "split, and export a bundle. Re-running with the same --name resumes.")
+    sp.add_argument("--data", required=True, metavar="DATASET", help="a prepared dataset")
+    sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
+    sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key, dotted for sections (lr=3e-4, lora.rank=16); repeatable")
+    sp.add_argument("--train-domains", metavar="A,B", help="train on these domains only (transfer pre-training)")
+    sp.add_argument("--init", metavar="BUNDLE", help="start from a bundle (fine-tuning after pre-training); "
+                                                      "with --set finetune=adaptor only the adaptor trains")
+    sp.add_argument("--mode", choices=["cached", "end-to-end"], help="cached: frozen backbone (default)")
+    sp.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (default: 0)")
+    sp.add_argument("--address", help="Ray address (default: a local Ray started in-process)")
+    sp.add_argument("--storage", help="where checkpoints go: a path or URI (default: next to BUNDLE, in .runs)")
+    sp.add_argument("--name", help="run name under --storage (default: the bundle's name; same name resumes)")
+    sp.add_argument("--resume", metavar="CHECKPOINT_DIR", help="resume from this checkpoint folder")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("recommend", help="top-k for a history, in-process, with reasons",
+                        description="Recommend items of one domain for a history of item ids, and show which "
+                                    "history items contributed most to each recommendation.")
+    sp.add_argument("--bundle", required=True)
+    sp.add_argument("--domain", required=True, help="domain to recommend from")
+    sp.add_argument("--history", required=True, metavar="ITEM_ID[,ITEM_ID...]",
+                    help="history item ids, oldest first (DOMAIN:ITEM_ID where an id is ambiguous)")
+    sp.add_argument("--k", type=int, default=10)
+    sp.set_defaults(func=cmd_recommend)
 
     sp = sub.add_parser("demo", help="prepare the vendored sample and evaluate it",
                         description="Run the product end to end on a dataset vendored in this repository.")

@@ -80,29 +80,32 @@ class TrainConfig:
     text_template: str = ""  # item text; "" = title plus any attributes/categories/brand (see text.py)
     max_tokens: int = 64  # item text truncation, in backbone tokens
     adaptor: str = "moe"  # moe (UniSRec whitening + mixture of experts), mlp, linear
-    n_experts: int = 8  # experts of the moe adaptor
-    dim: int = 128  # item / user vector size
+    n_experts: int = 4  # experts of the moe adaptor
+    dim: int = 64  # item / user vector size
     layers: int = 2  # user-tower transformer layers
     heads: int = 2  # attention heads
-    max_len: int = 50  # history items the user tower reads
+    max_len: int = 30  # history items the user tower reads
     dropout: float = 0.2
-    temperature: float = 0.07  # initial softmax temperature tau of the InfoNCE loss
+    temperature: float = 0.2  # initial softmax temperature tau of the learned score
     learn_temperature: bool = True  # tau is a trained parameter (clamped to [0.01, 1])
-    n_negatives: int = 256  # sampled negatives per domain and batch, on top of in-batch ones
+    text_prior: bool = True  # text items: add beta * (textknn's cosine) to the learned score (see model.py)
+    text_prior_weight: float = 10.0  # initial beta (trained)
+    text_prior_decay: float = 0.8  # recency decay of the history mean in the text prior
+    n_negatives: int = 128  # sampled negatives per domain and batch, on top of in-batch ones
     domain_dropout: float = 0.1  # chance to replace a domain id by "unknown": trains the zero-shot path
-    epochs: int = 10
+    epochs: int = 8
     max_steps: int = 0  # > 0 stops after this many optimizer steps (overrides epochs)
     lr: float = 1e-3
     backbone_lr: float = 1e-4  # end-to-end: learning rate of the backbone's trainable weights
     weight_decay: float = 0.01
-    batch_size: int = 128  # sequences per optimizer step, over all workers
+    batch_size: int = 256  # sequences per optimizer step, over all workers
     seed: int = 0
     train_domains: list[str] | None = None  # None: all domains of the dataset
     init_from: str | None = None  # a bundle to start from (transfer: pretrained on other domains)
     finetune: str = "all"  # with init_from: "all" weights, or "adaptor" only (user tower frozen)
     min_per_domain: int = 3  # split protocol
-    valid_max_targets: int = 4000  # validation targets per domain scored each epoch (0: all)
-    patience: int = 3  # epochs without validation gain before stopping (0: never)
+    valid_max_targets: int = 3000  # validation targets per domain scored each epoch (0: all)
+    patience: int = 2  # epochs without validation gain before stopping (0: never)
     strategy: str = "ddp"  # ddp or deepspeed
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -120,12 +123,14 @@ class TrainConfig:
         if self.finetune == "adaptor" and self.item_encoder != "text":
             raise ValueError("`finetune` adaptor needs `item_encoder` text (an id model has no adaptor)")
         for name in ("dim", "layers", "heads", "max_len", "n_experts", "epochs", "batch_size", "max_tokens",
-                     "lr", "backbone_lr", "temperature"):
+                     "lr", "backbone_lr", "temperature", "text_prior_weight"):
             _check_positive(name, getattr(self, name))
         for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
+        if not 0 < self.text_prior_decay <= 1:
+            raise ValueError(f"`text_prior_decay` must be in (0, 1], got {self.text_prior_decay!r}")
         for name in ("dropout", "domain_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")

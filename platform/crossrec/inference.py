@@ -41,7 +41,7 @@ def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template
 
 def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> torch.Tensor:
     n = len(splits.item_ids)
-    dim = bundle.config.dim
+    dim = bundle.model.vector_dim
     out = torch.zeros(n, dim)
     have = np.zeros(n, dtype=bool)
     for d in splits.domains:

@@ -48,6 +48,24 @@ class ItemAdaptor(nn.Module):
             self.net = nn.Linear(in_dim, d)
         self.drop = nn.Dropout(cfg.dropout)
 
+    @torch.no_grad()
+    def init_from_vectors(self, x: torch.Tensor) -> None:
+        """Starts every expert (or the linear map) as the projection on the catalog's top principal components,
+        so item vectors begin with the cosine structure of the text vectors (the model starts near textknn
+        instead of from noise) and training refines it."""
+        mean = x.mean(0)
+        xc = x - mean
+        _, _, vt = torch.linalg.svd(xc[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:20000]],
+                                    full_matrices=False)
+        d = self.proj.shape[-1] if self.kind == "moe" else None
+        if self.kind == "moe":
+            comps = vt[:d].T  # (in_dim, D)
+            self.proj.copy_(comps.unsqueeze(0).expand_as(self.proj) + 0.01 * torch.randn_like(self.proj))
+            self.bias.copy_(mean.unsqueeze(0).expand_as(self.bias))
+        elif self.kind == "linear":
+            self.net.weight.copy_(vt[:self.net.out_features])
+            self.net.bias.copy_(-(self.net.weight @ mean))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in_dim) -> (N, D)
         x = self.drop(x)
         if self.kind == "moe":
@@ -67,6 +85,9 @@ class UserTower(nn.Module):
         self.domain = nn.Embedding(n_domains + 1, d)
         self.next_domain = nn.Embedding(n_domains + 1, d)
         self.pad = nn.Parameter(torch.zeros(d))
+        # Small embeddings at start: the residual stream is then mostly the items themselves.
+        for emb in (self.pos, self.domain, self.next_domain):
+            nn.init.normal_(emb.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=2 * d, dropout=cfg.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
@@ -81,8 +102,7 @@ class UserTower(nn.Module):
         Returns (B, L, D) L2-normalised user vectors: position t has read items <= t."""
         b, length, d = items.shape
         pos = torch.arange(length - 1, -1, -1, device=items.device)  # left padding: last = most recent
-        # Item vectors are unit-norm; scaled by sqrt(D) to weigh as much as the N(0, 1) embeddings beside them.
-        x = torch.where(valid.unsqueeze(-1), items * math.sqrt(d) + self.domain(domains), self.pad)
+        x = torch.where(valid.unsqueeze(-1), items + self.domain(domains), self.pad)
         x = x + self.pos(pos).unsqueeze(0) + self.next_domain(next_domains)
         x = self.drop(self.norm_in(x))
         # Causal, and padded keys hidden; a padded query still sees itself (no all-masked rows -> no NaN).
@@ -96,11 +116,23 @@ class UserTower(nn.Module):
 
 
 class CrossRecModel(nn.Module):
-    """Item adaptor (or ID embeddings for SASRec) + user tower + temperature."""
+    """Item adaptor (or ID embeddings for SASRec) + user tower + temperature, with an optional text prior.
+
+    Text prior (`text_prior`, text items only): item vectors carry, beside the learned part, the frozen
+    L2-normalised backbone vector, and user vectors carry the recency-weighted mean of the history's backbone
+    vectors, so that
+
+        score(u, i) = <u_learned, i_learned> / tau  +  beta * cos(recency-mean of history text, i's text)
+
+    The second term is exactly the `textknn` baseline; the model learns what sequences add on top of it, and
+    `beta` (trained) says how much of the text prior it keeps. Both parts live in one concatenated vector per
+    item and per user, so retrieval stays a single inner product.
+    """
 
     def __init__(self, cfg: TrainConfig, n_domains: int, in_dim: int | None = None, n_items: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.text_prior = cfg.item_encoder == "text" and cfg.text_prior
         if cfg.item_encoder == "text":
             if in_dim is None:
                 raise ValueError("a text item encoder needs the backbone's vector size (in_dim)")
@@ -113,19 +145,42 @@ class CrossRecModel(nn.Module):
         self.tower = UserTower(n_domains, cfg)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.temperature)),
                                     requires_grad=cfg.learn_temperature)
+        if self.text_prior:
+            self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.text_prior_weight)))
 
     @property
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp().clamp(0.01, 1.0)
 
+    @property
+    def vector_dim(self) -> int:
+        return self.cfg.dim + (self.adaptor_in_dim if self.text_prior else 0)
+
+    @property
+    def adaptor_in_dim(self) -> int:
+        a = self.adaptor
+        return a.proj.shape[1] if a.kind == "moe" else (a.net.in_features if a.kind == "linear" else a.net[0].in_features)
+
     def item_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone vectors (N, in_dim) for text, or item indices (N,) for id -> (N, D) normalised."""
-        v = self.adaptor(x) if self.cfg.item_encoder == "text" else self.item_emb(x)
-        return F.normalize(v, dim=-1)
+        """Backbone vectors (N, in_dim) for text, or item indices (N,) for id -> (N, vector_dim):
+        the normalised learned vector, then (text prior) the normalised backbone vector."""
+        v = F.normalize(self.adaptor(x) if self.cfg.item_encoder == "text" else self.item_emb(x), dim=-1)
+        return torch.cat([v, F.normalize(x, dim=-1)], dim=-1) if self.text_prior else v
 
     def user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
                      valid: torch.Tensor) -> torch.Tensor:
-        return self.tower(items, domains, next_domains, valid)
+        """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>."""
+        d = self.cfg.dim
+        u = self.tower(items[..., :d], domains, next_domains, valid) / self.tau
+        if not self.text_prior:
+            return u
+        # Recency-weighted prefix means of the history's text vectors: w[t, s] = decay^(t - s), s <= t.
+        length = items.shape[1]
+        age = torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)  # (L, L) t - s
+        w = torch.where(age >= 0, self.cfg.text_prior_decay ** age.clamp(min=0).float(), torch.zeros(()))
+        w = w.unsqueeze(0) * valid.unsqueeze(1)  # (B, L, L)
+        raw = F.normalize(w @ items[..., d:], dim=-1)  # (B, L, in_dim)
+        return torch.cat([u, self.log_beta.exp() * raw], dim=-1)
 
     def forward(self, item_x: torch.Tensor, hist_index: torch.Tensor, domains: torch.Tensor,
                 next_domains: torch.Tensor, valid: torch.Tensor, target_valid: torch.Tensor,
@@ -135,8 +190,8 @@ class CrossRecModel(nn.Module):
         item_x: encoder input of the U unique items of the batch; hist_index (B, L) and cand_index (C,)
         index into them; labels (P,) is each valid position's target column in the C candidates; logits
         of candidates from another domain than the target's are masked (wrong_domain (P, C))."""
-        vecs = self.item_vectors(item_x)  # (U, D)
-        hist = vecs[hist_index] * valid.unsqueeze(-1)  # (B, L, D)
-        users = self.user_vectors(hist, domains, next_domains, valid)[target_valid]  # (P, D)
-        logits = (users @ vecs[cand_index].T / self.tau).masked_fill(wrong_domain, float("-inf"))  # (P, C)
+        vecs = self.item_vectors(item_x)  # (U, V)
+        hist = vecs[hist_index] * valid.unsqueeze(-1)  # (B, L, V)
+        users = self.user_vectors(hist, domains, next_domains, valid)[target_valid]  # (P, V)
+        logits = (users @ vecs[cand_index].T).masked_fill(wrong_domain, float("-inf"))  # (P, C)
         return F.cross_entropy(logits, labels)

@@ -15,7 +15,7 @@ import torch
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, TargetBatch
 
-__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays"]
+__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays", "encode_users"]
 
 
 @dataclass
@@ -152,6 +152,21 @@ def history_arrays(histories: list[np.ndarray], hist_domains: list[np.ndarray], 
     return items, doms, nxt, valid
 
 
+@torch.inference_mode()
+def encode_users(model: CrossRecModel, item_vectors: torch.Tensor, histories: list[np.ndarray],
+                 hist_domains: list[np.ndarray], target_domains: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+    """(B, D) user vectors for target domains (model ids), from histories given as rows of `item_vectors`."""
+    out = []
+    for s in range(0, len(histories), batch_size):
+        hs = histories[s:s + batch_size]
+        items, doms, nxt, valid = history_arrays(hs, hist_domains[s:s + batch_size], target_domains[s:s + batch_size],
+                                                 model.cfg.max_len)
+        hv = item_vectors[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
+        u = model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))
+        out.append(u[:, -1])
+    return torch.cat(out) if out else torch.zeros(0, item_vectors.shape[1])
+
+
 class ModelScorer:
     """Scores every item of a domain for a batch of histories, with one model and one item catalog.
 
@@ -171,17 +186,9 @@ class ModelScorer:
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
         c = self.catalog
-        out = []
         tcode = self.domain_map[c.dom_code[target_domain]]
-        for s in range(0, len(histories), self.batch_size):
-            hs = histories[s:s + self.batch_size]
-            hd = [self.domain_map[c.item_domain[h]] for h in hs]
-            items, doms, nxt, valid = history_arrays(hs, hd, np.full(len(hs), tcode), self.model.cfg.max_len)
-            hv = self.vecs[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
-            u = self.model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
-                                        torch.from_numpy(valid))
-            out.append(u[:, -1])
-        return torch.cat(out) if out else torch.zeros(0, self.vecs.shape[1])
+        return encode_users(self.model, self.vecs, histories, [self.domain_map[c.item_domain[h]] for h in histories],
+                            np.full(len(histories), tcode), self.batch_size)
 
     @torch.inference_mode()
     def __call__(self, batch: TargetBatch) -> np.ndarray:

@@ -1,6 +1,38 @@
-"""Baselines reported beside every model. Each is `Baseline(splits) -> scorer` (see crossrec.evaluation)."""
+"""Baselines reported beside every model.
+
+`BASELINES[name]` is a factory `make(splits, data, backbone, text_template, max_tokens, *, progress=False)
+-> scorer` (see crossrec.evaluation for the scorer protocol): every baseline gets the same arguments and uses
+what it needs (popularity only the splits; textknn the catalog text and a backbone).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
 from crossrec.baselines.popularity import Popularity
+from crossrec.baselines.textknn import TextKNN
+from crossrec.dataset import Dataset
+from crossrec.evaluation import Scorer
+from crossrec.splits import Splits
 
-__all__ = ["BASELINES", "Popularity"]
+__all__ = ["BASELINES", "BaselineFactory", "Popularity", "TextKNN"]
 
-BASELINES = {"popularity": Popularity}
+
+class BaselineFactory(Protocol):
+    def __call__(self, splits: Splits, data: Dataset, backbone: str, text_template: str, max_tokens: int, *,
+                 progress: bool = False) -> Scorer: ...
+
+
+def make_popularity(splits: Splits, data: Dataset, backbone: str, text_template: str, max_tokens: int, *,
+                    progress: bool = False) -> Popularity:
+    return Popularity(splits)
+
+
+def make_textknn(splits: Splits, data: Dataset, backbone: str, text_template: str, max_tokens: int, *,
+                 progress: bool = False) -> TextKNN:
+    """Frozen backbone vectors of the catalog (embedded in-process, or read from the vector cache)."""
+    from crossrec.inference import backbone_vectors
+
+    return TextKNN(splits, backbone_vectors(data, splits, backbone, text_template, max_tokens, progress=progress))
+
+
+BASELINES: dict[str, BaselineFactory] = {"popularity": make_popularity, "textknn": make_textknn}

@@ -1,0 +1,127 @@
+"""textknn on the art-office slice with real minilm vectors: the formula by hand, recency, masking, and quality."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import crossrec.embedding
+from crossrec.baselines import BASELINES, Popularity, TextKNN
+from crossrec.dataset import Dataset
+from crossrec.evaluation import evaluate
+from crossrec.inference import backbone_vectors
+from crossrec.splits import Splits
+
+
+@pytest.fixture(scope="module")
+def ao(art_office, tmp_path_factory):
+    """(dataset, splits, minilm vectors of the whole slice catalog); the vectors cached in a tmp dir."""
+    data = Dataset.load(art_office)
+    splits = Splits(data)
+    vec_dir = tmp_path_factory.mktemp("crossrec-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crossrec.embedding, "cache_dir", lambda: vec_dir)
+        vectors = backbone_vectors(data, splits, "minilm", "", 64)
+    assert list(vec_dir.glob("vectors/minilm-*.npy"))
+    return data, splits, vectors, vec_dir
+
+
+def _batch(splits: Splits, domain: str, min_history: int = 0):
+    rows = splits.targets("test", domain)
+    batch = splits.batch(rows, domain)
+    keep = [k for k, h in enumerate(batch.histories) if len(h) >= min_history]
+    return splits.batch(rows[keep], domain)
+
+
+def test_scores_shape_and_empty_history(ao):
+    _, splits, vectors, _ = ao
+    knn = TextKNN(splits, vectors)
+    for d in splits.domains:
+        batch = _batch(splits, d)
+        scores = knn(batch)
+        assert scores.shape == (len(batch), splits.n_items[d])
+        assert scores.dtype == np.float32
+        assert np.isfinite(scores).all() and np.abs(scores).max() <= 1 + 1e-5  # cosines
+    # A user with no history at all: every candidate scores 0.
+    empty = splits.batch(splits.targets("test", "arts")[:2], "arts")
+    empty.histories = [np.zeros(0, np.int64), empty.histories[1]]
+    scores = knn(empty)
+    assert not scores[0].any() and scores[1].any()
+
+
+def test_weighted_mean_by_hand(ao):
+    _, splits, vectors, _ = ao
+    batch = _batch(splits, "office", min_history=4)
+    hist = batch.histories[0]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    w = 0.5 ** np.arange(len(hist))[::-1]  # most recent (last) item: weight 1
+    q = (w[:, None] * unit[hist]).sum(0) / w.sum()
+    off, n = splits.offset["office"], splits.n_items["office"]
+    expected = unit[off:off + n] @ q / np.linalg.norm(q)
+    np.testing.assert_allclose(TextKNN(splits, vectors, decay=0.5)(batch)[0], expected, atol=1e-5)
+
+
+def test_recency_decay_matters(ao):
+    _, splits, vectors, _ = ao
+    batch = _batch(splits, "arts", min_history=2)
+    flat = TextKNN(splits, vectors, decay=1.0)(batch)
+    recent = TextKNN(splits, vectors, decay=0.5)(batch)
+    assert not np.allclose(flat, recent, atol=1e-3)
+    # One-item histories do not depend on the decay.
+    one = splits.batch(batch.rows[:1], "arts")
+    one.histories = [one.histories[0][-1:]]
+    np.testing.assert_allclose(TextKNN(splits, vectors, decay=1.0)(one), TextKNN(splits, vectors, decay=0.5)(one),
+                               atol=1e-6)
+
+
+def test_history_items_masked_by_evaluator(ao):
+    """textknn scores what the user already has near the top; the evaluator, not the scorer, masks it."""
+    _, splits, vectors, _ = ao
+    knn = TextKNN(splits, vectors, decay=0.01)  # the query is almost the last history item itself
+    d = "office"
+    off, n = splits.offset[d], splits.n_items[d]
+    batch = _batch(splits, d, min_history=1)
+    scores = knn(batch)
+    last_in_domain = [h[-1] - off for h in batch.histories if off <= h[-1] < off + n]
+    rows_last = [k for k, h in enumerate(batch.histories) if off <= h[-1] < off + n]
+    assert rows_last  # the slice has targets whose latest history item is in the target domain
+    assert (scores[rows_last].argmax(1) == np.array(last_in_domain)).all()  # not masked by the scorer
+
+    res = evaluate(splits, knn, domains=[d])
+    for k, h in enumerate(batch.histories):
+        own = np.unique(h[(h >= off) & (h < off + n)] - off)
+        t = splits.item[batch.rows[k]] - off
+        s = scores[k].astype(np.float64)
+        if t in own:
+            expect = np.inf
+        else:
+            keep = np.setdiff1d(np.arange(n), own)
+            expect = 1 + np.count_nonzero((s[keep] > s[t]) | ((s[keep] == s[t]) & (keep < t)))
+        assert res.ranks[d][list(splits.targets("test", d)).index(batch.rows[k])] == expect
+    unmasked = evaluate(splits, knn, domains=[d], mask_history=False)
+    assert (unmasked.ranks[d][np.isfinite(res.ranks[d])] >= res.ranks[d][np.isfinite(res.ranks[d])]).all()
+
+
+def test_textknn_beats_popularity(ao):
+    _, splits, vectors, _ = ao
+    knn = evaluate(splits, TextKNN(splits, vectors))
+    pop = evaluate(splits, Popularity(splits))
+    assert knn.metrics["all"]["ndcg@10"] > pop.metrics["all"]["ndcg@10"]
+
+
+def test_registry_factories(ao, monkeypatch):
+    data, splits, vectors, vec_dir = ao
+    monkeypatch.setattr(crossrec.embedding, "cache_dir", lambda: vec_dir)  # the fixture's vectors: a cache hit
+    assert set(BASELINES) >= {"popularity", "textknn"}
+    assert isinstance(BASELINES["popularity"](splits, data, "minilm", "", 64), Popularity)
+    knn = BASELINES["textknn"](splits, data, "minilm", "", 64)
+    assert isinstance(knn, TextKNN)
+    np.testing.assert_allclose(knn.vectors.numpy(),
+                               vectors / np.linalg.norm(vectors, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_bad_arguments(ao):
+    _, splits, vectors, _ = ao
+    with pytest.raises(ValueError, match=r"`decay` must be in \(0, 1\], got 1.5"):
+        TextKNN(splits, vectors, decay=1.5)
+    with pytest.raises(ValueError, match=r"`vectors` must be \(n_items, dim\)"):
+        TextKNN(splits, vectors[:-1])

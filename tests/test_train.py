@@ -1,0 +1,132 @@
+"""Training with real Ray Train (2 workers, DDP over gloo), real MiniLM vectors, a tiny real slice."""
+import json
+
+import numpy as np
+import pytest
+
+from crossrec.bundle import load_bundle
+from crossrec.cli import main
+from crossrec.config import RunSettings, load_config
+from crossrec.dataset import Dataset
+from crossrec.evaluation import evaluate
+from crossrec.inference import bundle_scorer
+from crossrec.splits import Splits
+
+FAST = ["epochs=2", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "valid_max_targets=0", "patience=0"]
+
+
+@pytest.fixture(scope="module")
+def vector_cache(tmp_path_factory):
+    # Vectors of the tiny slices are cached per module run, away from the user's cache.
+    import os
+
+    old = os.environ.get("CROSSREC_CACHE_DIR")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["CROSSREC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CROSSREC_CACHE_DIR"]
+    else:
+        os.environ["CROSSREC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
+    from trainers.train import train_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fk"
+    meta = train_bundle(tiny_fk, out, load_config(overrides=FAST), RunSettings(workers=2, name="first"),
+                        progress=False)
+    return out, meta
+
+
+def test_two_worker_run_reports_validation_and_exports_a_bundle(first_run, tiny_fk):
+    out, meta = first_run
+    hist = meta["metrics"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert all(0 <= h["valid/ndcg@10"] <= 1 for h in hist)
+    assert hist[1]["train/loss"] < hist[0]["train/loss"]
+    assert meta["data_hash"] == Dataset.load(tiny_fk).content_hash
+    assert (out / "model.safetensors").is_file() and (out / "items" / "food.parquet").is_file()
+    assert meta["backbone"] == "minilm" and meta["domains"] == ["food", "kitchen"]
+
+
+def test_bundle_round_trips_without_ray(first_run, tiny_fk):
+    out, meta = first_run
+    data = Dataset.load(tiny_fk)
+    splits = Splits(data)
+    res = evaluate(splits, bundle_scorer(load_bundle(out), data, splits))
+    for d in ("food", "kitchen", "all"):
+        assert res.metrics[d]["ndcg@10"] == pytest.approx(meta["metrics"]["test"][d]["ndcg@10"], abs=1e-6)
+
+
+def test_resume_continues_from_the_last_checkpoint_and_reproduces(first_run, tiny_fk, tmp_path):
+    from trainers.train import train_bundle
+
+    out, meta = first_run
+    # Same storage and run name, one more epoch: Ray Train restores the run's latest checkpoint.
+    more = load_config(overrides=[*FAST[1:], "epochs=3"])
+    resumed = train_bundle(tiny_fk, tmp_path / "resumed", more,
+                           RunSettings(workers=2, name="first", storage_path=str(out.parent / ".runs")),
+                           progress=False)
+    hist = resumed["metrics"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[:2] == meta["metrics"]["history"]  # epochs 1-2 were not rerun
+    # A fresh run with the same seed reproduces the metric.
+    again = train_bundle(tiny_fk, tmp_path / "again", load_config(overrides=FAST),
+                         RunSettings(workers=2, name="again"), progress=False)
+    assert again["metrics"]["history"][-1]["valid/ndcg@10"] == pytest.approx(hist[1]["valid/ndcg@10"])
+
+
+def test_zero_shot_on_a_dataset_the_bundle_never_saw(first_run, tiny_ao, tmp_path, capsys):
+    out, _ = first_run
+    js = tmp_path / "zs.json"
+    assert main(["evaluate", "--bundle", str(out), "--data", str(tiny_ao), "--json", str(js), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot: the bundle never trained on arts, office" in printed
+    res = json.loads(js.read_text())
+    assert set(res["metrics"]) == {"crossrec", "popularity", "textknn"}
+    assert res["zero_shot_domains"] == ["arts", "office"]
+    assert 0 <= res["metrics"]["crossrec"]["all"]["ndcg@10"] <= 1
+
+
+def test_recommend_prints_top_k_with_reasons(first_run, tiny_fk, capsys):
+    out, _ = first_run
+    data = Dataset.load(tiny_fk)
+    food = data.interactions.filter(np.array(data.interactions.column("domain").to_pylist()) == "food")
+    hist = food.column("item_id").to_pylist()[:3]
+    assert main(["recommend", "--bundle", str(out), "--domain", "kitchen", "--history", ",".join(hist),
+                 "--k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("because of [food]") >= 3 and "top 3 in kitchen" in printed
+    assert main(["recommend", "--bundle", str(out), "--domain", "toys", "--history", hist[0]]) == 2
+    assert "unknown domain 'toys' (known: food, kitchen)" in capsys.readouterr().err
+
+
+def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny_fk, tmp_path):
+    from trainers.train import train_bundle
+
+    pre = train_bundle(tiny_fk, tmp_path / "pre", load_config(overrides=[*FAST, "train_domains=[food]"]),
+                       RunSettings(workers=1, name="pre"), progress=False)
+    assert pre["domains"] == ["food"]
+    ft = train_bundle(tiny_fk, tmp_path / "ft",
+                      load_config(overrides=[*FAST, "epochs=1", "train_domains=[kitchen]",
+                                             f"init_from={tmp_path / 'pre'}", "finetune=adaptor"]),
+                      RunSettings(workers=1, name="ft"), progress=False)
+    assert ft["domains"] == ["kitchen"] and ft["config"]["init_from"] == str(tmp_path / "pre")
+
+
+def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"`lora.rank` must be > 0, got 0"):
+        load_config(overrides=["lora.rank=0"])
+    with pytest.raises(ValueError, match=r"unknown config key `epoch` \(accepted: adaptor, backbone"):
+        load_config(overrides=["epoch=3"])
+    with pytest.raises(ValueError, match=r"`dim` \(30\) must be a multiple of `heads` \(4\)"):
+        load_config(overrides=["dim=30", "heads=4"])
+    (tmp_path / "c.yaml").write_text("lr: 0.01\nlora: {rank: 4, bogus: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown config key `lora.bogus`"):
+        load_config(tmp_path / "c.yaml")
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
+    assert "not a prepared crossrec dataset" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_fk), "--out", str(tmp_path / "b"), "--set", "mode=fast"]) == 2
+    assert "`mode` must be one of cached, end-to-end, got 'fast'" in capsys.readouterr().err
