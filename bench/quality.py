@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="config overrides for crossrec")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-sasrec", action="store_true")
+    ap.add_argument("--sasrec-epochs", type=int, default=30, help="SASRec's epoch cap (early stopping inside)")
     ap.add_argument("--zero-shot", metavar="OTHER_DATASET")
     ap.add_argument("--transfer", action="store_true")
     a = ap.parse_args()
@@ -107,7 +108,7 @@ def main() -> int:
     if not a.no_sasrec:
         from trainers.baselines import sasrec_scorer
 
-        scorer, t, m = timed(lambda: sasrec_scorer(a.data, data, splits))
+        scorer, t, m = timed(lambda: sasrec_scorer(a.data, data, splits, overrides={"epochs": a.sasrec_epochs}))
         results["sasrec"], costs["sasrec"] = evaluate(splits, scorer), (t, m)
     meta, t, m = train(a.data, out / "crossrec", cfg, a.workers)
     costs["crossrec"] = (t, m)

@@ -49,7 +49,10 @@ def ray_cluster():
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2, logging_level="WARNING")
+    # Ray libraries log at ERROR, as `trainers.train.init_ray` does: without a dashboard Train's placement-group
+    # cleaner would warn every few seconds that the state API is unavailable.
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2, logging_level="WARNING",
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         yield ray
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import crossrec
+from crossrec.atomic import building
 from crossrec.config import TrainConfig, config_from_dict, config_to_dict
 from crossrec.model import CrossRecModel
 
@@ -57,10 +57,8 @@ def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domain
                 data_hash: str, extra: dict | None = None, adapter_dir: Path | None = None) -> Path:
     """Writes a bundle atomically (temp folder, then rename). items[domain] = (ids, titles, vectors (n, D))."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "items").mkdir(parents=True)
-    try:
+    with building(path) as tmp:
+        (tmp / "items").mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         for d, (ids, titles, vecs) in items.items():
@@ -76,16 +74,6 @@ def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domain
                 "in_dim": in_dim, "n_items": n_items, "data_hash": data_hash, "metrics": metrics,
                 **(extra or {})}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import crossrec
+from crossrec.atomic import building
 from crossrec.ingest import read_source
 from crossrec.ingest.tables import CSV, JSONL, PARQUET
 from crossrec.schema import (SCHEMA_VERSION, DataError, SourceTable, validate_identity, validate_interactions,
@@ -130,7 +129,6 @@ def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", d
         raise DataError("no source given")
     steps = ["read"] * len(sources) + ["validate", "sort", "write"]
     bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=not progress)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         read = []
         for src in sources:
@@ -157,39 +155,29 @@ def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", d
         inters = _sort_interactions(inters)
         bar.update()
         bar.set_postfix_str(f"write {out}")
-        tmp.mkdir(parents=True)
-        tables = {"items": items, "interactions": inters, "identity": ident}
-        hashes = {}
-        for name in _FILES:
-            if tables[name] is None:
-                continue
-            pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
-            hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "created_by": f"crossrec {crossrec.__version__}",
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": [{"path": str(src), "format": fmt, "read_as": s.description}
-                       for src, s in zip(sources, read)],
-            "counts": _counts(items, inters),
-            "report": report,
-            "skipped": skipped,
-            "files": hashes,
-            "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        with building(out) as tmp:
+            tables = {"items": items, "interactions": inters, "identity": ident}
+            hashes = {}
+            for name in _FILES:
+                if tables[name] is None:
+                    continue
+                pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
+                hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "created_by": f"crossrec {crossrec.__version__}",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": [{"path": str(src), "format": fmt, "read_as": s.description}
+                           for src, s in zip(sources, read)],
+                "counts": _counts(items, inters),
+                "report": report,
+                "skipped": skipped,
+                "files": hashes,
+                "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         bar.update()
         return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         bar.close()
 
