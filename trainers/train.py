@@ -34,7 +34,7 @@ from crossrec.model import CrossRecModel
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer, SequenceData, loss_inputs
 
-__all__ = ["train_func", "fit", "VALID_METRIC"]
+__all__ = ["train_func", "fit", "train_bundle", "export_bundle", "VALID_METRIC"]
 
 VALID_METRIC = "valid/ndcg@10"
 
@@ -75,6 +75,18 @@ def _validate(model: CrossRecModel, item_input, n_items: int, splits: Splits, do
     return out
 
 
+def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | None):
+    """Global item indices -> the item encoder's input: the indices (id), the frozen backbone vectors (text),
+    or (vectors, id rows) with `item_ids`, where items never seen in training get the "no id" row."""
+    if vectors is None:
+        return lambda idx: idx
+    if not cfg.item_ids:
+        return lambda idx: vectors[idx]
+    n = len(splits.item_ids)
+    id_of = torch.where(torch.from_numpy(splits.train_count > 0), torch.arange(n), torch.tensor(n))
+    return lambda idx: (vectors[idx], id_of[idx])
+
+
 def _load_state(model: CrossRecModel, opt: torch.optim.Optimizer, folder: str) -> dict:
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
@@ -100,16 +112,9 @@ def train_func(config: dict) -> None:
     dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
     seqs = SequenceData(splits, cfg.max_len, cfg.train_domains, dmap)
     n_items = len(splits.item_ids)
-    if cfg.item_encoder == "text":
-        vectors = torch.from_numpy(np.load(config["vectors"]))  # (N, backbone dim), frozen backbone
-
-        def item_input(idx):
-            return vectors[idx]
-        in_dim = vectors.shape[1]
-    else:
-        def item_input(idx):
-            return idx
-        in_dim = None
+    vectors = torch.from_numpy(np.load(config["vectors"])) if cfg.item_encoder == "text" else None
+    item_input = make_item_input(cfg, splits, vectors)
+    in_dim = None if vectors is None else vectors.shape[1]
     model = CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
     if cfg.init_from:
         init_from_bundle(model, cfg, domains, cfg.init_from)
@@ -182,6 +187,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connects to a cluster, or starts the embedded local Ray (no dashboard, small object store)."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # inside a Ray job: the job's cluster
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Ray libraries in workers log at ERROR: without a dashboard Train's placement-group cleaner warns every
     # few seconds that the state API is unavailable; our own per-epoch lines carry the progress.
@@ -194,8 +200,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
-        resume_from: str | Path | None = None, progress: bool = True):
-    """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result)."""
+        resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
+    """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
+    callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
@@ -217,7 +224,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
             name=run.name or f"crossrec-{int(time.time())}", storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=run.max_failures),
+            failure_config=FailureConfig(max_failures=run.max_failures), callbacks=callbacks,
             logging_config=LoggingConfig(log_level=os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING"))),
     )
     result = trainer.fit()
@@ -231,38 +238,53 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
 def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSettings,
                  resume_from: str | Path | None = None, progress: bool = True) -> dict:
     """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json."""
-    from crossrec.bundle import load_bundle, save_bundle
-    from crossrec.inference import backbone_vectors
 
     dataset = Dataset.load(data)
     splits = Splits(dataset, cfg.min_per_domain)
-    domains = model_domains(cfg, splits)
+    model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
     out = Path(out)
     vec_path = None
     t0 = time.time()
     if cfg.item_encoder == "text":
         from trainers.embed import embed_catalog
 
-        vec_path = embed_catalog(dataset, splits, cfg, progress=progress)
+        vec_path = embed_catalog(dataset, splits, cfg, progress=progress, address=run.address)
     t_embed = time.time() - t0
     run.storage_path = run.storage_path or str(out.parent / ".runs")
     run.name = run.name or out.name
     best, valid_metrics, result = fit(data, cfg, run, vec_path, resume_from, progress)
     t_fit = time.time() - t0 - t_embed
+    # The whole run's history is in the latest checkpoint (the best one may be older).
+    with (result.checkpoint or best).as_directory() as folder:
+        with open(os.path.join(folder, "state.json")) as f:
+            history = json.load(f)["history"]
+    return export_bundle(data, out, cfg, best, valid_metrics, history, vec_path,
+                         {"embed": round(t_embed, 1), "fit": round(t_fit, 1)},
+                         {"run": {"workers": run.workers, "name": run.name}}, progress, dataset, splits)
+
+
+def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ray.train.Checkpoint",
+                  valid_metrics: dict, history: list[dict], vec_path: str | Path | None, time_s: dict,
+                  extra: dict | None = None, progress: bool = True, dataset: Dataset | None = None,
+                  splits: Splits | None = None) -> dict:
+    """A checkpoint of `train_func` -> test evaluation -> bundle at `out` (used by `crossrec train` and, for the
+    best trial, `crossrec tune`). Returns bundle.json."""
+    from crossrec.bundle import load_bundle, save_bundle
+
+    dataset = dataset or Dataset.load(data)
+    splits = splits or Splits(dataset, cfg.min_per_domain)
+    domains = model_domains(cfg, splits)
     dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
     with best.as_directory() as folder:
         vectors = np.load(vec_path) if vec_path else None
         n_items = len(splits.item_ids)
         model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    # The whole run's history is in the latest checkpoint (the best one may be older).
-    with (result.checkpoint or best).as_directory() as folder:
-        with open(os.path.join(folder, "state.json")) as f:
-            history = json.load(f)["history"]
     model.eval()
     with torch.inference_mode():
-        x = torch.from_numpy(vectors) if vectors is not None else torch.arange(n_items)
-        item_vecs = torch.cat([model.item_vectors(x[s:s + 8192]) for s in range(0, n_items, 8192)])
+        item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
+        item_vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
+                               for s in range(0, n_items, 8192)])
     test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test", progress=progress,
                     desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
@@ -271,10 +293,9 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
         off, n = splits.offset[d], splits.n_items[d]
         items[d] = (splits.item_ids[off:off + n].tolist(), titles[off:off + n], item_vecs[off:off + n].numpy())
     metrics = {"valid": {k: v for k, v in valid_metrics.items() if k.startswith("valid/")},
-               "test": test.metrics, "n_targets": test.n_targets, "history": history,
-               "time_s": {"embed": round(t_embed, 1), "fit": round(t_fit, 1)}}
+               "test": test.metrics, "n_targets": test.n_targets, "history": history, "time_s": time_s}
     save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
-                n_items if cfg.item_encoder == "id" else None, items, metrics, dataset.content_hash,
+                n_items if cfg.item_encoder == "id" or cfg.item_ids else None, items, metrics, dataset.content_hash,
                 extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-                       "checkpoint": best.path, "run": {"workers": run.workers, "name": run.name}})
+                       "checkpoint": best.path, **(extra or {})})
     return load_bundle(out).meta

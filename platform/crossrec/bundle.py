@@ -113,4 +113,8 @@ def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str],
     rows = [old.index(d) if d in old else len(old) for d in domains] + [len(old)]
     for key in ("tower.domain.weight", "tower.next_domain.weight"):
         state[key] = state[key][rows]
-    model.load_state_dict(state)
+    own = model.state_dict()
+    if "item_emb.weight" in state and ("item_emb.weight" not in own or
+                                       state["item_emb.weight"].shape != own["item_emb.weight"].shape):
+        del state["item_emb.weight"]  # another catalog: item ids do not carry over, text does
+    model.load_state_dict(state, strict=False)

@@ -88,6 +88,7 @@ class TrainConfig:
     dropout: float = 0.2
     temperature: float = 0.2  # initial softmax temperature tau of the learned score
     learn_temperature: bool = True  # tau is a trained parameter (clamped to [0.01, 1])
+    item_ids: bool = False  # text items: also a learned embedding per item seen in training (new items: text only)
     text_prior: bool = True  # text items: add beta * (textknn's cosine) to the learned score (see model.py)
     text_prior_weight: float = 10.0  # initial beta (trained)
     text_prior_decay: float = 0.8  # recency decay of the history mean in the text prior

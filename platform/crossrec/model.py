@@ -137,6 +137,13 @@ class CrossRecModel(nn.Module):
             if in_dim is None:
                 raise ValueError("a text item encoder needs the backbone's vector size (in_dim)")
             self.adaptor = ItemAdaptor(in_dim, cfg)
+            if cfg.item_ids:
+                # The collaborative signal text cannot carry; row n_items (zero, frozen) = "no id" for items never
+                # seen in training, new items and other catalogs, which then rest on their text alone.
+                if not n_items:
+                    raise ValueError("`item_ids` needs the number of items")
+                self.item_emb = nn.Embedding(n_items + 1, cfg.dim, padding_idx=n_items)
+                nn.init.zeros_(self.item_emb.weight)
         else:
             if not n_items:
                 raise ValueError("an id item encoder (SASRec) needs the number of items")
@@ -161,10 +168,19 @@ class CrossRecModel(nn.Module):
         a = self.adaptor
         return a.proj.shape[1] if a.kind == "moe" else (a.net.in_features if a.kind == "linear" else a.net[0].in_features)
 
-    def item_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone vectors (N, in_dim) for text, or item indices (N,) for id -> (N, vector_dim):
-        the normalised learned vector, then (text prior) the normalised backbone vector."""
-        v = F.normalize(self.adaptor(x) if self.cfg.item_encoder == "text" else self.item_emb(x), dim=-1)
+    def item_vectors(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Backbone vectors (N, in_dim) for text - or (vectors, id rows) with `item_ids` -, or item indices (N,)
+        for id -> (N, vector_dim): the normalised learned vector, then (text prior) the normalised backbone vector."""
+        ids = None
+        if isinstance(x, tuple):
+            x, ids = x
+        if self.cfg.item_encoder == "text":
+            v = self.adaptor(x)
+            if ids is not None and self.cfg.item_ids:
+                v = v + self.item_emb(ids)
+        else:
+            v = self.item_emb(x)
+        v = F.normalize(v, dim=-1)
         return torch.cat([v, F.normalize(x, dim=-1)], dim=-1) if self.text_prior else v
 
     def user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,

@@ -1,0 +1,238 @@
+"""Running on a Ray cluster: `crossrec submit` / `crossrec jobs` against a real Ray head started here on 127.0.0.1
+(dashboard on a free port, the Jobs API behind it), and `cluster.yaml` checked by Ray's own cluster-config
+validation. The head runs in its own process group, which the test ends itself: other Ray instances on the
+machine are left alone (no `ray stop`)."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import _subset
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+CROSSREC = [sys.executable, "-m", "crossrec.cli"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _own_processes(tmp: Path) -> list[int]:
+    """Pids of our head's processes: those naming its temp dir (raylet, GCS, dashboard, workers) or inheriting its
+    RAY_TMPDIR (job drivers, which Ray starts in sessions of their own)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(tmp) in (proc / "cmdline").read_bytes().decode(errors="replace") or \
+                        f"RAY_TMPDIR={tmp}\0".encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head with the dashboard (Jobs API), 2 CPUs, its own short temp dir (unix socket paths < 108 chars)."""
+    tmp = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))
+    gcs, dash, *agents = _free_ports(8)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has no traffic to drain
+           # The job's entrypoint runs `python` from the head's PATH, as on a cluster node with crossrec installed.
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={agents[0]}", f"--dashboard-agent-grpc-port={agents[1]}",
+           f"--runtime-env-agent-port={agents[2]}", f"--metrics-export-port={agents[3]}",
+           f"--node-manager-port={agents[4]}", f"--object-manager-port={agents[5]}", "--num-cpus=2",
+           f"--object-store-memory={300 * 1024 ** 2}", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    log = open(tmp / "head.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Ray head did not come up:\n{(tmp / 'head.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "env": env, "tmp": tmp}
+    finally:
+        # End only what this fixture started: `ray start --block` stops its node's processes on SIGTERM; then
+        # anything left in its process group or started under its temp dir (see _own_processes).
+        head.terminate()
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        deadline = time.time() + 15
+        while (left := _own_processes(tmp)) and time.time() < deadline:
+            time.sleep(1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _crossrec(head, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in head["env"].items() if k != "RAY_TMPDIR"}
+    return subprocess.run([*CROSSREC, *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_prepare_and_train_jobs_follow_to_success(ray_head, food_kitchen_csv, tmp_path):
+    src = _subset(food_kitchen_csv, tmp_path / "src", 60)
+    url = ray_head["url"]
+    prep = _crossrec(ray_head, "submit", "--address", url, "--follow", "--",
+                     "prepare", str(src), "--out", str(tmp_path / "ds"), "--quiet")
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    job_id = prep.stdout.splitlines()[0]
+    assert job_id.startswith("crossrec-prepare-")
+    assert "SUCCEEDED" in prep.stderr and (tmp_path / "ds" / "manifest.json").is_file()
+    assert "users" in prep.stdout  # the job's own output, streamed
+
+    train = _crossrec(ray_head, "submit", "--address", url, "--follow",
+                      "--env", f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}", "--",
+                      "train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "bundle"),
+                      "--set", "epochs=1", "--set", "dim=32", "--set", "layers=1", "--set", "batch_size=32",
+                      "--set", "valid_max_targets=0", "--workers", "1", "--storage", f"file://{tmp_path / 'runs'}",
+                      "--quiet")
+    assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-4000:]
+    assert (tmp_path / "bundle" / "bundle.json").is_file() and "wrote bundle" in train.stdout
+    assert any((tmp_path / "runs" / "bundle").iterdir())  # checkpoints went to the file:// storage URI
+    assert (tmp_path / "cache").is_dir()  # --env reached the job
+
+    listed = _crossrec(ray_head, "jobs", "list", "--address", url)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout and "crossrec prepare" in listed.stdout
+    status = _crossrec(ray_head, "jobs", "status", job_id, "--address", url)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+
+
+def test_a_failing_job_exits_non_zero_with_its_error(ray_head, tmp_path):
+    url = ray_head["url"]
+    bad = _crossrec(ray_head, "submit", "--address", url, "--follow", "--",
+                    "prepare", "/nonexistent/crossrec-src", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "/nonexistent/crossrec-src" in bad.stdout  # the command's own one-line error, from the job's logs
+    assert "FAILED" in bad.stderr
+    job_id = bad.stdout.splitlines()[0]
+    status = _crossrec(ray_head, "jobs", "status", job_id, "--address", url)
+    assert status.returncode == 1 and "FAILED" in status.stdout
+    logs = _crossrec(ray_head, "jobs", "logs", job_id, "--address", url)
+    assert "crossrec prepare: error:" in logs.stdout
+
+
+def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
+    url = ray_head["url"]
+    # A relative input path resolves inside the uploaded checkout (the vendored data); textknn embeds its whole
+    # catalog first, minutes of work, so the job is still going when it is stopped.
+    sub = _crossrec(ray_head, "submit", "--address", url, "--env", f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
+                    "--", "evaluate", "--baselines", "textknn", "--data", "data/amazon-art-office", "--json",
+                    str(tmp_path / "b.json"), "--quiet")
+    assert sub.returncode == 0 and "crossrec jobs logs" in sub.stderr, sub.stderr
+    job_id = sub.stdout.strip()
+    stop = _crossrec(ray_head, "jobs", "stop", job_id, "--address", url)
+    assert stop.returncode == 0 and f"job {job_id} STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    status = _crossrec(ray_head, "jobs", "status", job_id, "--address", url)
+    assert status.returncode == 1 and "STOPPED" in status.stdout
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bad_submissions_fail_before_reaching_the_cluster(tmp_path):
+    from crossrec.cli import main
+
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    rel = subprocess.run([*CROSSREC, "submit", "--address", "http://127.0.0.1:9", "--", "prepare", "x", "--out",
+                          "out/x"], env=env, capture_output=True, text=True)
+    assert rel.returncode == 2 and "relative path" in rel.stderr
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "recommend", "--bundle", "b", "--domain", "d",
+                 "--history", "i"]) == 2
+    down = subprocess.run([*CROSSREC, "jobs", "list", "--address", f"http://127.0.0.1:{_free_ports(1)[0]}"],
+                          env=env, capture_output=True, text=True)
+    assert down.returncode == 2 and "cannot reach the Jobs API" in down.stderr
+
+
+def test_job_argv_points_ray_commands_at_the_jobs_cluster():
+    from trainers.jobs import job_argv, runtime_env
+
+    assert job_argv(["--", "train", "--data", "d", "--out", "/b"])[-2:] == ["--address", "auto"]
+    assert "--address" not in job_argv(["prepare", "src", "--out", "/d"])
+    assert job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"]).count("--address") == 1
+    renv = runtime_env()
+    assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform" / "crossrec")]
+    assert {".venv", "out", ".git"} <= set(renv["excludes"]) and "data" not in renv["excludes"]
+    assert renv["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1" and "pip" not in renv
+
+
+# -- cluster.yaml ------------------------------------------------------------------------------------------
+def _validate(config: dict) -> None:
+    """What `ray up` checks before it touches a cloud: defaults merged (prepare_config), then the schema and the
+    node-type rules (validate_config)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_passes_rays_validation():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    _validate(config)
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 and t["max_workers"] > t["min_workers"] for t in types.values())
+    assert any(t["resources"].get("GPU", 0) == 0 and n != config["head_node_type"] for n, t in types.items())
+    assert any("ray start --head" in c and "--dashboard-host=0.0.0.0" in c for c in config["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("breakage", ["no provider", "unknown node-type field", "head type not a node type",
+                                      "min workers above the cluster bound", "fractional GPU count"])
+def test_a_broken_cluster_yaml_fails_rays_validation(breakage):
+    import jsonschema
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    worker = next(n for n in config["available_node_types"] if n != config["head_node_type"])
+    if breakage == "no provider":
+        del config["provider"]
+    elif breakage == "unknown node-type field":
+        config["available_node_types"][worker]["max_worker"] = 3  # a typo of max_workers
+    elif breakage == "head type not a node type":
+        config["head_node_type"] = "no-such-type"
+    elif breakage == "min workers above the cluster bound":
+        config["available_node_types"][worker]["min_workers"] = config["max_workers"] + 1
+    else:
+        config["available_node_types"][worker]["resources"]["GPU"] = 0.5
+    with pytest.raises((jsonschema.ValidationError, ValueError, KeyError)):
+        _validate(config)

@@ -1,0 +1,239 @@
+"""Ray Jobs API client behind `crossrec submit` and `crossrec jobs`.
+
+A submitted job runs `python -m crossrec.cli SUBCOMMAND ARGS` on the cluster's head node, in a runtime env that
+uploads this checkout: the repository root as `working_dir` (trainers/, serving/, tune_configs/, the vendored
+data/) and the core package `platform/crossrec` as a `py_module`, so the job runs exactly the code that was
+submitted. Dependencies are not shipped (no `pip` by default): cluster nodes have crossrec's pinned environment
+from `cluster.yaml`'s setup commands. Relative paths in ARGS resolve inside the uploaded copy, which Ray deletes
+with the job, so outputs (`--out`, `--json`, `--storage`) must be absolute paths on storage the nodes share, or URIs.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient  # ray
+
+import crossrec
+
+__all__ = ["JobsError", "SUBMITTABLE", "job_argv", "runtime_env", "client", "submit", "follow", "exit_code",
+           "list_jobs", "format_jobs", "job_info", "job_logs", "stop_job", "report", "repo_root"]
+
+SUBMITTABLE = ("prepare", "train", "tune", "evaluate")
+# What a job never needs: caches, environments, local outputs (Ray also honours .gitignore / .rayignore).
+EXCLUDES = [".git", ".venv", "out", "build", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ray_tmp"]
+# Every job: Train V2 (what trainers/ are written for) and no model hub (backbones come from installed packages).
+JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Options whose value is written by the job: a relative path would land in the job's temporary working dir.
+_OUTPUTS = ("out", "json", "storage")
+
+
+class JobsError(ValueError):
+    """A job could not be submitted or queried: one line, for the CLI."""
+
+
+def repo_root() -> Path:
+    """The checkout this code runs from (holds pyproject.toml, trainers/ and platform/crossrec/)."""
+    root = Path(__file__).resolve().parents[1]
+    if not ((root / "pyproject.toml").is_file() and (root / "platform" / "crossrec").is_dir()):
+        raise JobsError(f"{root} is not a crossrec checkout (crossrec is installed without its sources): pass "
+                        f"--working-dir CHECKOUT")
+    return root
+
+
+def job_argv(argv: list[str]) -> list[str]:
+    """Checks `SUBCOMMAND ARGS` with the local parser (a typo fails here, not minutes later on the cluster) and
+    returns the argv the job runs: commands that take --address get `--address auto` (the job's own cluster)."""
+    from crossrec.cli import build_parser
+
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise JobsError(f"no command to run: crossrec submit --address URL -- {{{','.join(SUBMITTABLE)}}} ARGS...")
+    if argv[0] not in SUBMITTABLE:
+        raise JobsError(f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)})")
+    args = build_parser().parse_args(argv)  # argparse's own message and exit code 2 on bad ARGS
+    for name in _OUTPUTS:
+        value = getattr(args, name, None)
+        if value and "://" not in str(value) and not os.path.isabs(value):
+            raise JobsError(f"--{name} {value}: a relative path is written inside the job's temporary copy of the "
+                            f"working dir and deleted with it; give an absolute path on storage every node shares "
+                            f"(or a URI for --storage)")
+    if hasattr(args, "address") and args.address is None:
+        argv = [*argv, "--address", "auto"]
+    return argv
+
+
+def runtime_env(working_dir: str | Path | None = None, env: dict[str, str] | None = None,
+                excludes: list[str] | None = None, pip: list[str] | None = None) -> dict:
+    """The job's runtime env: this checkout uploaded (working_dir + the core package), JOB_ENV plus `env`."""
+    root = Path(working_dir).resolve() if working_dir else repo_root()
+    core = root / "platform" / "crossrec"
+    if not core.is_dir():
+        raise JobsError(f"--working-dir {root}: no platform/crossrec in it (not a crossrec checkout)")
+    renv = {"working_dir": str(root), "py_modules": [str(core)], "excludes": [*EXCLUDES, *(excludes or [])],
+            "env_vars": {**JOB_ENV, **(env or {})}}
+    if pip:
+        renv["pip"] = list(pip)
+    return renv
+
+
+def _address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise JobsError("no cluster given: pass --address http://HEAD:8265 (the head's dashboard) or set RAY_ADDRESS")
+    return address
+
+
+@contextlib.contextmanager
+def _errors(what: str) -> Iterator[None]:
+    """The SDK's multi-line RuntimeError / ConnectionError -> one line naming what failed."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise JobsError(f"{what}: {lines[0] if lines else type(e).__name__}") from None
+
+
+class _DropNotices(logging.Filter):
+    """Ray's notices that .git/.venv are no longer uploaded: crossrec excludes them on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is now ignored by default" not in record.getMessage()
+
+
+def _quiet_sdk_logs() -> None:
+    """The SDK logs each upload step at INFO (files skipped, package already there, socket closed): keep its
+    warnings and errors only, so the output is the job's."""
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+                 "ray.dashboard.modules.job.sdk"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropNotices) for f in log.filters):
+            log.addFilter(_DropNotices())
+
+
+def client(address: str | None = None) -> JobSubmissionClient:
+    address = _address(address)
+    _quiet_sdk_logs()
+    with _errors(f"cannot reach the Jobs API at {address} (is the dashboard up on the head?)"):
+        return JobSubmissionClient(address)
+
+
+def submit(address: str | None, argv: list[str], *, working_dir: str | Path | None = None,
+           env: dict[str, str] | None = None, excludes: list[str] | None = None, pip: list[str] | None = None,
+           python: str = "python", submission_id: str | None = None,
+           entrypoint_num_gpus: float | None = None) -> tuple[JobSubmissionClient, str]:
+    """Submits `crossrec ARGV` as a job; returns (the client, the submission id)."""
+    argv = job_argv(argv)
+    renv = runtime_env(working_dir, env, excludes, pip)
+    sid = submission_id or f"crossrec-{argv[0]}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    c = client(address)
+    # A head that has just started answers "No available agent to submit job" until its job agent is up:
+    # that one error is retried for up to a minute; every other error is final.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with _errors("submission failed"):
+                sid = c.submit_job(entrypoint=shlex.join([python, "-m", "crossrec.cli", *argv]), runtime_env=renv,
+                                   submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
+                                   metadata={"crossrec": crossrec.__version__, "command": argv[0]})
+            return c, sid
+        except JobsError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+async def _tail(c: JobSubmissionClient, job_id: str, out: TextIO) -> int:
+    n = 0
+    async for chunk in c.tail_job_logs(job_id):
+        out.write(chunk)
+        out.flush()
+        n += len(chunk)
+    return n
+
+
+def follow(c: JobSubmissionClient, job_id: str, out: TextIO | None = None, err: TextIO | None = None,
+           poll_s: float = 1.0) -> JobStatus:
+    """Streams the job's logs to `out` (stdout) until it ends; then writes its final status (and, if it did not
+    succeed, Ray's reason) to `err` (stderr) and returns the status."""
+    out, err = out or sys.stdout, err or sys.stderr
+    streamed = 0
+    try:
+        streamed = asyncio.run(_tail(c, job_id, out))
+    except RuntimeError as e:  # the log stream closed early: keep waiting for the status
+        print(f"(log stream interrupted: {str(e).splitlines()[0]}; waiting for the job to end)", file=err)
+    while not (info := job_info(c, job_id)).status.is_terminal():
+        time.sleep(poll_s)
+    report(info, err, full=streamed == 0)
+    return info.status
+
+
+def report(info, err: TextIO | None = None, full: bool = True) -> None:
+    """One status line; for a job that did not succeed, Ray's message (whole, or its first line when the logs
+    were already shown: Ray repeats their tail in it)."""
+    err = err or sys.stderr
+    line = f"job {info.submission_id} {info.status}"
+    if info.start_time and info.end_time:
+        line += f" after {(info.end_time - info.start_time) / 1000:.0f}s"
+    print(line, file=err)
+    if info.status != JobStatus.SUCCEEDED and info.message:
+        msg = info.message.rstrip()
+        print(msg if full else msg.splitlines()[0].split(", last available logs")[0], file=err)
+
+
+def exit_code(status: JobStatus) -> int:
+    """0 for a job that succeeded or is still going, 1 for one that failed or was stopped."""
+    return 1 if status in (JobStatus.FAILED, JobStatus.STOPPED) else 0
+
+
+def job_info(c: JobSubmissionClient, job_id: str):
+    with _errors(f"job {job_id}"):
+        return c.get_job_info(job_id)
+
+
+def job_logs(c: JobSubmissionClient, job_id: str) -> str:
+    with _errors(f"job {job_id}"):
+        return c.get_job_logs(job_id)
+
+
+def stop_job(c: JobSubmissionClient, job_id: str, wait_s: float = 0, poll_s: float = 1.0):
+    """Asks the job to stop; with wait_s, waits up to that long for it to end. Returns its JobInfo."""
+    with _errors(f"job {job_id}"):
+        c.stop_job(job_id)
+    deadline = time.time() + wait_s
+    while not (info := job_info(c, job_id)).status.is_terminal() and time.time() < deadline:
+        time.sleep(poll_s)
+    return info
+
+
+def list_jobs(c: JobSubmissionClient) -> list[JobDetails]:
+    """Submitted jobs (not drivers that connected directly), oldest first."""
+    with _errors("listing jobs"):
+        jobs = c.list_jobs()
+    return sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
+
+
+def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
+    rows = [("SUBMISSION ID", "STATUS", "STARTED", "TIME", "ENTRYPOINT")]
+    for j in jobs:
+        started = datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
+        end = j.end_time or (time.time() * 1000 if j.start_time else None)
+        took = f"{(end - j.start_time) / 1000:.0f}s" if j.start_time and end else "-"
+        entry = j.entrypoint
+        if " -m crossrec.cli " in entry:  # the interpreter is noise: show what a user would type
+            entry = "crossrec " + entry.split(" -m crossrec.cli ", 1)[1]
+        rows.append((j.submission_id, str(j.status), started, took,
+                     entry if len(entry) <= width else entry[:width - 3] + "..."))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
