@@ -140,6 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.mode == "end-to-end":
         raise UsageError("--mode end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
                          "use --mode cached")
+    if cfg.strategy == "deepspeed":
+        raise UsageError("`strategy` deepspeed comes with end-to-end LoRA training, which is not in this version; "
+                         "use `strategy` ddp")
     run = RunSettings(workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
                       storage_path=args.storage, name=args.name)
     from crossrec.dataset import Dataset
@@ -187,6 +190,92 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         for reason in r.reasons or []:
             t = rec.titles[reason['domain']][rec.pos[reason['domain']][reason['item_id']]]
             print(f"       because of [{reason['domain']}] {reason['item_id']} ({reason['weight']:+.2f})  {t[:60]}")
+    return 0
+
+
+# -- submit, jobs (Ray Jobs API; trainers.jobs imports Ray, so only when these run) -------------------------
+def _key_values(pairs: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from trainers.jobs import exit_code, follow, submit
+
+    c, sid = submit(args.address, args.command_args, working_dir=args.working_dir,
+                    env=_key_values(args.env, "--env"), excludes=args.exclude, pip=args.pip, python=args.python,
+                    submission_id=args.id, entrypoint_num_gpus=args.entrypoint_gpus or None)
+    print(sid, flush=True)
+    where = f" --address {args.address}" if args.address else ""
+    if not args.follow:
+        print(f"submitted; follow it with: crossrec jobs logs {sid} --follow{where}", file=sys.stderr)
+        return 0
+    try:
+        return exit_code(follow(c, sid))
+    except KeyboardInterrupt:
+        print(f"\ndetached; job {sid} keeps running (stop it: crossrec jobs stop {sid}{where})", file=sys.stderr)
+        return 130
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from trainers.jobs import client, exit_code, follow, format_jobs, job_info, job_logs, list_jobs, report, stop_job
+
+    c = client(args.address)
+    if args.action == "list":
+        print(format_jobs(list_jobs(c)))
+        return 0
+    if args.action == "status":
+        info = job_info(c, args.job_id)
+        print(f"entrypoint: {info.entrypoint}")
+        report(info, sys.stdout)
+        return exit_code(info.status)
+    if args.action == "logs":
+        if args.follow:
+            return exit_code(follow(c, args.job_id))
+        print(job_logs(c, args.job_id), end="")
+        return 0
+    info = stop_job(c, args.job_id, wait_s=args.wait)
+    print(f"job {args.job_id} {info.status}")
+    return 0
+
+
+# -- tune ------------------------------------------------------------------------------------------------
+def cmd_tune(args: argparse.Namespace) -> int:
+    from crossrec.dataset import Dataset
+    from crossrec.sweep import load_sweep
+
+    if args.trials is not None and args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    sweep = load_sweep(args.sweep, num_samples=args.trials)
+    Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    from trainers.tune import run_sweep  # imports Ray
+
+    res = run_sweep(sweep, args.data, args.out, address=args.address, resume=args.resume, progress=not args.quiet)
+    if args.quiet:
+        from crossrec.sweep import format_trial_table
+
+        print(format_trial_table(res.records, sweep.metric, sweep.mode))
+    early = sum(r.status == "stopped early" for r in res.records)
+    print(f"\n{len(res.records)} trials in {res.wall_s:.0f}s ({early} stopped early); table {res.out / 'trials.csv'}, "
+          f"plot {res.out / 'sweep.png'}")
+    if res.interrupted:
+        print(f"crossrec tune: interrupted; continue with: crossrec tune {args.sweep} --data {args.data} "
+              f"--out {args.out}{f' --trials {args.trials}' if args.trials else ''} --resume", file=sys.stderr)
+        return 130
+    if res.best is None:
+        print("crossrec tune: error: no trial reported a metric (see the trials' errors above)", file=sys.stderr)
+        return 1
+    b = res.best.best(sweep.metric, sweep.mode)
+    params = ", ".join(f"{k}={v}" for k, v in res.best.params.items())
+    print(f"best: trial {res.best.trial_id} ({params}) {sweep.metric} {b[sweep.metric]:.4f} at epoch {b['epoch']}")
+    test = res.bundle["metrics"]["test"]["all"]
+    print(f"wrote bundle {res.out / 'best'}: test ndcg@10 {test['ndcg@10']:.4f}, recall@10 {test['recall@10']:.4f}; "
+          f"compare with baselines: crossrec evaluate --bundle {res.out / 'best'} --data {args.data}")
     return 0
 
 
@@ -332,6 +421,69 @@ def build_parser() -> argparse.ArgumentParser:
                     help="history item ids, oldest first (DOMAIN:ITEM_ID where an id is ambiguous)")
     sp.add_argument("--k", type=int, default=10)
     sp.set_defaults(func=cmd_recommend)
+
+    sp = sub.add_parser("submit", help="run prepare/train/tune/evaluate as a job on a Ray cluster (Jobs API)",
+                        description="Submit `crossrec SUBCOMMAND ARGS` through Ray's Jobs API. The job runs on the "
+                                    "head node in a runtime env that uploads this checkout (data/ included; .git, "
+                                    ".venv, out/ and caches excluded); relative paths in ARGS resolve inside that "
+                                    "upload, so outputs need absolute paths on shared storage. Prints the job id; "
+                                    "with --follow streams its logs and exits 0 if it succeeded, 1 if it failed or "
+                                    "was stopped.",
+                        epilog="example: crossrec submit --address http://HEAD:8265 --follow -- train --data "
+                               "data/amazon-art-office --out /mnt/shared/bundles/ao --workers 4 --gpus-per-worker 1")
+    sp.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    sp.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    sp.add_argument("--env", action="append", metavar="KEY=VALUE",
+                    help="environment variable for the job (repeatable), e.g. CROSSREC_CACHE_DIR=/mnt/shared/cache")
+    sp.add_argument("--pip", action="append", metavar="REQUIREMENT",
+                    help="extra package installed into the job's env (repeatable; default: none, the cluster's "
+                         "nodes have crossrec's dependencies)")
+    sp.add_argument("--exclude", action="append", metavar="PATTERN",
+                    help="also leave out of the upload (gitignore syntax, repeatable)")
+    sp.add_argument("--working-dir", metavar="CHECKOUT", help="crossrec checkout to upload (default: this one)")
+    sp.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    sp.add_argument("--entrypoint-gpus", type=float, default=0,
+                    help="GPUs reserved for the job's driver itself (default: 0; workers request their own)")
+    sp.add_argument("--id", help="submission id (default: crossrec-SUBCOMMAND-TIME-RANDOM)")
+    sp.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS",
+                    help="prepare, train, tune or evaluate with its arguments")
+    sp.set_defaults(func=cmd_submit)
+
+    sp = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster",
+                        description="Jobs submitted to a Ray cluster (by `crossrec submit` or `ray job submit`). "
+                                    "`status` and `logs --follow` exit 1 for a job that failed or was stopped.")
+    jobs = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    jobs.add_parser("list", parents=[common], help="submitted jobs, oldest first")
+    jp = jobs.add_parser("status", parents=[common], help="a job's status and, if it failed, why")
+    jp.add_argument("job_id", metavar="ID")
+    jp = jobs.add_parser("logs", parents=[common], help="a job's logs")
+    jp.add_argument("job_id", metavar="ID")
+    jp.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    jp = jobs.add_parser("stop", parents=[common], help="stop a job")
+    jp.add_argument("job_id", metavar="ID")
+    jp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                    help="wait up to this long for it to end (default: 30)")
+    sp.set_defaults(func=cmd_jobs)
+
+    sp = sub.add_parser("tune", help="sweep hyper-parameters with Ray Tune; exports the best trial's bundle",
+                        description="Run a sweep from a tune_configs/*.yaml file: every trial trains like `crossrec "
+                                    "train` (a TorchTrainer over the same train_func), ASHA stops the weak ones "
+                                    "between epochs. Writes DIR/trials.csv, DIR/sweep.png and the best trial's "
+                                    "bundle DIR/best; an interrupted sweep (Ctrl+C) continues with --resume.")
+    sp.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (keys of crossrec.sweep.SweepConfig), e.g. "
+                                                        "tune_configs/cpu_cached.yaml")
+    sp.add_argument("--data", required=True, metavar="DATASET", help="a prepared dataset")
+    sp.add_argument("--out", required=True, metavar="DIR", help="sweep folder (on a cluster: storage every node "
+                                                                "reaches)")
+    sp.add_argument("--trials", type=int, help="trials drawn from the space (overrides `num_samples`; a grid runs "
+                                               "every point this many times)")
+    sp.add_argument("--address", help="Ray address (default: a local Ray started in-process)")
+    sp.add_argument("--resume", action="store_true", help="continue the interrupted sweep in DIR (same file, "
+                                                          "--trials and --data)")
+    sp.add_argument("--quiet", action="store_true", help="no per-epoch lines; the table at the end")
+    sp.set_defaults(func=cmd_tune)
 
     sp = sub.add_parser("demo", help="prepare, train, evaluate and recommend on the vendored sample",
                         description="Run the product end to end on real data vendored in this repository: "

@@ -1,0 +1,180 @@
+"""Sweeps with real Ray Tune over the real train_func (TorchTrainer per trial), MiniLM vectors, a tiny real slice."""
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crossrec.cli import main
+from crossrec.sweep import load_sweep, sweep_from_dict
+
+REPO = Path(__file__).parents[1]
+TINY = {"dim": 32, "layers": 1, "batch_size": 32, "n_negatives": 32, "valid_max_targets": 0, "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def vector_cache(tmp_path_factory):
+    # Vectors of the tiny slice are cached per module run, away from the user's cache.
+    old = os.environ.get("CROSSREC_CACHE_DIR")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["CROSSREC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CROSSREC_CACHE_DIR"]
+    else:
+        os.environ["CROSSREC_CACHE_DIR"] = old
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_four_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, vector_cache, tiny_fk,
+                                                                   tmp_path, capsys):
+    # One sensible learning rate first, then three that wreck the model: ASHA (grace 1, factor 2) must stop
+    # the later trials at their first rung, below the first trial's epoch-1 score.
+    sweep = _write(tmp_path / "sweep.yaml", {
+        "base": {**TINY, "epochs": 4},
+        "space": {"lr": {"type": "grid", "values": [3.0e-3, 3.0, 10.0, 30.0]}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent_trials": 1, "workers_per_trial": 1})
+    out = tmp_path / "sweep"
+    assert main(["tune", str(sweep), "--data", str(tiny_fk), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = _csv(out / "trials.csv")
+    assert len(rows) == 4 and {r["lr"] for r in rows} == {"0.003", "3.0", "10.0", "30.0"}
+    assert rows[0]["lr"] == "0.003" and rows[0]["status"] == "completed" and rows[0]["epochs"] == "4"
+    early = [r for r in rows if r["status"] == "stopped early"]
+    assert early and all(int(r["epochs"]) < 4 for r in early)
+    assert (out / "sweep.png").stat().st_size > 10_000
+    assert "best valid/ndcg@10" in printed and "stopped early" in printed
+    # Stopped trials gave their CPUs back.
+    assert ray_cluster.available_resources().get("CPU") == 2
+    meta = json.loads((out / "best" / "bundle.json").read_text())
+    assert meta["run"]["params"] == {"lr": 0.003} and meta["config"]["lr"] == 0.003
+    assert meta["metrics"]["valid"]["valid/ndcg@10"] == pytest.approx(float(rows[0]["best valid/ndcg@10"]))
+    assert main(["evaluate", "--bundle", str(out / "best"), "--data", str(tiny_fk), "--baselines", "popularity",
+                 "--quiet"]) == 0
+    assert "crossrec" in capsys.readouterr().out
+    # The folder is taken: a second run must say how to continue instead of mixing two sweeps.
+    assert main(["tune", str(sweep), "--data", str(tiny_fk), "--out", str(out)]) == 2
+    assert "already holds a sweep: pass --resume" in capsys.readouterr().err
+
+
+class _InterruptAtFirstResult:
+    """Sends this process SIGINT, as Ctrl+C would, when the first epoch of the sweep is reported."""
+
+    def __new__(cls):
+        from ray import tune
+
+        class Interrupt(tune.Callback):
+            sent = False
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if not self.sent:
+                    self.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return Interrupt()
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(ray_cluster, vector_cache, tiny_fk, tmp_path, capsys):
+    from trainers.tune import run_sweep
+
+    path = _write(tmp_path / "sweep.yaml", {
+        "base": {**TINY, "epochs": 2},
+        "space": {"lr": {"type": "grid", "values": [1.0e-3, 3.0e-3]}},
+        "scheduler": {"type": "fifo"}, "max_concurrent_trials": 1, "workers_per_trial": 1})
+    out = tmp_path / "sweep"
+    first = run_sweep(load_sweep(path), tiny_fk, out, progress=False, callbacks=[_InterruptAtFirstResult()])
+    assert first.interrupted and first.bundle is None and not (out / "best").exists()
+    # Trials are drawn one at a time (max_concurrent_trials 1): only the first exists yet, cut off mid-run.
+    assert [r.status for r in first.records] == ["unfinished"] and (out / "trials.csv").is_file()
+    assert ray_cluster.available_resources().get("CPU") == 2  # the interrupted trial's workers are gone
+    capsys.readouterr()
+
+    assert main(["tune", str(path), "--data", str(tiny_fk), "--out", str(out), "--resume", "--quiet"]) == 0
+    rows = _csv(out / "trials.csv")
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    # The cut-off trial went on from its Train checkpoint instead of starting over: no epoch reported twice.
+    cut = first.records[0].trial_id
+    reported = [json.loads(line)["epoch"] for line in open(out / "experiment" / cut / "result.json")]
+    assert reported == sorted(set(reported)) and reported[0] == 1
+    assert {r["trial"]: r["epochs"] for r in rows}[cut] == "2"
+    assert json.loads((out / "best" / "bundle.json").read_text())["run"]["trial"] in {r["trial"] for r in rows}
+    # Resuming with another space is refused.
+    other = _write(tmp_path / "other.yaml", {**yaml.safe_load(path.read_text()), "num_samples": 2})
+    assert main(["tune", str(other), "--data", str(tiny_fk), "--out", str(out), "--resume"]) == 2
+    assert "was started with a different sweep config" in capsys.readouterr().err
+
+
+def test_shipped_sweeps_validate_and_lora_is_refused_like_train(tiny_fk, tmp_path, capsys):
+    cpu = load_sweep(REPO / "tune_configs" / "cpu_cached.yaml")
+    assert cpu.base_config().mode == "cached" and cpu.scheduler.type == "asha"
+    assert cpu.base_params() == {"lr": 1e-3, "temperature": 0.2, "layers": 2, "batch_size": 256, "dim": 64}
+    lora = load_sweep(REPO / "tune_configs" / "lora_lr_rank.yaml")
+    assert set(lora.space) == {"lr", "lora.rank"} and lora.trial_config({"lora.rank": 4, "lr": 1e-4}).lora.rank == 4
+    assert main(["tune", str(REPO / "tune_configs" / "lora_lr_rank.yaml"), "--data", str(tiny_fk),
+                 "--out", str(tmp_path / "lora")]) == 2
+    assert "end-to-end (LoRA fine-tuning of the backbone) is not in this version" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()
+
+
+BASE_SWEEP = {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"lora.rnak": {"type": "grid", "values": [4, 8]}}},
+     r"`space.lora.rnak`: unknown config key `lora.rnak` \(accepted: lora.alpha, lora.dropout, lora.enabled, "
+     r"lora.per_domain, lora.rank, lora.target_modules\)"),
+    ({"schedular": {"type": "asha"}}, r"unknown sweep key `schedular` \(accepted: base, cpus_per_worker, "
+                                      r"gpus_per_worker, include_base, max_concurrent_trials, metric, mode, "
+                                      r"num_samples, scheduler, search, space, workers_per_trial\)"),
+    ({"scheduler": {"type": "asha", "grace": 1}}, r"unknown sweep key `scheduler.grace` \(accepted: "
+                                                  r"scheduler.grace_period, scheduler.max_t"),
+    ({"space": {"lr": {"type": "loguniform", "low": 0, "high": 1}}}, r"`space.lr.low` must be > 0 for loguniform"),
+    ({"space": {"lr": {"type": "normal", "low": 0, "high": 1}}},
+     r"`space.lr.type` must be one of loguniform, uniform, randint, choice, grid, got 'normal'"),
+    ({"space": {"layers": {"type": "uniform", "low": 1, "high": 3}}},
+     r"`space.layers`: `layers` is an integer; uniform \[1, 3\] does not give one \(use randint, choice or grid\)"),
+    ({"space": {"lora.rank": {"type": "choice", "values": [8, 0]}}}, r"`space.lora.rank`: `lora.rank` must be > 0"),
+    ({"space": {"dim": {"type": "choice", "values": [32, 30]}, "heads": {"type": "grid", "values": [2, 4]}}},
+     r"`space`: the combination dim=30, heads=4 is not a valid config: `dim` \(30\) must be a multiple of "
+     r"`heads` \(4\)"),
+    ({"space": {"backbone": {"type": "choice", "values": ["minilm", "smollm2-135m"]}}},
+     r"`space.backbone`: `backbone` cannot be searched: the catalog vectors are computed once per sweep"),
+    ({"base": {"epoch": 3}}, r"`base`: unknown config key `epoch`"),
+    ({"mode": "maximize"}, r"`mode` must be max or min, got 'maximize'"),
+    ({"metric": "ndcg"}, r"`metric` must be a reported metric"),
+    ({"search": {"type": "optuna"}, "space": {"lr": {"type": "grid", "values": [1e-3]}}},
+     r"optuna samples; it cannot run `grid` keys"),
+])
+def test_bad_sweep_files_fail_naming_the_key(tmp_path, change, message):
+    path = _write(tmp_path / "bad.yaml", {**BASE_SWEEP, **change})
+    with pytest.raises(ValueError, match=message):
+        load_sweep(path)
+
+
+def test_bad_sweep_reaches_the_cli_as_one_line(tiny_fk, tmp_path, capsys):
+    path = _write(tmp_path / "bad.yaml", {"space": {"lora.rnak": {"type": "grid", "values": [4, 8]}}})
+    assert main(["tune", str(path), "--data", str(tiny_fk), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "`space.lora.rnak`: unknown config key `lora.rnak`" in err
+    assert main(["tune", str(tmp_path / "none.yaml"), "--data", str(tiny_fk), "--out", str(tmp_path / "o")]) == 2
+    assert "no such sweep file" in capsys.readouterr().err
+
+
+def test_yaml_numbers_and_randint_bounds():
+    s = sweep_from_dict({"space": {"lr": {"type": "loguniform", "low": "3e-4", "high": "1e-2"},
+                                   "layers": {"type": "randint", "low": 1, "high": 3}}})
+    assert s.space["lr"].low == 3e-4 and s.space["layers"].high == 3
+    assert s.trial_config({"lr": 5e-4, "layers": 3}).layers == 3

@@ -1,0 +1,362 @@
+"""Hyper-parameter sweeps with Ray Tune (`crossrec tune`). A trial is a function trainable that runs
+`trainers.train.fit` (a TorchTrainer over the same `train_func` as `crossrec train`; Train V2 has no `Tuner(trainer)`).
+
+Trials ask for no CPU (their Train workers hold the CPUs) and `TuneReportCallback` forwards each epoch's report, so
+ASHA stops trials between epochs. A stopped trial's Train controller dies with the trial's actor and its placement
+group would outlive it (Train's cleaner needs the dashboard's state API), so the driver frees this job's placement
+groups whose creating actor is dead. Out folder: experiment/ (Tune state, `--resume`), runs/TRIAL/ (Train
+checkpoints: a resumed trial goes on from its last epoch), sweep.json, trials.csv, sweep.png, best/ (bundle).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray  # ray
+from ray import tune  # ray
+
+from crossrec.config import RunSettings
+from crossrec.dataset import Dataset
+from crossrec.splits import Splits
+from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
+                            write_trial_csv)
+from trainers.train import VALID_METRIC, export_bundle, fit, init_ray, model_domains
+
+__all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
+
+log = logging.getLogger(__name__)
+
+# The same refusal `crossrec train` gives: end-to-end (LoRA) training lands with the LoRA issue.
+END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
+                      "use mode cached")
+# A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    records: list[TrialRecord]  # every trial, in trial order
+    best: TrialRecord | None  # by the sweep's metric and mode (None if no trial reported)
+    bundle: dict | None  # bundle.json of out/best (None when interrupted or no trial reported)
+    interrupted: bool  # trials were left unfinished: `run_sweep(..., resume=True)` continues them
+    wall_s: float
+    experiment: Path  # the Tune experiment folder (Tuner.restore)
+
+
+def tune_trial(config: dict, setup: dict) -> None:
+    """One Tune trial: `config` holds the sampled values of the searched keys (dotted), `setup` the sweep, the
+    dataset, the catalog vectors and where Train runs are stored. Reports reach Tune through the callback."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # ray
+
+    sweep = sweep_from_dict(setup["sweep"])
+    cfg = sweep.trial_config(config)
+    # The Train run is named after the trial: a trial restarted by `Tuner.restore` resumes its last checkpoint.
+    run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
+                      gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
+                      name=tune.get_context().get_trial_id(), max_failures=0)
+    fit(setup["data"], cfg, run, setup["vectors"], callbacks=[TuneReportCallback()])
+
+
+# -- placement groups of stopped trials -----------------------------------------------------------------------
+def _actor_placement_groups() -> dict[bytes, object]:
+    """This job's live placement groups that an actor created (not the driver, not detached): id -> GCS record."""
+    from ray._private.state import state  # ray: the GCS tables, readable without the dashboard
+    from ray.core.generated import gcs_pb2  # ray
+
+    job = ray.get_runtime_context().get_job_id()
+    out = {}
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = pg.creator_actor_id and pg.creator_actor_id != b"\xff" * len(pg.creator_actor_id)
+        if (by_actor and not pg.is_detached and pg.creator_job_id.hex() == job
+                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            out[pg.placement_group_id] = pg
+    return out
+
+
+def _free_orphaned_placement_groups() -> int:
+    """Removes this job's placement groups whose creating actor is dead (Train controllers of stopped trials).
+    Placement groups created by the driver (Tune's own, Ray Data's) and detached ones are never touched."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group  # ray
+
+    freed = 0
+    for pg_id, pg in _actor_placement_groups().items():
+        if pg.creator_actor_dead:
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
+                freed += 1
+            except Exception as e:  # already going away
+                log.debug("placement group %s: %s", pg_id.hex(), e)
+    return freed
+
+
+def _wait_free_placement_groups(before: set, timeout_s: float = 15.0) -> None:
+    """After the experiment: trial actors that Tune force-stopped take a moment to be declared dead, and only then
+    are their controllers' placement groups orphans. Free those created during the sweep (not in `before`) before
+    anything else needs the CPUs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _free_orphaned_placement_groups()
+        if not set(_actor_placement_groups()) - before or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
+class _SweepCallback(tune.Callback):
+    """Driver side: frees stopped trials' CPUs, remembers trial states (to tell an interruption from the end),
+    and prints one line per epoch and per finished trial."""
+
+    def __init__(self, metric: str, progress: bool, reap_every_s: float = 1.0):
+        self.metric, self.progress, self.reap_every_s = metric, progress, reap_every_s
+        self.statuses: dict[str, str] = {}
+        self._last_reap = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        self.statuses = {t.trial_id: t.status for t in trials}
+        if time.monotonic() - self._last_reap > self.reap_every_s:
+            self._last_reap = time.monotonic()
+            _free_orphaned_placement_groups()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.progress and self.metric in result:
+            params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+            print(f"[tune] {trial.trial_id} epoch {result.get('epoch')}: {self.metric} {result[self.metric]:.4f}"
+                  f"  ({params})", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.progress:
+            epoch = (trial.last_result or {}).get("epoch", 0)
+            print(f"[tune] {trial.trial_id} ended (last epoch Tune saw: {epoch})", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[tune] {trial.trial_id} failed: {trial.error_file or 'see the experiment folder'}", flush=True)
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------
+def _param_space(sweep: SweepConfig) -> dict:
+    space = {}
+    for key, ps in sweep.space.items():
+        space[key] = {"loguniform": lambda: tune.loguniform(ps.low, ps.high),
+                      "uniform": lambda: tune.uniform(ps.low, ps.high),
+                      "randint": lambda: tune.randint(ps.low, ps.high + 1),  # Tune's upper bound is exclusive
+                      "choice": lambda: tune.choice(ps.values),
+                      "grid": lambda: tune.grid_search(ps.values)}[ps.type]()
+    return space
+
+
+def _search_alg(sweep: SweepConfig):
+    points = [sweep.base_params()] if sweep.include_base else None
+    if sweep.search.type == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch  # ray
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ValueError("`search.type` optuna needs the optuna package: pip install optuna") from None
+        return OptunaSearch(points_to_evaluate=points, seed=sweep.search.seed)
+    from ray.tune.search import BasicVariantGenerator  # ray
+
+    # TuneConfig.max_concurrent_trials is ignored for a BasicVariantGenerator passed in: it takes its own limit.
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=sweep.search.seed,
+                                 max_concurrent=sweep.max_concurrent_trials)
+
+
+def _max_epochs(sweep: SweepConfig) -> int:
+    ps = sweep.space.get("epochs")
+    return max([sweep.base_config().epochs, *(ps.probe_values() if ps else [])])
+
+
+def _scheduler(sweep: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # ray
+
+    s = sweep.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    # Rungs count epochs (reported by train_func), not Tune iterations: a resumed trial goes on from its epoch.
+    return ASHAScheduler(time_attr="epoch", max_t=s.max_t or _max_epochs(sweep), grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _check_fits_cluster(sweep: SweepConfig, remote: bool) -> None:
+    total = ray.cluster_resources()
+    need_cpu = sweep.max_concurrent_trials * sweep.workers_per_trial * sweep.cpus_per_worker
+    need_gpu = sweep.max_concurrent_trials * sweep.workers_per_trial * sweep.gpus_per_worker
+    for what, need, have in (("CPU", need_cpu, total.get("CPU", 0)), ("GPU", need_gpu, total.get("GPU", 0))):
+        if need > have:
+            msg = (f"`max_concurrent_trials` ({sweep.max_concurrent_trials}) x `workers_per_trial` "
+                   f"({sweep.workers_per_trial}) x `{what.lower()}s_per_worker` needs {need:g} {what}s at once, "
+                   f"the cluster has {have:g}")
+            if not remote:  # a fixed local Ray: trials would wait for each other's CPUs for ever
+                raise ValueError(msg + ": lower them")
+            log.warning("%s; trials wait until the cluster scales up", msg)
+
+
+def _train_checkpoints(run_dir: Path) -> dict[int, tuple[Path, list[dict]]]:
+    """epoch -> (checkpoint folder, history up to that epoch), from the kept checkpoints of a trial's Train run
+    (train_func's state.json). Train always keeps the latest, so the latest one holds the whole history, including
+    an epoch that finished while an interrupted sweep was stopping (Tune never saw its report)."""
+    out = {}
+    for f in run_dir.glob("checkpoint_*/state.json"):
+        try:
+            st = json.loads(f.read_text())
+            out[int(st["epoch"])] = (f.parent, st["history"])
+        except (OSError, ValueError, KeyError):  # a checkpoint cut off while being written
+            continue
+    return out
+
+
+def _records(grid, sweep: SweepConfig, statuses: dict[str, str], runs: Path) -> list[TrialRecord]:
+    out = []
+    for res in grid:
+        trial_id = Path(res.path).name
+        ckpts = _train_checkpoints(runs / trial_id)
+        history = [dict(h) for h in ckpts[max(ckpts)][1]] if ckpts else []
+        for h in history:
+            if h["epoch"] in ckpts:
+                h["checkpoint_path"] = str(ckpts[h["epoch"]][0])
+        params = {k: _plain(v) for k, v in (res.config or {}).items() if k in sweep.space}
+        try:
+            cfg = sweep.trial_config(params)
+        except ValueError:  # a combination the trial itself refused (it errored)
+            cfg = sweep.base_config()
+        if res.error is not None:
+            status = "error"
+        elif statuses.get(trial_id, "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status = "unfinished"
+        elif history and _ran_to_the_end(history, cfg):
+            status = "completed"
+        elif _out_of_patience(history, cfg):
+            status = "stopped (patience)"  # train_func ended it: no validation gain for `patience` epochs
+        else:
+            status = "stopped early"  # the scheduler (ASHA) ended it
+        out.append(TrialRecord(trial_id, params, status, history, cfg.epochs,
+                               None if res.error is None else str(res.error).splitlines()[0][:300]))
+    return sorted(out, key=lambda r: r.trial_id)
+
+
+def _ran_to_the_end(history: list[dict], cfg) -> bool:
+    last = history[-1]
+    return last["epoch"] >= cfg.epochs or bool(cfg.max_steps and last.get("step", 0) >= cfg.max_steps)
+
+
+def _out_of_patience(history: list[dict], cfg) -> bool:
+    """train_func's own early stop: `patience` epochs in a row without a new best of VALID_METRIC."""
+    best, bad = -1.0, 0
+    for h in history:
+        bad = 0 if h[VALID_METRIC] > best else bad + 1
+        best = max(best, h[VALID_METRIC])
+    return bool(cfg.patience) and bad >= cfg.patience
+
+
+def _plain(v):
+    """numpy / pandas scalars -> Python, for JSON and CSV."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _state_file(out: Path) -> Path:
+    return out / "sweep.json"
+
+
+def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: str | None = None,
+              resume: bool = False, progress: bool = True, callbacks: list | None = None) -> SweepResult:
+    """Runs (or, with resume, continues) a sweep into `out` and exports the best trial to `out/best`.
+
+    callbacks: extra `ray.tune.Callback`s. An interruption (Ctrl+C) saves the experiment state and returns with
+    `interrupted` set; `resume=True` with the same sweep and data then finishes the unfinished trials."""
+    t0 = time.time()
+    out = Path(out).resolve()
+    data = Path(data).resolve()
+    experiment = out / "experiment"
+    base = sweep.base_config()
+    if base.mode == "end-to-end" or any(v == "end-to-end" for v in getattr(sweep.space.get("mode"), "values", None)
+                                        or []):
+        raise ValueError(END_TO_END_REFUSED)
+    state = {"sweep": sweep_to_dict(sweep), "data": str(data)}
+    if resume:
+        if not _state_file(out).is_file() or not experiment.is_dir():
+            raise ValueError(f"--resume: {out} holds no sweep to resume (no sweep.json / experiment/)")
+        saved = json.loads(_state_file(out).read_text())
+        if saved["sweep"] != json.loads(json.dumps(state["sweep"])) or saved["data"] != state["data"]:
+            what = "data" if saved["data"] != state["data"] else "sweep config"
+            raise ValueError(f"--resume: {out} was started with a different {what}; resume with the same "
+                             f"sweep file, --trials and --data")
+    elif experiment.exists():
+        raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
+    dataset = Dataset.load(data)
+    splits = Splits(dataset, base.min_per_domain)
+    model_domains(base, splits)  # unknown train_domains fail before Ray starts
+
+    init_ray(address)
+    _check_fits_cluster(sweep, remote=bool(address))
+    vec_path = None
+    if base.item_encoder == "text" or "item_encoder" in sweep.space:
+        from trainers.embed import embed_catalog
+
+        vec_path = embed_catalog(dataset, splits, base, progress=progress)  # once, before any trial
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
+    setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
+             "runs": str(out / "runs")}
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
+    watch = _SweepCallback(sweep.metric, progress)
+    run_config = tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0,
+                                callbacks=[watch, *(callbacks or [])])
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
+        # The restored Tuner brings back the RunConfig pickled at the start, callbacks included (a stale progress
+        # printer, a test's interrupter): this run's callbacks replace them.
+        tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(sweep), run_config=run_config,
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                                        max_concurrent_trials=sweep.max_concurrent_trials,
+                                        search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
+                                        trial_name_creator=lambda t: t.trial_id,
+                                        trial_dirname_creator=lambda t: t.trial_id))
+    before = set(_actor_placement_groups())
+    try:
+        grid = tuner.fit()
+    finally:
+        _wait_free_placement_groups(before)
+    records = _records(grid, sweep, watch.statuses, out / "runs")
+    interrupted = any(r.status == "unfinished" for r in records)
+    write_trial_csv(records, sweep.metric, sweep.mode, out / "trials.csv")
+    if any(r.history for r in records):
+        plot_sweep(records, sweep.metric, sweep.mode, out / "sweep.png", sweep.space)
+    if progress:
+        print(format_trial_table(records, sweep.metric, sweep.mode))
+    reported = [r for r in records if r.best(sweep.metric, sweep.mode)]
+    sign = 1 if sweep.mode == "max" else -1
+    best = max(reported, key=lambda r: sign * r.best(sweep.metric, sweep.mode)[sweep.metric], default=None)
+    bundle = None
+    if best is not None and not interrupted:
+        bundle = _export_best(best, sweep, data, out, vec_path, dataset, splits, progress)
+    return SweepResult(out, records, best, bundle, interrupted, round(time.time() - t0, 1), experiment)
+
+
+def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, vec_path, dataset, splits,
+                 progress: bool) -> dict:
+    from ray.train import Checkpoint  # ray
+
+    # The best epoch whose checkpoint was kept (Train keeps the best two and the latest).
+    rows = [h for h in best.history if h.get("checkpoint_path") and h.get(sweep.metric) is not None]
+    if not rows:
+        raise RuntimeError(f"trial {best.trial_id} kept no checkpoint under {out / 'runs' / best.trial_id}")
+    row = (max if sweep.mode == "max" else min)(rows, key=lambda h: h[sweep.metric])
+    cfg = sweep.trial_config(best.params)
+    history = [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in best.history]
+    return export_bundle(data, out / "best", cfg, Checkpoint(row["checkpoint_path"]), row, history, vec_path,
+                         {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
+                         {"run": {"sweep": str(out), "trial": best.trial_id, "params": best.params,
+                                  "workers": sweep.workers_per_trial}},
+                         progress, dataset, splits)
+
