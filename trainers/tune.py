@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +111,26 @@ class _SweepCallback(tune.Callback):
     """Driver side: frees stopped trials' CPUs, remembers trial states (to tell an interruption from the end),
     and prints one line per epoch and per finished trial."""
 
-    def __init__(self, metric: str, progress: bool, reap_every_s: float = 1.0):
-        self.metric, self.progress, self.reap_every_s = metric, progress, reap_every_s
+    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0):
+        self.metric, self.progress, self.every_s = metric, progress, every_s
+        self.scheduler, self.scheduler_state = scheduler, scheduler_state
         self.statuses: dict[str, str] = {}
-        self._last_reap = 0.0
+        self._last = 0.0
 
     def on_step_end(self, iteration, trials, **info):
         self.statuses = {t.trial_id: t.status for t in trials}
-        if time.monotonic() - self._last_reap > self.reap_every_s:
-            self._last_reap = time.monotonic()
+        if time.monotonic() - self._last > self.every_s:
+            self._last = time.monotonic()
             _free_orphaned_placement_groups()
+            self.save_scheduler()
+
+    def save_scheduler(self) -> None:
+        """Tune's experiment state leaves the scheduler out: a restored ASHA would have forgotten every rung and
+        let resumed trials through. Its own save/restore keeps the rungs beside the experiment."""
+        if hasattr(self.scheduler, "_brackets"):  # ASHA; FIFO has no state
+            tmp = self.scheduler_state.with_suffix(".tmp")
+            self.scheduler.save(str(tmp))
+            os.replace(tmp, self.scheduler_state)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.progress and self.metric in result:
@@ -160,10 +171,10 @@ def _search_alg(sweep: SweepConfig):
             import optuna  # noqa: F401
         except ImportError:
             raise ValueError("`search.type` optuna needs the optuna package: pip install optuna") from None
-        return OptunaSearch(points_to_evaluate=points, seed=sweep.search.seed)
+        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, points_to_evaluate=points,
+                            seed=sweep.search.seed)
     from ray.tune.search import BasicVariantGenerator  # ray
 
-    # TuneConfig.max_concurrent_trials is ignored for a BasicVariantGenerator passed in: it takes its own limit.
     return BasicVariantGenerator(points_to_evaluate=points, random_state=sweep.search.seed,
                                  max_concurrent=sweep.max_concurrent_trials)
 
@@ -180,8 +191,9 @@ def _scheduler(sweep: SweepConfig):
     if s.type == "fifo":
         return FIFOScheduler()
     # Rungs count epochs (reported by train_func), not Tune iterations: a resumed trial goes on from its epoch.
-    return ASHAScheduler(time_attr="epoch", max_t=s.max_t or _max_epochs(sweep), grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+    # metric and mode set here, not in TuneConfig: a scheduler restored with its state already has them.
+    return ASHAScheduler(time_attr="epoch", metric=sweep.metric, mode=sweep.mode, max_t=s.max_t or _max_epochs(sweep),
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
 def _check_fits_cluster(sweep: SweepConfig, remote: bool) -> None:
@@ -306,26 +318,41 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
              "runs": str(out / "runs")}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
-    watch = _SweepCallback(sweep.metric, progress)
-    run_config = tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0,
-                                callbacks=[watch, *(callbacks or [])])
+    scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
-        # The restored Tuner brings back the RunConfig pickled at the start, callbacks included (a stale progress
-        # printer, a test's interrupter): this run's callbacks replace them.
-        tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
+        local = tuner._local_tuner  # the restored TuneConfig and RunConfig have no public setter
+        scheduler = local._tune_config.scheduler
+        if scheduler_state.is_file() and hasattr(scheduler, "_brackets"):
+            scheduler.restore(str(scheduler_state))
     else:
+        scheduler = _scheduler(sweep)
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep), run_config=run_config,
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials,
-                                        search_alg=_search_alg(sweep), scheduler=_scheduler(sweep),
+            trainable, param_space=_param_space(sweep),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0),
+            # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
+            # ConcurrencyLimiter from max_concurrent_trials.
+            tune_config=tune.TuneConfig(num_samples=sweep.num_samples,
+                                        max_concurrent_trials=sweep.max_concurrent_trials
+                                        if sweep.search.type == "optuna" else None,
+                                        search_alg=_search_alg(sweep), scheduler=scheduler,
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id))
+        local = tuner._local_tuner
+    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state)
+    # Callbacks are set after the Tuner pickled its state (tuner.pkl): a restored sweep never brings back the
+    # previous run's (a stale progress printer, a test's interrupter).
+    local.get_run_config().callbacks = [watch, *(callbacks or [])]
     before = set(_actor_placement_groups())
+    # Tune's new console output prints its header even at verbose 0; the legacy one is silent there.
+    quiet_env = {} if progress or "RAY_AIR_NEW_OUTPUT" in os.environ else {"RAY_AIR_NEW_OUTPUT": "0"}
+    os.environ.update(quiet_env)
     try:
         grid = tuner.fit()
     finally:
+        for k in quiet_env:
+            os.environ.pop(k, None)
+        watch.save_scheduler()
         _wait_free_placement_groups(before)
     records = _records(grid, sweep, watch.statuses, out / "runs")
     interrupted = any(r.status == "unfinished" for r in records)

@@ -381,7 +381,7 @@ def write_trial_csv(records: list[TrialRecord], metric: str, mode: str, path: st
 def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | Path,
                space: dict | None = None) -> Path:
     """PNG: the metric per epoch of every trial, then the best metric against up to two searched numeric keys
-    (`lr` first, then the others in file order; log axis for loguniform keys)."""
+    (`lr`, `lora.rank`, then the others in file order; log axis for `lr` and loguniform keys)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
@@ -392,7 +392,7 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
     keys = [k for k in dict.fromkeys(k for r in records for k in r.params)
             if all(isinstance(r.params.get(k), (int, float)) and not isinstance(r.params.get(k), bool)
                    for r in records if k in r.params)]
-    keys = sorted(keys, key=lambda k: k != "lr")[:2]
+    keys = sorted(keys, key=lambda k: (k != "lr", k != "lora.rank"))[:2]  # then the file's order
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(5.5 * (1 + len(keys)), 4.2), squeeze=False)
     ax = axes[0][0]
     for r in records:
@@ -401,13 +401,14 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
             style = "-" if r.status == "completed" else "--"
             params = " ".join(f"{k}={_fmt(v)}" for k, v in r.params.items())
             ax.plot([h["epoch"] for h in rows], [h[metric] for h in rows], style, marker="o", ms=3,
-                    label=f"{r.trial_id.rsplit('_', 1)[-1]} {params} ({r.status})"[:70])
+                    label=f"{r.trial_id.rsplit('_', 1)[-1]} {r.status}: {params}")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per epoch (dashed: stopped before the last epoch)", fontsize=9)
-    if len(records) <= 12:
-        ax.legend(fontsize=7)
+    if len(records) <= 16:  # below the panels, where it hides no point
+        fig.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(0.01, 0.0), fontsize=7,
+                   ncol=1 + len(records) // 9, frameon=False)
     for ax, key in zip(axes[0][1:], keys):
         pts = [(r.params[key], r.best(metric, mode)[metric], r.status == "completed") for r in records
                if key in r.params and r.best(metric, mode)]
@@ -417,6 +418,7 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
                 ax.scatter(*zip(*sel), marker=marker, label=label)
         if key == "lr" or getattr(space.get(key), "type", None) == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^-4, 3x10^-4, ... overlap
         if all(isinstance(x, int) for x, _, _ in pts):
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel(key)
@@ -425,6 +427,6 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
