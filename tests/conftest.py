@@ -108,3 +108,15 @@ def tiny_ao(tmp_path_factory, art_office_csv) -> Path:
     out = root / "ao"
     prepare([_subset(art_office_csv, root / "ao-src", 20)], out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_fk(tmp_path_factory, food_kitchen_csv) -> Path:
+    """The first 30 real food-kitchen users (+5 untouched items per domain), prepared: end-to-end fine-tuning
+    runs the backbone on every batch, so its tests need the smallest real slice."""
+    from crossrec.dataset import prepare
+
+    root = tmp_path_factory.mktemp("micro")
+    out = root / "fk"
+    prepare([_subset(food_kitchen_csv, root / "fk-src", 30, extra_items=5)], out, progress=False)
+    return out

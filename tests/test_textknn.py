@@ -125,3 +125,37 @@ def test_bad_arguments(ao):
         TextKNN(splits, vectors, decay=1.5)
     with pytest.raises(ValueError, match=r"`vectors` must be \(n_items, dim\)"):
         TextKNN(splits, vectors[:-1])
+
+
+def test_cross_domain_weight_by_hand(ao):
+    """cross_weight scales history items from other domains than the target's; 0 keeps the target domain only."""
+    _, splits, vectors, _ = ao
+    d = "office"
+    batch = _batch(splits, d, min_history=4)
+    k = next(i for i, h in enumerate(batch.histories)
+             if len(set(splits.item_domain[h])) == 2)  # a history with both domains
+    hist = batch.histories[k]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    other = splits.item_domain[hist] != splits.dom_code[d]
+    off, n = splits.offset[d], splits.n_items[d]
+    for cw in (0.0, 0.25):
+        w = 0.5 ** np.arange(len(hist))[::-1] * np.where(other, cw, 1.0)
+        q = (w[:, None] * unit[hist]).sum(0)
+        expected = unit[off:off + n] @ q / np.linalg.norm(q)
+        np.testing.assert_allclose(TextKNN(splits, vectors, decay=0.5, cross_weight=cw)(batch)[k], expected,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="cross_weight"):
+        TextKNN(splits, vectors, cross_weight=1.5)
+
+
+def test_fit_textknn_picks_the_best_validation_point(ao):
+    from crossrec.baselines.textknn import fit_textknn
+
+    _, splits, vectors, _ = ao
+    grid = {(dc, cw): np.mean([evaluate(splits, TextKNN(splits, vectors, dc, cw), "valid", ks=(10,)).metrics[d]
+                               ["ndcg@10"] for d in splits.domains])
+            for dc in (0.3, 0.8) for cw in (0.0, 1.0)}
+    knn = fit_textknn(splits, vectors, decays=(0.3, 0.8), cross_weights=(0.0, 1.0), max_targets=0)
+    assert (knn.decay, knn.cross_weight) == max(grid, key=grid.get)  # ties: the first grid point, as max
+    assert knn.valid_ndcg10 == pytest.approx(max(grid.values()))
+    assert knn.params == {"decay": knn.decay, "cross_weight": knn.cross_weight}

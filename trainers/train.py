@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,7 +25,7 @@ import ray.train  # ray
 import ray.train.torch  # ray
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crossrec.bundle import init_from_bundle
 from crossrec.config import RunSettings, TrainConfig, config_from_dict, config_to_dict
@@ -33,6 +35,7 @@ from crossrec.metrics import metrics_from_ranks
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer, SequenceData, loss_inputs
+from trainers.strategies import DS_ENV, make_strategy
 
 __all__ = ["train_func", "fit", "train_bundle", "export_bundle", "VALID_METRIC"]
 
@@ -47,13 +50,43 @@ def model_domains(cfg: TrainConfig, splits: Splits) -> list[str]:
     return sorted(domains)
 
 
-def _validate(model: CrossRecModel, item_input, n_items: int, splits: Splits, domain_map: np.ndarray,
+def _embed_catalog(encoder, n_items: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """End-to-end validation: (N, D) backbone vectors of the whole catalog under the current weights, each
+    rank embedding an equal share (padded, so every rank runs as many forwards: ZeRO-3 gathers collectively)."""
+    per = -(-n_items // world)
+    mine = torch.arange(rank * per, min((rank + 1) * per, n_items))
+    padded = torch.cat([mine, torch.zeros(per - len(mine), dtype=torch.long)])
+    x = encoder.embed(padded)  # (per, D)
+    if world == 1:
+        return x[:n_items]
+    parts = [torch.empty_like(x, device=device) for _ in range(world)]
+    dist.all_gather(parts, x.to(device))
+    return torch.cat(parts).cpu()[:n_items]
+
+
+def _eval_model(strategy, new_recommender, cfg: TrainConfig, splits: Splits, item_input, n_items: int,
+                rank: int, world: int) -> tuple[CrossRecModel, torch.Tensor]:
+    """A float32 CPU copy of the current recommender and its item vectors of the catalog (any strategy,
+    any device; end-to-end re-embeds the catalog with the current backbone)."""
+    from crossrec.finetune import EndToEndModel
+
+    module = strategy.module
+    with strategy.gathered():
+        rec = new_recommender()
+        rec.load_state_dict(strategy.weights()["model"])
+        if isinstance(module, EndToEndModel):
+            item_input = make_item_input(cfg, splits, _embed_catalog(module.encoder, n_items, rank, world,
+                                                                     strategy.device))
+    rec.eval()
+    with torch.inference_mode():
+        vecs = torch.cat([rec.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
+                          for s in range(0, n_items, 8192)])
+    return rec, vecs
+
+
+def _validate(model: CrossRecModel, vecs: torch.Tensor, splits: Splits, domain_map: np.ndarray,
               cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
     """NDCG@10 / Recall@10 on the validation subset, per domain and overall, summed over workers."""
-    model.eval()
-    with torch.inference_mode():
-        vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
-                          for s in range(0, n_items, 8192)])
     scorer = ModelScorer(model, vecs, splits, domain_map)
     res = evaluate(splits, scorer, split="valid", max_targets=cfg.valid_max_targets, shard=(rank, world))
     sums = []
@@ -76,28 +109,24 @@ def _validate(model: CrossRecModel, item_input, n_items: int, splits: Splits, do
 
 
 def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | None):
-    """Global item indices -> the item encoder's input: the indices (id), the frozen backbone vectors (text),
-    or (vectors, id rows) with `item_ids`, where items never seen in training get the "no id" row."""
-    if vectors is None:
-        return lambda idx: idx
-    if not cfg.item_ids:
-        return lambda idx: vectors[idx]
+    """Global item indices -> the item encoder's input: the indices (id, and end-to-end text, whose model
+    encodes the texts itself), the frozen backbone vectors (text), or (that, id rows) with `item_ids`, where
+    items never seen in training get the "no id" row."""
+    source = (lambda idx: idx) if vectors is None else (lambda idx: vectors[idx])
+    if cfg.item_encoder == "id" or not cfg.item_ids:
+        return source
     n = len(splits.item_ids)
     id_of = torch.where(torch.from_numpy(splits.train_count > 0), torch.arange(n), torch.tensor(n))
-    return lambda idx: (vectors[idx], id_of[idx])
-
-
-def _load_state(model: CrossRecModel, opt: torch.optim.Optimizer, folder: str) -> dict:
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
-    with open(os.path.join(folder, "state.json")) as f:
-        return json.load(f)
+    return lambda idx: (source(idx), id_of[idx])
 
 
 def train_func(config: dict) -> None:
-    """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None,
-    "resume_from": checkpoint folder or None, "threads": torch threads}."""
+    """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None
+    (end-to-end: the frozen backbone's, to initialise the adaptor), "resume_from": checkpoint folder or None,
+    "threads": torch threads, "env": environment for DeepSpeed (see strategies.DS_ENV)}."""
     cfg = config_from_dict(config["train"])
+    for key, value in (config.get("env") or {}).items():
+        os.environ.setdefault(key, value)
     # Train V2 logs every report at INFO, partly on loggers outside `ray.train`; our epoch lines suffice.
     level = os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING")
     logging.getLogger().setLevel(level)
@@ -107,32 +136,47 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     torch.manual_seed(cfg.seed)
 
-    splits = Splits(Dataset.load(config["data"]), cfg.min_per_domain)
+    dataset = Dataset.load(config["data"])
+    splits = Splits(dataset, cfg.min_per_domain)
     domains = model_domains(cfg, splits)
     dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
     seqs = SequenceData(splits, cfg.max_len, cfg.train_domains, dmap)
     n_items = len(splits.item_ids)
     vectors = torch.from_numpy(np.load(config["vectors"])) if cfg.item_encoder == "text" else None
-    item_input = make_item_input(cfg, splits, vectors)
+    end_to_end = cfg.mode == "end-to-end"
+    item_input = make_item_input(cfg, splits, None if end_to_end else vectors)
     in_dim = None if vectors is None else vectors.shape[1]
-    model = CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
+
+    def new_recommender() -> CrossRecModel:
+        return CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
+
+    model = new_recommender()
     if cfg.init_from:
         init_from_bundle(model, cfg, domains, cfg.init_from)
     elif cfg.item_encoder == "text":
-        model.adaptor.init_from_vectors(vectors)  # rank 0's init wins: DDP broadcasts it
+        model.adaptor.init_from_vectors(vectors[:, :model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
     if cfg.finetune == "adaptor":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("adaptor."))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    if end_to_end:  # the backbone (LoRA or all weights) trains with the recommender, at backbone_lr
+        from crossrec.embedding import catalog_texts, template_of
+        from crossrec.finetune import build_end_to_end
+
+        texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
+        model = build_end_to_end(cfg, model, texts)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
+    if end_to_end:
+        groups.append({"params": [p for n, p in trainable if n.startswith("encoder.")], "lr": cfg.backbone_lr})
+    strategy = make_strategy(cfg, rank, world, ray.train.torch.get_device())  # ray: the worker's device
+    strategy.prepare(model, groups)  # DDP over gloo / NCCL, or a DeepSpeed engine
     state = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": []}
     ckpt = ray.train.get_checkpoint()  # ray
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            state = _load_state(model, opt, folder)
+            state = strategy.load(folder)
     elif config.get("resume_from"):
-        state = _load_state(model, opt, config["resume_from"])
-    net = ray.train.torch.prepare_model(model) if world > 1 else model  # ray: DDP over gloo / NCCL
+        state = strategy.load(config["resume_from"])
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
@@ -141,25 +185,35 @@ def train_func(config: dict) -> None:
     while state["epoch"] < cfg.epochs and not (cfg.max_steps and state["step"] >= cfg.max_steps):
         epoch = state["epoch"]
         t0 = time.time()
-        net.train()
+        strategy.train()
         # Same permutation on every rank (disjoint shards); negatives differ per rank.
         order_rng = np.random.default_rng([cfg.seed, epoch])
         neg_rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-        losses = []
+        # Dropout draws seeded per epoch and rank too: a resumed run continues exactly as an uninterrupted one.
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 2]).integers(1 << 62)))
+        losses, tokens, t_train = [], 0, time.time()
         for batch in seqs.batches(per_worker, order_rng, rank, world):
             inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
                                  len(domains), cfg.domain_dropout)
-            loss = net(**inputs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach().item())
+            if end_to_end:  # backbone tokens this step encodes (throughput metric)
+                idx = inputs["item_x"][0] if isinstance(inputs["item_x"], tuple) else inputs["item_x"]
+                tokens += int(model.encoder.lengths[idx].sum())
+            losses.append(strategy.step(strategy.to_device(inputs)))
             state["step"] += 1
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
-        metrics = _validate(model, item_input, n_items, splits, dmap, cfg, rank, world)
+        t_valid = time.time()
+        rec, vecs = _eval_model(strategy, new_recommender, cfg, splits, item_input, n_items, rank, world)
+        metrics = _validate(rec, vecs, splits, dmap, cfg, rank, world)
         metrics.update({"epoch": epoch + 1, "step": state["step"], "train/loss": float(np.mean(losses or [0])),
-                        "train/epoch_s": time.time() - t0, "tau": float(model.tau.detach())})
+                        "train/epoch_s": time.time() - t0, "time/valid_s": time.time() - t_valid,
+                        "train/step_s": (t_valid - t_train) / max(1, len(losses)),
+                        # rank 0's numbers, times the ranks: every rank encodes about as many tokens
+                        "train/tokens_per_s": tokens * world / max(t_valid - t_train, 1e-9),
+                        "worker/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "worker/peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2 ** 20
+                                               if torch.cuda.is_available() else 0.0),
+                        "tau": float(rec.tau.detach())})
         state["epoch"] = epoch + 1
         improved = metrics[VALID_METRIC] > state["best"]
         state["best"] = max(state["best"], metrics[VALID_METRIC])
@@ -169,14 +223,9 @@ def train_func(config: dict) -> None:
             print(f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  loss {metrics['train/loss']:.4f}  "
                   f"{VALID_METRIC} {metrics[VALID_METRIC]:.4f}  ({metrics['train/epoch_s']:.0f}s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                          os.path.join(tmp, "model.safetensors"))
-                torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-                with open(os.path.join(tmp, "state.json"), "w") as f:
-                    json.dump(state, f)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # ray
+            strategy.save(tmp, state)  # DDP: rank 0 writes; DeepSpeed: every rank writes its shards
+            written = rank == 0 or cfg.strategy == "deepspeed"
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if written else None  # ray
             ray.train.report(metrics, checkpoint=checkpoint)  # ray
         if cfg.patience and state["bad_epochs"] >= cfg.patience:
             break
@@ -215,7 +264,8 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
         train_loop_config={"train": config_to_dict(cfg), "data": str(Path(data).resolve()),
                            "vectors": str(vectors) if vectors else None,
                            "resume_from": str(resume_from) if resume_from else None,
-                           "threads": max(1, int(cpus))},
+                           "threads": max(1, int(cpus)),
+                           "env": {k: os.environ[k] for k in DS_ENV if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus,
                                                            **({"GPU": run.gpus_per_worker}
@@ -249,6 +299,10 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
         from trainers.embed import embed_catalog
 
         vec_path = embed_catalog(dataset, splits, cfg, progress=progress, address=run.address)
+        if cfg.graph.enabled or cfg.feature_columns:  # [text | graph | features], fused in the item encoder
+            from crossrec.fusion import with_side_vectors
+
+            vec_path, cfg.side_dims = with_side_vectors(dataset, splits, cfg, vec_path)
     t_embed = time.time() - t0
     run.storage_path = run.storage_path or str(out.parent / ".runs")
     run.name = run.name or out.name
@@ -258,9 +312,14 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
     with (result.checkpoint or best).as_directory() as folder:
         with open(os.path.join(folder, "state.json")) as f:
             history = json.load(f)["history"]
-    return export_bundle(data, out, cfg, best, valid_metrics, history, vec_path,
+    meta = export_bundle(data, out, cfg, best, valid_metrics, history, vec_path,
                          {"embed": round(t_embed, 1), "fit": round(t_fit, 1)},
                          {"run": {"workers": run.workers, "name": run.name}}, progress, dataset, splits)
+    if cfg.ranker.enabled:  # second stage, trained on the exported retriever (trainers/ranker.py)
+        from trainers.ranker import train_ranker
+
+        meta["ranker"] = train_ranker(out, data, run, cfg.ranker, progress)
+    return meta
 
 
 def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ray.train.Checkpoint",
@@ -275,11 +334,15 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     splits = splits or Splits(dataset, cfg.min_per_domain)
     domains = model_domains(cfg, splits)
     dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
+    work = Path(tempfile.mkdtemp(prefix="crossrec-export-"))  # end-to-end: adapter and merged backbone
+    adapter_dir = None
     with best.as_directory() as folder:
         vectors = np.load(vec_path) if vec_path else None
         n_items = len(splits.item_ids)
         model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        if cfg.mode == "end-to-end":
+            adapter_dir, vectors = _export_backbone(cfg, folder, dataset, splits, work, progress)
     model.eval()
     with torch.inference_mode():
         item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
@@ -297,5 +360,26 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
                 n_items if cfg.item_encoder == "id" or cfg.item_ids else None, items, metrics, dataset.content_hash,
                 extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-                       "checkpoint": best.path, **(extra or {})})
+                       "checkpoint": best.path, **(extra or {})}, adapter_dir=adapter_dir)
+    shutil.rmtree(work, ignore_errors=True)
     return load_bundle(out).meta
+
+
+def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Splits, work: Path,
+                     progress: bool) -> tuple[Path, np.ndarray]:
+    """End-to-end checkpoint -> (peft adapter folder, the catalog's vectors from the adapted backbone). The
+    vectors come from the Ray Data embedding job reading a merged copy of the backbone, so a bundle's item
+    vectors match the backbone it serves with. On a multi-node cluster `work` must be on shared storage."""
+    from crossrec.backbones import load_backbone
+    from crossrec.embedding import catalog_texts, template_of
+    from crossrec.finetune import apply_lora, load_backbone_state, save_adapter, write_merged
+    from trainers.embed import embed_texts_ray
+
+    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora)
+    load_backbone_state(backbone, load_file(os.path.join(folder, "backbone.safetensors")))
+    adapter = save_adapter(backbone, work / "adapter")
+    merged = write_merged(backbone, work / "merged")
+    del backbone
+    texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
+    init_ray()
+    return adapter, embed_texts_ray(texts, str(merged), cfg.max_tokens, progress=progress)

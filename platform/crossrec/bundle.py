@@ -4,6 +4,7 @@
     model.safetensors    adaptor (or item embeddings) + user tower + temperature
     items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
     adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
+    ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.meta["version"]
+
+    @property
+    def has_ranker(self) -> bool:
+        """A ranker was trained for this model (`crossrec.ranker.load_ranker` loads it); rewriting the bundle
+        drops it, so it never outlives the retriever it was trained on."""
+        return (self.path / "ranker" / "ranker.json").is_file()
 
     def domain_id(self, name: str) -> int:
         return self.domains.index(name) if name in self.domains else len(self.domains)
@@ -85,7 +92,8 @@ def load_bundle(path: str | Path) -> Bundle:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_file}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")
-    cfg = config_from_dict(meta["config"])
+    # Bundles written before `text_prior_cross` existed weighed every history domain alike.
+    cfg = config_from_dict({"text_prior_cross": 1.0, **meta["config"]})
     model = CrossRecModel(cfg, len(meta["domains"]), in_dim=meta["in_dim"], n_items=meta["n_items"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.eval()

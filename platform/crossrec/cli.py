@@ -98,11 +98,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
                   f"text with {bundle.config.backbone}")
         scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
+        if bundle.has_ranker:  # the full pipeline is `crossrec`; retrieval alone is reported beside it
+            from crossrec.ranker import RankedScorer, load_ranker
+
+            scorers["crossrec-retrieval"] = scorers["crossrec"]
+            scorers["crossrec"] = RankedScorer(scorers["crossrec-retrieval"], load_ranker(bundle))
     # Text baselines (textknn) use the bundle's backbone, template and truncation, else the training defaults;
     # --backbone overrides the backbone.
     text_cfg = bundle.config if bundle is not None else TrainConfig()
     backbone = args.backbone or text_cfg.backbone
     scorers.update(_baseline_scorers(baselines, splits, data, text_cfg, backbone, args))
+    params = {name: s.params for name, s in scorers.items() if hasattr(s, "params")}
+    for name, p in params.items():
+        print(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())} (chosen on the validation split)")
     results = {name: evaluate(splits, scorer, split=args.split, domains=domains, progress=not args.quiet,
                               desc=name, mask_history=not args.no_mask) for name, scorer in scorers.items()}
     print(format_table(results))
@@ -111,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                "protocol": {"split": args.split, "min_per_domain": args.min_per_domain,
                             "mask_history": not args.no_mask, "full_ranking": True,
                             "ties": "item id order"},
-               "metrics": {m: r.metrics for m, r in results.items()},
+               "metrics": {m: r.metrics for m, r in results.items()}, "params": params,
                "n_targets": next(iter(results.values())).n_targets,
                "slices": {m: r.slices for m, r in results.items()}}
         if bundle is not None:
@@ -137,12 +145,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if cfg.mode == "end-to-end":
-        raise UsageError("--mode end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
-                         "use --mode cached")
     if cfg.strategy == "deepspeed":
-        raise UsageError("`strategy` deepspeed comes with end-to-end LoRA training, which is not in this version; "
-                         "use `strategy` ddp")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("`strategy` deepspeed needs DeepSpeed: .venv/bin/pip install --no-build-isolation "
+                             "deepspeed==0.19.8 (see README), or use `strategy` ddp")
+    if cfg.mode == "end-to-end" and cfg.lora.per_domain:
+        raise UsageError("`lora.per_domain` (one adapter per domain) is not implemented yet; set it to false")
     run = RunSettings(workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
                       storage_path=args.storage, name=args.name)
     from crossrec.dataset import Dataset
@@ -157,6 +167,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  {'test':<10}{'targets':>9}{'R@10':>9}{'N@10':>9}{'MRR@10':>9}")
     for d, v in m["test"].items():
         print(f"  {d:<10}{m['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+    if "ranker" in meta:
+        r = meta["ranker"]
+        print(f"  with the ranker (top-{cfg.ranker.top_n} re-ranked; fit {r['time_s']['fit']:.0f}s):")
+        for d, v in r["test"].items():
+            print(f"  {d:<10}{r['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
     print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
     return 0
 
@@ -279,6 +294,46 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve (serving/ imports Ray Serve, so only when this runs) ----------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    bundle = Path(args.bundle)
+    if not (bundle / "bundle.json").is_file():
+        raise UsageError(f"--bundle: {bundle} is not a crossrec bundle (no bundle.json); create one with "
+                         "`crossrec train`")
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"--config: {args.config} not found")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from serving.app import curl_line, deploy, example_body
+    from trainers.train import init_ray
+
+    init_ray()
+    stop = threading.Event()
+    # SIGTERM shuts down as cleanly as Ctrl-C. Installed after ray.init, which sets its own crash handler for
+    # SIGTERM (it logs a "crash" and the process later aborts).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = deploy(bundle, args.host, args.port, args.config)
+        version = json.loads((bundle / "bundle.json").read_text())["version"]
+        print(f"serving bundle {version} at {url}  (OpenAPI: {url}/docs; Ctrl-C or SIGTERM stops)")
+        print(f"try: {curl_line(url, example_body(bundle))}", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down Serve and Ray", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------------------
 def _sample(src: Path, dst: Path, users: int) -> None:
     """Every k-th user of a prepared dataset with all their interactions and the items they touched, as a
@@ -297,6 +352,36 @@ def _sample(src: Path, dst: Path, users: int) -> None:
     pq.write_table(inter, dst / "interactions.parquet")
     pq.write_table(items.filter(pc.is_in(items.column("item_id"), value_set=pc.unique(inter.column("item_id")))),
                    dst / "items.parquet")
+
+
+def _serve_once(bundle: Path, body: dict) -> None:
+    """Deploys the Serve app for `bundle`, answers `body` over HTTP, prints how to query it, shuts Serve down."""
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from serving.app import curl_line, deploy
+    from trainers.train import init_ray
+
+    with socket.socket() as s:  # a free port: the demo must not collide with a running `crossrec serve`
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray()
+    try:
+        url = deploy(bundle, port=port)
+        req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        print(f"POST {url}/v1/recommend -> model {answer['model']}")
+        for it in answer["items"]:
+            why = ", ".join(f"{x['item_id']} ({x['weight']:+.2f})" for x in it.get("reasons") or [])
+            print(f"  {it['item_id']}  {it['score']:7.2f}  {it['title'][:70]}  <- {why}")
+        print(f"to serve it until Ctrl-C: crossrec serve --bundle {bundle}")
+        print(f"then query it: {curl_line('http://127.0.0.1:8000', body)}")
+    finally:
+        serve.shutdown()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -338,6 +423,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     hist = items[m][:-1][-6:]
     run("recommend", "--bundle", str(out / "bundle"), "--domain", str(doms[m][-1]), "--history",
         ",".join(hist.tolist()), "--k", "5")
+    print("\n== 5. serve: the Ray Serve graph over HTTP on 127.0.0.1, one request, then shut down")
+    _serve_once(out / "bundle", {"history": [{"item_id": i, "domain": d} for i, d in zip(hist, doms[m][:-1][-6:])],
+                                 "domain": str(doms[m][-1]), "k": 3, "explain": True})
     print(f"\ndone: dataset {out / 'data'}, bundle {out / 'bundle'}, metrics {out / 'eval.json'}; "
           f"domains {', '.join(domains)}")
     return 0
@@ -485,10 +573,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no per-epoch lines; the table at the end")
     sp.set_defaults(func=cmd_tune)
 
+    sp = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve until Ctrl-C or SIGTERM",
+                        description="Start an embedded Ray, deploy the Serve graph (encoder, retriever, ranker, "
+                                    "FastAPI ingress) for BUNDLE from a Serve config YAML, and serve "
+                                    "POST /v1/recommend, POST /v1/items, GET /v1/health, GET /v1/model (OpenAPI at "
+                                    "/docs) until stopped.")
+    sp.add_argument("--bundle", required=True, help="a bundle folder written by `crossrec train`")
+    sp.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sp.add_argument("--config", metavar="SERVE_CONFIG.yaml",
+                    help="Serve config (default: serving/serve_config.yaml); its args.bundle, host and port are "
+                         "replaced by --bundle, --host and --port")
+    sp.set_defaults(func=cmd_serve)
+
     sp = sub.add_parser("demo", help="prepare, train, evaluate and recommend on the vendored sample",
                         description="Run the product end to end on real data vendored in this repository: "
                                     "prepare a sample of users, train with Ray Train (a few minutes on 2 cores), "
-                                    "evaluate beside the baselines, and recommend for one user.")
+                                    "evaluate beside the baselines, recommend for one user, and answer one request "
+                                    "over HTTP from the Ray Serve graph.")
     sp.add_argument("--dataset", default="amazon-food-kitchen", choices=["amazon-food-kitchen", "amazon-art-office"])
     sp.add_argument("--users", type=int, default=3000, help="users in the sample (default: 3000)")
     sp.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")

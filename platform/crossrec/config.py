@@ -14,13 +14,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["LoraConfig", "DeepSpeedConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
+__all__ = ["LoraConfig", "DeepSpeedConfig", "RankerConfig", "GraphConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
            "config_to_dict", "config_from_dict"]
 
 MODES = ("cached", "end-to-end")
 ADAPTORS = ("moe", "mlp", "linear")
 ITEM_ENCODERS = ("text", "id")
 STRATEGIES = ("ddp", "deepspeed")
+FUSIONS = ("concat", "gate", "attention")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -71,6 +72,48 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class RankerConfig:
+    """The second-stage ranker over retrieval's top-N (see ranker.py), trained after the retriever."""
+
+    enabled: bool = False  # train a ranker and store it in the bundle (ranker/)
+    top_n: int = 100  # candidates from retrieval that the ranker re-orders
+    epochs: int = 20
+    lr: float = 3e-3
+    hidden: int = 64  # MLP width
+    batch_size: int = 128  # candidate lists per step
+    weight_decay: float = 1e-4
+    dropout: float = 0.1
+    patience: int = 3  # epochs without holdout NDCG@10 gain before stopping (0: never)
+    valid_fraction: float = 0.2  # validation users held out for early stopping (the rest train the ranker)
+    graph: bool = True  # knowledge-graph similarity features (item-attribute tokens + co-interactions)
+
+    def __post_init__(self):
+        for name in ("top_n", "epochs", "lr", "hidden", "batch_size"):
+            _check_positive(f"ranker.{name}", getattr(self, name))
+        for name in ("weight_decay", "patience"):
+            _check_positive(f"ranker.{name}", getattr(self, name), allow_zero=True)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"`ranker.dropout` must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.valid_fraction < 1:
+            raise ValueError(f"`ranker.valid_fraction` must be in (0, 1), got {self.valid_fraction!r}")
+
+
+@dataclass
+class GraphConfig:
+    """Knowledge-graph item vectors (graph.py) fused with the text vector in the item encoder."""
+
+    enabled: bool = False  # LightGCN graph vectors as an item-encoder input
+    layers: int = 2  # propagation layers K
+    co_interaction: bool = True  # item-item edges between consecutive TRAINING interactions of a user
+    columns: list[str] | None = None  # categorical item columns; None: every string column but id/domain/title
+
+    def __post_init__(self):
+        _check_positive("graph.layers", self.layers)
+        if isinstance(self.columns, str):
+            self.columns = [c for c in self.columns.split(",") if c]
+
+
+@dataclass
 class TrainConfig:
     """Everything that defines a trained model; saved in the bundle."""
 
@@ -91,7 +134,10 @@ class TrainConfig:
     item_ids: bool = False  # text items: also a learned embedding per item seen in training (new items: text only)
     text_prior: bool = True  # text items: add beta * (textknn's cosine) to the learned score (see model.py)
     text_prior_weight: float = 10.0  # initial beta (trained)
-    text_prior_decay: float = 0.8  # recency decay of the history mean in the text prior
+    # Recency decay of the history mean in the text prior, and the weight of history items from other domains
+    # than the target's: near the best textknn on validation for both shared datasets (see bench/quality.py).
+    text_prior_decay: float = 0.6
+    text_prior_cross: float = 0.1
     n_negatives: int = 128  # sampled negatives per domain and batch, on top of in-batch ones
     domain_dropout: float = 0.1  # chance to replace a domain id by "unknown": trains the zero-shot path
     epochs: int = 8
@@ -110,12 +156,27 @@ class TrainConfig:
     strategy: str = "ddp"  # ddp or deepspeed
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    feature_columns: list[str] | None = None  # list<float32> item columns fused with text (e.g. image vectors)
+    fusion: str = "concat"  # how text, graph and feature vectors combine: concat, gate, attention
+    side_dims: list[int] | None = None  # set by training: sizes of the graph/feature blocks after the text vector
+    ranker: RankerConfig = field(default_factory=RankerConfig)
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = _from_dict(LoraConfig, self.lora, "lora.")
         if isinstance(self.deepspeed, dict):
             self.deepspeed = _from_dict(DeepSpeedConfig, self.deepspeed, "deepspeed.")
+        if isinstance(self.ranker, dict):
+            self.ranker = _from_dict(RankerConfig, self.ranker, "ranker.")
+        if isinstance(self.graph, dict):
+            self.graph = _from_dict(GraphConfig, self.graph, "graph.")
+        _check_choice("fusion", self.fusion, FUSIONS)
+        if isinstance(self.feature_columns, str):
+            self.feature_columns = [c for c in self.feature_columns.split(",") if c]
+        if (self.graph.enabled or self.feature_columns) and (self.item_encoder != "text" or self.mode != "cached"):
+            raise ValueError("`graph.enabled` and `feature_columns` fuse side vectors with cached text vectors: "
+                             "they need `item_encoder` text and `mode` cached")
         _check_choice("mode", self.mode, MODES)
         _check_choice("item_encoder", self.item_encoder, ITEM_ENCODERS)
         _check_choice("adaptor", self.adaptor, ADAPTORS)
@@ -130,6 +191,8 @@ class TrainConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
+        if not 0 <= self.text_prior_cross <= 1:
+            raise ValueError(f"`text_prior_cross` must be in [0, 1], got {self.text_prior_cross!r}")
         if not 0 < self.text_prior_decay <= 1:
             raise ValueError(f"`text_prior_decay` must be in (0, 1], got {self.text_prior_decay!r}")
         for name in ("dropout", "domain_dropout"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from crossrec.backbones import Backbone, load_backbone
 from crossrec.bundle import Bundle
 from crossrec.dataset import Dataset
 from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors, save_cached_vectors,
@@ -16,7 +17,20 @@ from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors,
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
-__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors"]
+__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone"]
+
+
+def bundle_backbone(bundle: Bundle) -> Backbone:
+    """The backbone that turns text into the vectors `bundle.model.item_vectors` expects. The one place that
+    decides how a bundle's backbone is loaded (serving's Encoder calls it), so bundles with a fine-tuned
+    backbone only change this function. End-to-end bundles carry `adapter/` (a peft LoRA adapter, merged into
+    the base here, or a full fine-tuned model): new items are then embedded by the adapted backbone."""
+    adapter = bundle.path / "adapter"
+    if adapter.is_dir():
+        from crossrec.finetune import load_adapted_backbone
+
+        return load_adapted_backbone(bundle.config.backbone, adapter)
+    return load_backbone(bundle.config.backbone)
 
 
 def domain_map_for(bundle_domains: list[str], splits: Splits) -> np.ndarray:
@@ -61,12 +75,19 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
         if cfg.item_encoder != "text":
             raise ValueError(f"{len(missing)} items of the dataset are not in the bundle, and an ID-based model "
                              "(item_encoder id) cannot embed new items")
-        # Embed the whole catalog once (cached), then keep the rows that are needed.
-        bb = backbone_vectors(data, splits, cfg.backbone, cfg.text_template, cfg.max_tokens, progress)
+        if (bundle.path / "adapter").is_dir():
+            # A fine-tuned backbone is the bundle's own: embed just the missing items with it (no shared cache).
+            texts = catalog_texts(data.items.take(splits.item_row[missing]), template_of(cfg.text_template,
+                                                                                          cfg.max_tokens))
+            bb = bundle_backbone(bundle).encode(texts, max_length=cfg.max_tokens, progress=progress)
+            rows = np.arange(len(missing))
+        else:
+            # Embed the whole catalog once (cached), then keep the rows that are needed.
+            bb = backbone_vectors(data, splits, cfg.backbone, cfg.text_template, cfg.max_tokens, progress)
+            rows = missing
         with torch.inference_mode():
             for s in range(0, len(missing), 4096):
-                idx = missing[s:s + 4096]
-                out[idx] = bundle.model.item_vectors(torch.from_numpy(bb[idx]))
+                out[missing[s:s + 4096]] = bundle.model.item_vectors(torch.from_numpy(bb[rows[s:s + 4096]]))
     return out
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossrec.config import TrainConfig
+from crossrec.fusion import Fusion, split_sides
 
 __all__ = ["ItemAdaptor", "UserTower", "CrossRecModel"]
 
@@ -136,7 +137,11 @@ class CrossRecModel(nn.Module):
         if cfg.item_encoder == "text":
             if in_dim is None:
                 raise ValueError("a text item encoder needs the backbone's vector size (in_dim)")
-            self.adaptor = ItemAdaptor(in_dim, cfg)
+            # With side vectors (graph, feature columns; fusion.py) the input is [text | sides]: the adaptor
+            # reads the text part, the fusion adds the rest.
+            self.adaptor = ItemAdaptor(in_dim - sum(cfg.side_dims or []), cfg)
+            if cfg.side_dims:
+                self.fusion = Fusion(cfg.side_dims, cfg.dim, cfg.fusion)
             if cfg.item_ids:
                 # The collaborative signal text cannot carry; row n_items (zero, frozen) = "no id" for items never
                 # seen in training, new items and other catalogs, which then rest on their text alone.
@@ -175,7 +180,10 @@ class CrossRecModel(nn.Module):
         if isinstance(x, tuple):
             x, ids = x
         if self.cfg.item_encoder == "text":
+            x, sides = split_sides(x, self.cfg.side_dims, self.adaptor_in_dim)
             v = self.adaptor(x)
+            if sides:
+                v = self.fusion(v, sides)
             if ids is not None and self.cfg.item_ids:
                 v = v + self.item_emb(ids)
         else:
@@ -192,9 +200,15 @@ class CrossRecModel(nn.Module):
             return u
         # Recency-weighted prefix means of the history's text vectors: w[t, s] = decay^(t - s), s <= t.
         length = items.shape[1]
-        age = torch.arange(length).unsqueeze(1) - torch.arange(length).unsqueeze(0)  # (L, L) t - s
-        w = torch.where(age >= 0, self.cfg.text_prior_decay ** age.clamp(min=0).float(), torch.zeros(()))
+        steps = torch.arange(length, device=items.device)  # on the items' device: GPU training too
+        age = steps.unsqueeze(1) - steps.unsqueeze(0)  # (L, L) t - s
+        w = torch.where(age >= 0, self.cfg.text_prior_decay ** age.clamp(min=0).float(),
+                        torch.zeros((), device=items.device))
         w = w.unsqueeze(0) * valid.unsqueeze(1)  # (B, L, L)
+        if self.cfg.text_prior_cross != 1.0:
+            # History items from another domain than the one predicted at t count text_prior_cross as much.
+            same = domains.unsqueeze(1) == next_domains.unsqueeze(2)  # (B, L_t, L_s)
+            w = w * torch.where(same, 1.0, self.cfg.text_prior_cross)
         raw = F.normalize(w @ items[..., d:], dim=-1)  # (B, L, in_dim)
         return torch.cat([u, self.log_beta.exp() * raw], dim=-1)
 

@@ -15,7 +15,7 @@ import torch
 from crossrec.bundle import Bundle
 from crossrec.training import encode_users
 
-__all__ = ["HistoryItem", "Recommendation", "Recommender", "UnknownItem", "UnknownDomain"]
+__all__ = ["HistoryItem", "Recommendation", "Candidates", "Recommender", "UnknownItem", "UnknownDomain"]
 
 
 class UnknownItem(KeyError):
@@ -42,6 +42,16 @@ class Recommendation:
     title: str
     score: float
     reasons: list[dict] | None = None  # [{"item_id", "weight"}], strongest first
+
+
+@dataclass
+class Candidates:
+    """Retrieval's top-N with what a second stage (crossrec.ranker) rescores them from."""
+    item_ids: list[str]
+    scores: np.ndarray  # (N,) retrieval scores, descending
+    user: np.ndarray  # (V,) the user vector that produced them
+    history_vectors: np.ndarray  # (H, V) item vectors of the history entries
+    candidate_vectors: np.ndarray  # (N, V)
 
 
 class Recommender:
@@ -112,8 +122,18 @@ class Recommender:
             hds.append(hdoms[keep])
         return encode_users(self.model, hvecs, hists, hds, np.full(len(drop), tid))
 
-    def recommend(self, history: list[HistoryItem], domain: str, k: int = 10, exclude_seen: bool = True,
-                  explain: bool = False, candidates: list[str] | None = None) -> list[Recommendation]:
+    def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
+        """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
+        hvecs, _, user, scores = self._score(history, domain, exclude_seen)
+        top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
+        return Candidates(item_ids=[self.ids[domain][j] for j in top.indices.tolist()], scores=top.values.numpy(),
+                          user=user.numpy(), history_vectors=hvecs.numpy(),
+                          candidate_vectors=self.vecs[domain][top.indices].numpy())
+
+    def _score(self, history: list[HistoryItem], domain: str, exclude_seen: bool,
+               candidates: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+        """History vectors (H, V) and domain ids (H,), the user vector (V,), and the scores (N,) of every item of
+        `domain` (-inf where masked)."""
         self.check_domain(domain)
         hvecs, hdoms = self._history(history)
         user = self._users(hvecs, hdoms, domain, [None])[0]
@@ -128,6 +148,11 @@ class Recommender:
             idx = [self.pos[domain][c] for c in candidates if c in self.pos[domain]]
             mask[idx] = 0
             scores = scores + mask
+        return hvecs, hdoms, user, scores
+
+    def recommend(self, history: list[HistoryItem], domain: str, k: int = 10, exclude_seen: bool = True,
+                  explain: bool = False, candidates: list[str] | None = None) -> list[Recommendation]:
+        hvecs, hdoms, user, scores = self._score(history, domain, exclude_seen, candidates)
         k = min(k, int(torch.isfinite(scores).sum()))
         top = torch.topk(scores, k)
         recs = [Recommendation(item_id=self.ids[domain][j], domain=domain, title=self.titles[domain][j],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from crossrec.baselines.popularity import Popularity
-from crossrec.baselines.textknn import TextKNN
+from crossrec.baselines.textknn import TextKNN, fit_textknn
 from crossrec.dataset import Dataset
 from crossrec.evaluation import Scorer
 from crossrec.splits import Splits
@@ -29,10 +29,11 @@ def make_popularity(splits: Splits, data: Dataset, backbone: str, text_template:
 
 def make_textknn(splits: Splits, data: Dataset, backbone: str, text_template: str, max_tokens: int, *,
                  progress: bool = False) -> TextKNN:
-    """Frozen backbone vectors of the catalog (embedded in-process, or read from the vector cache)."""
+    """Frozen backbone vectors of the catalog (embedded in-process, or read from the vector cache); decay and
+    cross-domain weight chosen on the validation split."""
     from crossrec.inference import backbone_vectors
 
-    return TextKNN(splits, backbone_vectors(data, splits, backbone, text_template, max_tokens, progress=progress))
+    return fit_textknn(splits, backbone_vectors(data, splits, backbone, text_template, max_tokens, progress=progress))
 
 
 BASELINES: dict[str, BaselineFactory] = {"popularity": make_popularity, "textknn": make_textknn}

@@ -1,0 +1,189 @@
+"""End-to-end fine-tuning of the backbone together with the recommender: LoRA (peft) or full fine-tuning.
+
+    item index ──► catalog tokens (pre-tokenized once) ──► backbone (+ LoRA) ──► pooled ──► CrossRecModel
+
+`EndToEndModel` is the module a strategy trains: its forward is `CrossRecModel.forward` with `item_x` = global item
+indices, which it turns into backbone vectors with gradients. Adapters are saved in peft's own format
+(`adapter_config.json` + `adapter_model.safetensors`), loadable by `peft.PeftModel.from_pretrained` without
+crossrec; a full fine-tune (`lora.enabled: false`) saves a whole Hugging Face model directory instead.
+`load_adapted_backbone` merges an adapter into its base so serving runs a plain model. Plain PyTorch; no Ray.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from crossrec.backbones import Backbone, load_backbone, lora_target_modules
+from crossrec.config import LoraConfig, TrainConfig
+from crossrec.model import CrossRecModel
+
+__all__ = ["build_end_to_end", "apply_lora", "ItemTextEncoder", "EndToEndModel", "trainable_backbone_state", "load_backbone_state",
+           "save_adapter", "load_adapted_backbone", "merge_adapter", "write_merged", "is_adapter_dir"]
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file name: marks a LoRA adapter folder
+
+
+def _module_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def apply_lora(backbone: Backbone, lora: LoraConfig) -> Backbone:
+    """Makes the backbone trainable in place: peft LoRA on `lora.target_modules` (default: the family's
+    attention projections), or every weight when `lora.enabled` is false. Returns the same Backbone."""
+    if lora.per_domain:
+        raise ValueError("`lora.per_domain` (one adapter per domain) is not implemented yet; set it to false")
+    if not lora.enabled:
+        for p in backbone.model.parameters():
+            p.requires_grad_(True)
+        return backbone
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = list(lora.target_modules) if lora.target_modules else lora_target_modules(backbone.spec.family)
+    names = _module_names(backbone.model)
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"`lora.target_modules`: {', '.join(missing)} not in backbone {backbone.spec.name!r} "
+                         f"(its linear layers: {', '.join(linear)})")
+    config = PeftLoraConfig(r=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                            target_modules=targets, bias="none")
+    backbone.model = get_peft_model(backbone.model, config)
+    return backbone
+
+
+class ItemTextEncoder(nn.Module):
+    """Global item indices -> (N, D) pooled backbone vectors with gradients. The catalog is tokenized once
+    (truncated to max_tokens); a batch is cut to its own longest text. Tokens are plain attributes, not
+    buffers: nothing for DDP to broadcast or for checkpoints to store."""
+
+    def __init__(self, backbone: Backbone, texts: Sequence[str], max_tokens: int):
+        super().__init__()
+        self.backbone = backbone
+        tok = backbone.tokenize(texts, max_tokens)  # right-padded (N, L)
+        self.input_ids, self.attention_mask = tok["input_ids"], tok["attention_mask"]
+        self.lengths = self.attention_mask.sum(1)  # (N,)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.dim
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        length = int(self.lengths[idx].max())
+        device = self.backbone.device
+        ids = self.input_ids[idx, :length].to(device)
+        mask = self.attention_mask[idx, :length].to(device)
+        return self.backbone(ids, mask)  # (N, D)
+
+    @torch.inference_mode()
+    def embed(self, idx: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        """(N, D) float32 CPU vectors, batched by similar length; the train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            order = idx[torch.argsort(self.lengths[idx], descending=True, stable=True)]
+            out = torch.empty(len(idx), self.dim)
+            pos = {int(g): k for k, g in enumerate(idx)}
+            for s in range(0, len(order), batch_size):
+                part = order[s:s + batch_size]
+                rows = torch.tensor([pos[int(g)] for g in part], dtype=torch.long)
+                out[rows] = self(part).float().cpu()
+            return out
+        finally:
+            self.train(was_training)
+
+
+class EndToEndModel(nn.Module):
+    """Backbone encoder + recommender trained as one module (so DDP / DeepSpeed see every parameter)."""
+
+    def __init__(self, recommender: CrossRecModel, encoder: ItemTextEncoder):
+        super().__init__()
+        self.recommender = recommender
+        self.encoder = encoder
+
+    def forward(self, item_x, **inputs) -> torch.Tensor:
+        """`CrossRecModel.forward` with item_x = (U,) global item indices, or (indices, id rows) with item_ids."""
+        idx, ids = item_x if isinstance(item_x, tuple) else (item_x, None)
+        vecs = self.encoder(idx).float()  # (U, D): the recommender runs in float32 (autocast may lower it)
+        return self.recommender(item_x=vecs if ids is None else (vecs, ids), **inputs)
+
+
+def trainable_backbone_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The backbone weights that training changes (LoRA matrices, or all weights for a full fine-tune)."""
+    return {n: p.detach().float().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad}
+
+
+def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `trainable_backbone_state`: every trainable weight must be in `state`."""
+    own = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    missing, extra = own - set(state), set(state) - own
+    if missing or extra:
+        raise ValueError(f"backbone checkpoint does not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]} (different lora settings?)")
+    backbone.load_state_dict(state, strict=False)
+
+
+def save_adapter(backbone: Backbone, folder: str | os.PathLike) -> Path:
+    """peft format (LoRA) or a full Hugging Face model directory (full fine-tune) at `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.model.save_pretrained(folder)  # PeftModel: adapter_config.json + adapter_model.safetensors
+    if not is_adapter_dir(folder):
+        backbone.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def is_adapter_dir(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def merge_adapter(backbone: Backbone) -> Backbone:
+    """Folds LoRA into the base weights (W + scale * B A): a plain transformers model, no peft at inference."""
+    from peft import PeftModel
+
+    if isinstance(backbone.model, PeftModel):
+        backbone.model = backbone.model.merge_and_unload()
+    return backbone
+
+
+def load_adapted_backbone(base: str, folder: str | os.PathLike, merge: bool = True) -> Backbone:
+    """The base backbone with the adapter in `folder` (merged unless merge=False), or the full fine-tuned
+    model that `folder` holds. `base`: the registry name or directory the adapter was trained on."""
+    if not is_adapter_dir(folder):
+        return load_backbone(Path(folder))
+    from peft import PeftModel
+
+    backbone = load_backbone(base)
+    backbone.model = PeftModel.from_pretrained(backbone.model, str(folder))
+    backbone.eval()
+    return merge_adapter(backbone) if merge else backbone
+
+
+def write_merged(backbone: Backbone, folder: str | os.PathLike) -> Path:
+    """A merged copy of the backbone as a Hugging Face directory: `load_backbone(folder)` loads it anywhere
+    (the Ray Data embedding job reads it). The backbone itself is left as it was."""
+    import copy
+
+    from peft import PeftModel
+
+    folder = Path(folder)
+    model = backbone.model
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequence[str]) -> EndToEndModel:
+    """Loads cfg.backbone, applies cfg.lora, and joins it to `recommender`."""
+    if getattr(cfg, "side_dims", None):
+        # The encoder yields text vectors only; graph/feature side vectors are a cached-mode input for now.
+        raise ValueError("`mode` end-to-end does not take side vectors (graph/feature columns) yet; use `mode` cached")
+    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora)
+    return EndToEndModel(recommender, ItemTextEncoder(backbone, texts, cfg.max_tokens))
+

@@ -1,0 +1,156 @@
+"""The app builder that binds the serving graph to one bundle, and deploying it on a local or remote Ray.
+
+    serve run serving.app:build_app bundle=out/bundle          # import path + typed args
+    serve run serving/serve_config.yaml                         # the shipped config (edit its user_config)
+    crossrec serve --bundle out/bundle [--config FILE.yaml]     # deploy() below, on an embedded Ray
+
+The bundle reaches the deployments as `user_config` ({"bundle": PATH}), never as an app argument: Serve
+derives an app's code version from its import path and args, so a new bundle in `user_config` alone keeps
+every replica alive and hands it the bundle through `reconfigure` (loaded beside the old one, swapped at
+once; deployments.py). `deploy(new_bundle)` is therefore a rollout in place: no replica stops, no request
+is dropped. (A new bundle passed as an arg would restart every replica, stop first, then start.)
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+from ray.serve import Application
+
+from serving.deployments import Encoder, Ranker, Recommender, Retriever
+
+__all__ = ["AppArgs", "build_app", "APP_NAME", "default_config", "deploy", "wait_ready", "shutdown", "example_body",
+           "curl_line"]
+
+APP_NAME = "crossrec"
+
+
+class AppArgs(BaseModel):
+    """Arguments of the app (`args:` in the Serve config, `key=value` after `serve run serving.app:build_app`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(None, description="a bundle folder written by `crossrec train`; leave it out "
+                                                 "when a Serve config gives each deployment user_config.bundle")
+    candidates: int = Field(50, ge=1, le=1000, description="retrieval's top-N handed to the ranker (a bundle "
+                                                                  "with a ranker uses the N it was trained on)")
+
+    @field_validator("bundle")
+    @classmethod
+    def _is_bundle(cls, value: str | None) -> str | None:
+        return None if value is None else bundle_path(value, "bundle")
+
+
+def bundle_path(value: str | Path, field: str) -> str:
+    """The absolute path of a bundle folder (replicas need not share the caller's working directory)."""
+    path = Path(value).expanduser().resolve()
+    if not (path / "bundle.json").is_file():
+        raise ValueError(f"`{field}`: {value} is not a crossrec bundle (no bundle.json)")
+    return str(path)
+
+
+DEPLOYMENTS = ("Encoder", "Retriever", "Ranker", "Recommender")
+
+
+def build_app(args: AppArgs) -> Application:
+    """Encoder, Retriever and Ranker bound once, their handles passed to the ingress."""
+    if isinstance(args, dict):  # `serve run ... bundle=X` passes a dict when the annotation is not resolved
+        args = AppArgs(**args)
+    opts = {} if args.bundle is None else {"user_config": {"bundle": args.bundle}}
+    encoder = Encoder.options(**opts).bind()
+    retriever = Retriever.options(**opts).bind()
+    ranker = Ranker.options(**opts).bind()
+    return Recommender.options(**opts).bind(encoder, retriever, ranker, candidates=args.candidates)
+
+
+def default_config() -> Path:
+    """The Serve config YAML shipped with the package."""
+    return Path(str(resources.files("serving") / "serve_config.yaml"))
+
+
+def _schema(config: str | Path, bundle: str, host: str, port: int):
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    raw = yaml.safe_load(Path(config).read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    apps = [a for a in schema.applications if a.import_path == "serving.app:build_app"]
+    if len(apps) != 1:
+        raise ValueError(f"{config}: expected one application with import_path serving.app:build_app, "
+                         f"found {len(apps)}")
+    app = apps[0]
+    # The bundle goes to every deployment's user_config and never into args (see the module docstring).
+    app.args = {k: v for k, v in (app.args or {}).items() if k != "bundle"}
+    AppArgs(**app.args)  # unknown or bad args fail here, naming the field, not inside a Ray task
+    user_config = {"bundle": bundle_path(bundle, "bundle")}
+    given = {d.name: d for d in app.deployments}
+    unknown = sorted(set(given) - set(DEPLOYMENTS))
+    if unknown:
+        raise ValueError(f"{config}: unknown deployment {unknown[0]!r} (known: {', '.join(DEPLOYMENTS)})")
+    # Serve applies only the options a config sets (exclude_unset): rebuild, do not copy.
+    app.deployments = [DeploymentSchema(**{**(given[n].model_dump(exclude_unset=True) if n in given else {}),
+                                           "name": n, "user_config": user_config}) for n in DEPLOYMENTS]
+    schema.http_options.host, schema.http_options.port = host, port
+    return schema, app.name, app.route_prefix or "/", user_config["bundle"]
+
+
+def deploy(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, config: str | Path | None = None,
+           timeout_s: float = 180.0) -> str:
+    """Deploys (or rolls out) the app from a Serve config on the connected Ray; returns the base URL once the
+    given bundle answers. The same call with another bundle is a rollout without downtime."""
+    from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml` deploys through
+
+    schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port)
+    version = json.loads((Path(path) / "bundle.json").read_text())["version"]
+    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                logging_config=schema.logging_config)  # only a first start applies these (Serve's rule)
+    _get_global_client().deploy_apps(schema, _blocking=False)
+    url = f"http://{host}:{port}{prefix.rstrip('/')}"
+    wait_ready(url, version, timeout_s, app=name)
+    return url
+
+
+def wait_ready(url: str, version: str, timeout_s: float = 180.0, app: str = APP_NAME) -> None:
+    """Until GET /v1/model answers with `version` and Serve reports the app RUNNING (no replica left to update)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve could not deploy {app!r}: {status.message}")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/model", timeout=5) as r:
+                last = json.loads(r.read())["model"]
+            if last == version and status is not None and status.status == "RUNNING":
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}: bundle {version} not serving after {timeout_s:.0f} s (last: {last})")
+
+
+def shutdown() -> None:
+    serve.shutdown()
+
+
+def example_body(bundle: str | Path, n: int = 3) -> dict:
+    """A valid /v1/recommend body for this bundle: the first catalog items of its first domain as history,
+    recommending from its last domain (cross-domain when it has two)."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads((Path(bundle) / "bundle.json").read_text())
+    first, last = meta["domains"][0], meta["domains"][-1]
+    ids = pq.read_table(Path(bundle) / "items" / f"{first}.parquet", columns=["item_id"]).column(0)
+    return {"history": [{"item_id": i, "domain": first} for i in ids.slice(0, n).to_pylist()],
+            "domain": last, "k": 5, "explain": True}
+
+
+def curl_line(url: str, body: dict) -> str:
+    return (f"curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json' "
+            f"-d '{json.dumps(body)}'")

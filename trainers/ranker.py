@@ -1,0 +1,163 @@
+"""Training the second-stage ranker with Ray Train: `train_func(config)` runs on the worker; `train_ranker` drives.
+
+The driver loads the bundle (no Ray), builds retrieval's top-N lists of the validation targets with their features
+(`crossrec.ranker.build_lists`), and hands them to one Ray Train worker as a safetensors file: the lists are a
+few hundred MB at most and an epoch takes seconds, so a second DDP rank would only add start-up. train_func is
+the plain-PyTorch steps of `crossrec.ranker` plus the Ray lines (context, report, checkpoint I/O), marked `# ray`.
+Epoch 0 reports the untrained ranker, which keeps retrieval's order: the best checkpoint is never worse than
+retrieval on the held-out lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray.train  # ray
+import ray.train.torch  # ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from crossrec.config import RankerConfig, RunSettings
+from crossrec.ranker import (FEATURES, RankedScorer, Ranker, RankerNet, RankLists, build_item_table, build_lists,
+                             fit_standardizer, ranker_epoch, rerank_ndcg, save_ranker)
+from trainers.train import VALID_METRIC, init_ray
+
+__all__ = ["train_func", "train_ranker"]
+
+
+def train_func(config: dict) -> None:
+    """One Ray Train worker. config: {"ranker": RankerConfig dict, "lists": safetensors path, "n_domains",
+    "seed", "threads"}."""
+    cfg = RankerConfig(**config["ranker"])
+    level = os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING")  # as trainers/train.py: our epoch lines suffice
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ray.train").setLevel(level)
+    ctx = ray.train.get_context()  # ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    torch.manual_seed(config["seed"])
+    lists = RankLists.from_tensors(load_file(config["lists"]))
+    net = RankerNet(len(FEATURES), config["n_domains"], cfg.hidden, dropout=cfg.dropout)
+    fit_standardizer(net, lists)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    ckpt = ray.train.get_checkpoint()  # ray
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            net.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+            opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+            state = json.loads(Path(folder, "state.json").read_text())
+    model = ray.train.torch.prepare_model(net) if world > 1 else net  # ray
+    while state["epoch"] <= cfg.epochs:
+        epoch, t0 = state["epoch"], time.time()
+        loss = 0.0
+        if epoch > 0:  # epoch 0: the untrained ranker = retrieval's order, the baseline to beat
+            loss = ranker_epoch(model, opt, lists, max(1, cfg.batch_size // world),
+                                np.random.default_rng([config["seed"], epoch]), rank, world)
+        m = rerank_ndcg(net, lists, "holdout")
+        metrics = {VALID_METRIC: m["ndcg"], "valid/retrieval_ndcg@10": m["retrieval_ndcg"], "valid/lists": m["n"],
+                   "train/loss": loss, "epoch": epoch, "train/epoch_s": time.time() - t0}
+        state["epoch"] = epoch + 1
+        improved = metrics[VALID_METRIC] > state["best"]
+        state["best"] = max(state["best"], metrics[VALID_METRIC])
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        state["history"].append(metrics)
+        if rank == 0:
+            print(f"ranker epoch {epoch}/{cfg.epochs}  loss {loss:.4f}  holdout ndcg@10 {m['ndcg']:.4f} "
+                  f"(retrieval {m['retrieval_ndcg']:.4f})", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                          os.path.join(tmp, "model.safetensors"))
+                torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                Path(tmp, "state.json").write_text(json.dumps(state))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # ray
+            ray.train.report(metrics, checkpoint=checkpoint)  # ray
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            break
+
+
+def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | None = None,
+                 cfg: RankerConfig | None = None, progress: bool = True) -> dict:
+    """Trains the ranker of a bundle on `data` (the dataset the bundle was trained on) and writes `ranker/` into
+    the bundle. cfg: default the bundle's `ranker` section. Returns ranker.json's metrics."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # ray
+    from ray.train.torch import TorchTrainer  # ray
+
+    from crossrec.bundle import load_bundle
+    from crossrec.dataset import Dataset
+    from crossrec.evaluation import evaluate
+    from crossrec.graph import build_graph
+    from crossrec.inference import bundle_scorer
+    from crossrec.splits import Splits
+
+    run = run or RunSettings()
+    bundle = load_bundle(bundle_path)
+    cfg = cfg or bundle.config.ranker
+    dataset = Dataset.load(data)
+    splits = Splits(dataset, bundle.config.min_per_domain)
+    t0 = time.time()
+    retrieval = bundle_scorer(bundle, dataset, splits)
+    graph = None
+    if cfg.graph:
+        g = bundle.config.graph
+        graph = build_graph(dataset, splits, g.columns, g.co_interaction)
+    items = build_item_table(splits, bundle.domains, graph)
+    learned_dim, max_len = bundle.config.dim, bundle.config.max_len
+    storage = Path(run.storage_path or Path(bundle_path).resolve().parent / ".runs").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    name = f"{run.name or Path(bundle_path).name}-ranker"
+    # The lists depend on the retriever, the data and the list settings only: a rerun (say after a failed
+    # Ray start) reuses them.
+    key = hashlib.sha256(json.dumps([bundle.version, dataset.content_hash, cfg.top_n, cfg.valid_fraction,
+                                     cfg.graph]).encode()).hexdigest()[:12]
+    lists_file = storage / f"{name}-lists-{key}.safetensors"
+    if lists_file.is_file():
+        lists = RankLists.from_tensors(load_file(str(lists_file)))
+    else:
+        lists = build_lists(retrieval, splits, items, cfg, learned_dim, max_len, split="valid")
+        save_file({k: v.contiguous() for k, v in lists.tensors().items()}, str(lists_file))
+    t_lists = time.time() - t0
+    if progress:
+        print(f"ranker: {len(lists.label) + int(lists.missed.sum())} validation lists of top-{cfg.top_n}, "
+              f"{len(lists.label)} contain the target ({t_lists:.0f}s)", flush=True)
+
+    init_ray(run.address)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"ranker": asdict(cfg), "lists": str(lists_file), "n_domains": len(bundle.domains),
+                           "seed": bundle.config.seed, "threads": max(1, int(run.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": run.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
+                                                                checkpoint_score_order="max")))
+    result = trainer.fit()
+    t_fit = time.time() - t0 - t_lists
+    best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError("ranker training reported no checkpoint")
+    net = RankerNet(len(FEATURES), len(bundle.domains), cfg.hidden, dropout=cfg.dropout)
+    with best.as_directory() as folder:
+        net.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    with (result.checkpoint or best).as_directory() as folder:
+        history = json.loads(Path(folder, "state.json").read_text())["history"]
+    lists_file.unlink(missing_ok=True)
+
+    ranker = Ranker(net, items, cfg, learned_dim, max_len)
+    t1 = time.time()
+    test = evaluate(splits, RankedScorer(retrieval, ranker), split="test", progress=progress, desc="test (ranked)")
+    t_test = time.time() - t1
+    metrics = {"valid": max(history, key=lambda h: h[VALID_METRIC]), "history": history, "test": test.metrics,
+               "test_retrieval": bundle.meta["metrics"]["test"], "n_targets": test.n_targets,
+               "bundle_version": bundle.version,
+               "time_s": {"lists": round(t_lists, 1), "fit": round(t_fit, 1), "test": round(t_test, 1)}}
+    save_ranker(bundle_path, net, items, cfg, learned_dim, max_len, metrics)
+    return metrics
