@@ -27,7 +27,7 @@ from ray.serve import Application
 from serving.deployments import Encoder, Ranker, Recommender, Retriever
 
 __all__ = ["AppArgs", "build_app", "APP_NAME", "default_config", "deploy", "wait_ready", "shutdown", "example_body",
-           "curl_line"]
+           "curl_line", "serve_until_stopped", "serve_once"]
 
 APP_NAME = "crossrec"
 
@@ -154,3 +154,56 @@ def example_body(bundle: str | Path, n: int = 3) -> dict:
 def curl_line(url: str, body: dict) -> str:
     return (f"curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json' "
             f"-d '{json.dumps(body)}'")
+
+
+def serve_until_stopped(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                        config: str | Path | None = None) -> None:
+    """`crossrec serve`: the app on the embedded Ray (or RAY_ADDRESS) until Ctrl-C or SIGTERM, then Serve and
+    Ray shut down."""
+    import signal
+    import threading
+
+    import ray
+
+    from trainers.train import init_ray
+
+    bundle = Path(bundle)
+    init_ray()
+    stop = threading.Event()
+    # SIGTERM shuts down as cleanly as Ctrl-C. Installed after ray.init, which sets its own crash handler for
+    # SIGTERM (it logs a "crash" and the process later aborts).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = deploy(bundle, host, port, config)
+        version = json.loads((bundle / "bundle.json").read_text())["version"]
+        print(f"serving bundle {version} at {url}  (OpenAPI: {url}/docs; Ctrl-C or SIGTERM stops)")
+        print(f"try: {curl_line(url, example_body(bundle))}", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down Serve and Ray", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def serve_once(bundle: str | Path, body: dict) -> tuple[str, dict]:
+    """Deploys the app for `bundle` on a free port, answers `body` over HTTP, shuts Serve down (the demo).
+    Returns (the app's URL, the answer)."""
+    import socket
+
+    from trainers.train import init_ray
+
+    with socket.socket() as s:  # a free port: the demo must not collide with a running `crossrec serve`
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray()
+    try:
+        url = deploy(bundle, port=port)
+        req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return url, json.loads(r.read())
+    finally:
+        serve.shutdown()

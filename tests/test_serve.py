@@ -41,7 +41,17 @@ def bundles(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     ids = train_bundle(tiny_fk, root / "ids", load_config(overrides=[*FAST, "item_encoder=id"]),
                        RunSettings(workers=1, name="ids"), progress=False)
     assert text["version"] != ids["version"]
-    return root / "text", root / "ids"
+    # A copy of the text bundle with a ranker; trained before Serve takes its CPUs (a 1-CPU Train worker would
+    # wait forever beside the app on the session's 2 CPUs).
+    import shutil
+
+    from crossrec.config import RankerConfig
+    from trainers.ranker import train_ranker
+
+    shutil.copytree(root / "text", root / "ranked")
+    train_ranker(root / "ranked", tiny_fk, RunSettings(workers=1, name="serve-ranker", storage_path=str(root / "runs")),
+                 RankerConfig(enabled=True, top_n=20, epochs=3, patience=0), progress=False)
+    return root / "text", root / "ids", root / "ranked"
 
 
 def _free_port() -> int:
@@ -200,7 +210,7 @@ def test_a_new_bundle_rolls_out_while_requests_flow(url, bundles, catalog):
     """Last in the module: after it the id-based bundle serves."""
     from serving.app import deploy
 
-    old, new = (load_bundle(b).version for b in bundles)
+    old, new = (load_bundle(b).version for b in bundles[:2])
     body = {"history": _history(catalog), "domain": "kitchen", "k": 5}
     seen, failures, stop = [], [], threading.Event()
 
@@ -226,6 +236,36 @@ def test_a_new_bundle_rolls_out_while_requests_flow(url, bundles, catalog):
     assert status == 422 and "`history[0].text`" in out["detail"], out
     status, out = call(url, "/v1/items", {"items": [{"item_id": "a", "domain": "food", "title": "t"}]})
     assert status == 422 and "`items`" in out["detail"], out
+
+
+def test_a_bundle_with_a_ranker_is_served_in_the_rankers_order(url, bundles, catalog):
+    """Rolls out a copy of the text bundle with a trained ranker: /v1/model names it, and the answer is the
+    in-process retrieve-then-rank order of the ranker's own top_n."""
+    import numpy as np
+
+    from crossrec.ranker import RankRequest, load_ranker
+    from serving.app import deploy
+
+    ranked = bundles[2]
+    bundle = load_bundle(ranked)
+    assert bundle.has_ranker
+    try:
+        deploy(ranked, port=int(url.rsplit(":", 1)[1]))
+        status, model = call(url, "/v1/model")
+        assert status == 200 and model["ranker"] is not None and model["model"] == bundle.version
+        hist = _history(catalog)
+        status, out = call(url, "/v1/recommend", {"history": hist, "domain": "kitchen", "k": 5})
+        assert status == 200, out
+        c = Recommender(bundle).candidates([HistoryItem(h["domain"], h["item_id"]) for h in hist], "kitchen", 20)
+        scores = load_ranker(bundle).score(RankRequest(
+            domain="kitchen", candidates=c.item_ids, retrieval_scores=c.scores, user=c.user,
+            history=[(h["domain"], h["item_id"]) for h in hist], history_vectors=c.history_vectors,
+            candidate_vectors=c.candidate_vectors))
+        order = np.argsort(-scores, kind="stable")[:5]
+        assert [it["item_id"] for it in out["items"]] == [c.item_ids[j] for j in order]
+        assert [it["score"] for it in out["items"]] == pytest.approx(scores[order].tolist(), rel=1e-4)
+    finally:
+        deploy(bundles[0], port=int(url.rsplit(":", 1)[1]))  # back to the module's bundle
 
 
 def test_app_args_and_serve_config_fail_naming_the_field(bundles, tmp_path):

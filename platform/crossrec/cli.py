@@ -304,33 +304,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--config: {args.config} not found")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    import signal
-    import threading
+    from serving.app import serve_until_stopped
 
-    import ray
-    from ray import serve
-
-    from serving.app import curl_line, deploy, example_body
-    from trainers.train import init_ray
-
-    init_ray()
-    stop = threading.Event()
-    # SIGTERM shuts down as cleanly as Ctrl-C. Installed after ray.init, which sets its own crash handler for
-    # SIGTERM (it logs a "crash" and the process later aborts).
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        url = deploy(bundle, args.host, args.port, args.config)
-        version = json.loads((bundle / "bundle.json").read_text())["version"]
-        print(f"serving bundle {version} at {url}  (OpenAPI: {url}/docs; Ctrl-C or SIGTERM stops)")
-        print(f"try: {curl_line(url, example_body(bundle))}", flush=True)
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("shutting down Serve and Ray", flush=True)
-        serve.shutdown()
-        ray.shutdown()
+    serve_until_stopped(bundle, args.host, args.port, args.config)
     return 0
 
 
@@ -356,32 +332,15 @@ def _sample(src: Path, dst: Path, users: int) -> None:
 
 def _serve_once(bundle: Path, body: dict) -> None:
     """Deploys the Serve app for `bundle`, answers `body` over HTTP, prints how to query it, shuts Serve down."""
-    import socket
-    import urllib.request
+    from serving.app import curl_line, serve_once
 
-    from ray import serve
-
-    from serving.app import curl_line, deploy
-    from trainers.train import init_ray
-
-    with socket.socket() as s:  # a free port: the demo must not collide with a running `crossrec serve`
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_ray()
-    try:
-        url = deploy(bundle, port=port)
-        req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            answer = json.loads(r.read())
-        print(f"POST {url}/v1/recommend -> model {answer['model']}")
-        for it in answer["items"]:
-            why = ", ".join(f"{x['item_id']} ({x['weight']:+.2f})" for x in it.get("reasons") or [])
-            print(f"  {it['item_id']}  {it['score']:7.2f}  {it['title'][:70]}  <- {why}")
-        print(f"to serve it until Ctrl-C: crossrec serve --bundle {bundle}")
-        print(f"then query it: {curl_line('http://127.0.0.1:8000', body)}")
-    finally:
-        serve.shutdown()
+    url, answer = serve_once(bundle, body)
+    print(f"POST {url}/v1/recommend -> model {answer['model']}")
+    for it in answer["items"]:
+        why = ", ".join(f"{x['item_id']} ({x['weight']:+.2f})" for x in it.get("reasons") or [])
+        print(f"  {it['item_id']}  {it['score']:7.2f}  {it['title'][:70]}  <- {why}")
+    print(f"to serve it until Ctrl-C: crossrec serve --bundle {bundle}")
+    print(f"then query it: {curl_line('http://127.0.0.1:8000', body)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -388,11 +388,11 @@ class Ranker:
     def score(self, req: RankRequest) -> np.ndarray:
         """(N,) new scores of `req.candidates`, higher is better."""
         n = len(req.candidates)
-        cand = torch.as_tensor(np.asarray(req.candidate_vectors, dtype=np.float32)).reshape(n, -1)
+        cand = torch.from_numpy(np.array(req.candidate_vectors, dtype=np.float32)).reshape(n, -1)
         if n == 0:
             return np.zeros(0, np.float32)
         hist_keys = list(req.history)[-self.max_len:]
-        hvec = np.asarray(req.history_vectors, dtype=np.float32).reshape(len(req.history), cand.shape[1])[-self.max_len:]
+        hvec = np.array(req.history_vectors, dtype=np.float32).reshape(len(req.history), cand.shape[1])[-self.max_len:]
         h = len(hist_keys)
         width = max(h, 1)  # one padded slot when there is no history
         hist = torch.zeros(1, width, cand.shape[1])
@@ -405,8 +405,8 @@ class Ranker:
             rows[0, width - h:] = self.items.rows([(d, i) for d, i in hist_keys])
             same[0, width - h:] = torch.tensor([d == req.domain for d, _ in hist_keys])
         lists = ListBatch(
-            user=torch.as_tensor(np.asarray(req.user, dtype=np.float32)).reshape(1, -1), cand=cand[None],
-            scores=torch.as_tensor(np.asarray(req.retrieval_scores, dtype=np.float32)).reshape(1, n),
+            user=torch.from_numpy(np.array(req.user, dtype=np.float32)).reshape(1, -1), cand=cand[None],
+            scores=torch.from_numpy(np.array(req.retrieval_scores, dtype=np.float32)).reshape(1, n),
             cand_valid=torch.ones(1, n, dtype=torch.bool),
             cand_rows=self.items.rows([(req.domain, c) for c in req.candidates])[None],
             hist=hist, hist_valid=valid, hist_same=same, hist_rows=rows,
