@@ -267,6 +267,9 @@ def main() -> int:
     one = rows[0][1]
     print(f"\nServe / in-process at 1 client: throughput x{one['rps'] / ip['rps']:.2f}, "
           f"p50 x{one['p50'] / ip['p50']:.1f}")
+    if watch:  # stop polling the controller before it goes away
+        watch.stop.set()
+        watch.thread.join()
     if not a.url:
         from ray import serve
 
