@@ -120,3 +120,16 @@ def micro_fk(tmp_path_factory, food_kitchen_csv) -> Path:
     out = root / "fk"
     prepare([_subset(food_kitchen_csv, root / "fk-src", 30, extra_items=5)], out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def vector_cache(tmp_path_factory):
+    """Backbone vectors of the tiny slices cached per test module, away from the user's cache; yields the folder."""
+    old = os.environ.get("CROSSREC_CACHE_DIR")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["CROSSREC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CROSSREC_CACHE_DIR"]
+    else:
+        os.environ["CROSSREC_CACHE_DIR"] = old

@@ -23,17 +23,10 @@ BASE = ["strategy=deepspeed", "deepspeed.bf16=false", "dim=32", "layers=1", "n_n
 
 
 @pytest.fixture(scope="module", autouse=True)
-def vector_cache(tmp_path_factory):
+def _deepspeed_and_vector_cache(vector_cache):
     # Imported here, not at the top: the default run (slow deselected) still collects this file on machines
     # without the extra; a selected test fails loudly when it is missing (a skip would hide its absence).
     import deepspeed  # noqa: F401
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    os.environ["CROSSREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
 
 
 def _history(result) -> list[dict]:

@@ -14,20 +14,6 @@ E2E = ["mode=end-to-end", "epochs=2", "dim=32", "layers=1", "n_negatives=4", "ba
 
 
 @pytest.fixture(scope="module")
-def vector_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["CROSSREC_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def e2e_bundle(ray_cluster, vector_cache, micro_fk, tmp_path_factory):
     from trainers.train import train_bundle
 

@@ -74,7 +74,7 @@ def test_propagation_matches_a_hand_computed_graph():
 
 
 @pytest.fixture(scope="module")
-def text_and_graph(ao, vector_cache_dir):
+def text_and_graph(ao, vector_cache):
     data, splits = ao
     text = backbone_vectors(data, splits, "minilm", "", 64)  # real MiniLM vectors of the slice
     return text, graph_item_vectors(build_graph(data, splits), text)
@@ -134,21 +134,8 @@ def test_split_sides_and_feature_columns():
         TrainConfig(item_encoder="id", graph={"enabled": True})
 
 
-@pytest.fixture(scope="module")
-def vector_cache_dir(tmp_path_factory):
-    import os
-
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    os.environ["CROSSREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
 @pytest.mark.slow
-def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vector_cache_dir, tiny_ao, tmp_path):
+def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vector_cache, tiny_ao, tmp_path):
     """`crossrec train --set graph.enabled=true`: [text | graph] inputs, side_dims saved, the bundle reloads."""
     from crossrec.bundle import load_bundle
     from crossrec.config import RunSettings

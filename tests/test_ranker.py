@@ -24,19 +24,6 @@ FAST = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "va
 
 
 @pytest.fixture(scope="module")
-def vector_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    os.environ["CROSSREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def small_ao(tmp_path_factory, art_office_csv):
     """~80 real art-office users (items carry category/brand attributes)."""
     from crossrec.dataset import prepare

@@ -18,19 +18,6 @@ FAST = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "va
 
 
 @pytest.fixture(scope="module")
-def vector_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    os.environ["CROSSREC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def bundles(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     """A text bundle (MiniLM + adaptor) and, to roll out over it, an id-based one (SASRec-style)."""
     from trainers.train import train_bundle

@@ -16,21 +16,6 @@ FAST = ["epochs=2", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "va
 
 
 @pytest.fixture(scope="module")
-def vector_cache(tmp_path_factory):
-    # Vectors of the tiny slices are cached per module run, away from the user's cache.
-    import os
-
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["CROSSREC_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def first_run(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     from trainers.train import train_bundle
 

@@ -16,19 +16,6 @@ REPO = Path(__file__).parents[1]
 TINY = {"dim": 32, "layers": 1, "batch_size": 32, "n_negatives": 32, "valid_max_targets": 0, "patience": 0}
 
 
-@pytest.fixture(scope="module")
-def vector_cache(tmp_path_factory):
-    # Vectors of the tiny slice are cached per module run, away from the user's cache.
-    old = os.environ.get("CROSSREC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["CROSSREC_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CROSSREC_CACHE_DIR"]
-    else:
-        os.environ["CROSSREC_CACHE_DIR"] = old
-
-
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
