@@ -23,7 +23,7 @@ from ray import serve
 from crossrec import recommender as core
 from crossrec.bundle import load_bundle
 from crossrec.embedding import template_of
-from crossrec.inference import bundle_backbone
+from crossrec.inference import bundle_backbone, has_domain_adapters
 from crossrec.text import render_items
 from serving.schemas import (MAX_BODY_BYTES, Item, ItemsRequest, ItemsResponse, Reason, RecommendRequest,
                              RecommendResponse)
@@ -58,25 +58,37 @@ class Encoder:
     """Text -> the model's item vector (backbone, then the bundle's adaptor), batched across requests."""
 
     def __init__(self) -> None:
-        self.state: tuple | None = None  # (version, backbone or None, model, max_tokens)
+        self.state: tuple | None = None  # (version, {domain or None: backbone} or None, model, max_tokens)
 
     async def reconfigure(self, config: dict) -> None:
         def load():
             b = load_bundle(config["bundle"])
             # An id-based bundle (SASRec) has no text path; the ingress refuses text before it gets here.
-            backbone = bundle_backbone(b) if b.config.item_encoder == "text" else None
-            return b.version, backbone, b.model, b.config.max_tokens
+            if b.config.item_encoder != "text":
+                backbones = None
+            elif has_domain_adapters(b):  # one merged backbone per domain's adapter
+                backbones = {d: bundle_backbone(b, d) for d in b.domains}
+            else:
+                backbones = {None: bundle_backbone(b)}
+            return b.version, backbones, b.model, b.config.max_tokens
 
         self.state = await _reloading(load)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, texts: list[str]) -> list[tuple[str, np.ndarray]]:
-        version, backbone, model, max_tokens = self.state
-        if backbone is None:
+    async def encode(self, texts: list[tuple[str, str]]) -> list[tuple[str, np.ndarray]]:
+        """(text, its domain) pairs -> (bundle version, item vector) each."""
+        version, backbones, model, max_tokens = self.state
+        if backbones is None:
             raise BadRequest(f"bundle {version} has item_encoder 'id' and cannot embed text")
-        x = backbone.encode(texts, batch_size=len(texts), max_length=max_tokens)  # (B, in_dim)
+        keys = [d if d in backbones else None for _, d in texts]
+        x = [None] * len(texts)
+        for key in set(keys):
+            at = [i for i, k in enumerate(keys) if k == key]
+            out = backbones[key].encode([texts[i][0] for i in at], batch_size=len(at), max_length=max_tokens)
+            for i, row in zip(at, out):
+                x[i] = row
         with torch.inference_mode():
-            v = model.item_vectors(torch.from_numpy(x)).numpy()  # (B, V)
+            v = model.item_vectors(torch.from_numpy(np.stack(x))).numpy()  # (B, V)
         return [(version, row) for row in v]
 
 
@@ -269,7 +281,8 @@ class Recommender:
     def can_encode(self) -> bool:
         return self.meta["config"]["item_encoder"] == "text"
 
-    async def _encode(self, texts: list[str]) -> tuple[str | None, list[np.ndarray]]:
+    async def _encode(self, texts: list[tuple[str, str]]) -> tuple[str | None, list[np.ndarray]]:
+        """(text, domain) pairs -> (the encoder's bundle version, vectors)."""
         if not texts:
             return None, []
         out = await asyncio.gather(*[self.encoder.encode.remote(t) for t in texts])
@@ -302,9 +315,9 @@ class Recommender:
     async def recommend(self, req: RecommendRequest):
         if self.meta is None:
             return _NO_BUNDLE
-        texts = [(f"history[{i}].text", h.text) for i, h in enumerate(req.history) if h.text is not None]
+        texts = [(f"history[{i}].text", (h.text, h.domain)) for i, h in enumerate(req.history) if h.text is not None]
         if req.query is not None:
-            texts.append(("query", req.query))
+            texts.append(("query", (req.query, req.domain)))
         known = self.meta["domains"]
         for field, domain in [("domain", req.domain), *((f"history[{i}].domain", h.domain)
                                                         for i, h in enumerate(req.history))]:
@@ -318,7 +331,7 @@ class Recommender:
         except BadRequest as e:
             return _bad(e)
 
-    async def _recommend(self, req: RecommendRequest, texts: list[str]) -> RecommendResponse:
+    async def _recommend(self, req: RecommendRequest, texts: list[tuple[str, str]]) -> RecommendResponse:
         version, vecs = await self._encode(texts)
         vecs = iter(vecs)
         history = [{"domain": h.domain, "item_id": h.item_id} if h.item_id is not None
@@ -365,10 +378,10 @@ class Recommender:
                 return _bad(f"`items[{i}].domain`: unknown domain {it.domain!r} "
                             f"(known: {', '.join(self.meta['domains'])})")
             if it.text is not None:
-                texts.append(it.text)
+                texts.append((it.text, it.domain))
                 continue
             try:
-                texts.append(render_items({"title": [it.title]}, template)[0])
+                texts.append((render_items({"title": [it.title]}, template)[0], it.domain))
             except ValueError as e:
                 return _bad(f"`items[{i}].text`: required by this bundle's text template ({e})")
 

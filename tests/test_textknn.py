@@ -159,3 +159,29 @@ def test_fit_textknn_picks_the_best_validation_point(ao):
     assert (knn.decay, knn.cross_weight) == max(grid, key=grid.get)  # ties: the first grid point, as max
     assert knn.valid_ndcg10 == pytest.approx(max(grid.values()))
     assert knn.params == {"decay": knn.decay, "cross_weight": knn.cross_weight}
+
+
+def test_model_text_prior_is_textknn_and_tells_unseen_domains_apart(ao):
+    """The text prior's half of a crossrec user vector is textknn's query, also for a model that never saw the
+    dataset's domains (zero-shot: both map to the model's one "unknown" id, yet cross_weight must still apply)."""
+    import torch
+
+    from crossrec.config import TrainConfig
+    from crossrec.model import CrossRecModel
+    from crossrec.training import ModelScorer
+
+    _, splits, vectors, _ = ao
+    cfg = TrainConfig(text_prior_decay=0.5, text_prior_cross=0.25, max_len=200)
+    model = CrossRecModel(cfg, n_domains=1, in_dim=vectors.shape[1]).eval()
+    with torch.inference_mode():
+        item_vecs = model.item_vectors(torch.from_numpy(vectors))
+    unknown = np.full(len(splits.domains), 1)  # every dataset domain -> the model's unknown id
+    scorer = ModelScorer(model, item_vecs, splits, unknown)
+    knn = TextKNN(splits, vectors, decay=0.5, cross_weight=0.25)
+    beta = float(model.log_beta.detach().exp())
+    for d in splits.domains:
+        batch = _batch(splits, d, min_history=1)
+        mixed = [h for h in batch.histories if len(set(splits.item_domain[h])) == 2 and len(h) <= cfg.max_len]
+        assert mixed
+        prior = scorer.user_vectors(mixed, d)[:, cfg.dim:] / beta
+        np.testing.assert_allclose(prior.numpy(), knn.user_vectors(mixed, d).numpy(), atol=1e-5)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from crossrec.config import RankerConfig, RunSettings
 from crossrec.ranker import (FEATURES, RankedScorer, Ranker, RankerNet, RankLists, build_item_table, build_lists,
                              fit_standardizer, ranker_epoch, rerank_ndcg, save_ranker)
-from trainers.train import VALID_METRIC, init_ray
+from trainers.train import VALID_METRIC, init_ray, record_epoch
 
 __all__ = ["train_func", "train_ranker"]
 
@@ -64,11 +64,7 @@ def train_func(config: dict) -> None:
         m = rerank_ndcg(net, lists, "holdout")
         metrics = {VALID_METRIC: m["ndcg"], "valid/retrieval_ndcg@10": m["retrieval_ndcg"], "valid/lists": m["n"],
                    "train/loss": loss, "epoch": epoch, "train/epoch_s": time.time() - t0}
-        state["epoch"] = epoch + 1
-        improved = metrics[VALID_METRIC] > state["best"]
-        state["best"] = max(state["best"], metrics[VALID_METRIC])
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["history"].append(metrics)
+        stop = record_epoch(state, metrics, cfg.patience)
         if rank == 0:
             print(f"ranker epoch {epoch}/{cfg.epochs}  loss {loss:.4f}  holdout ndcg@10 {m['ndcg']:.4f} "
                   f"(retrieval {m['retrieval_ndcg']:.4f})", flush=True)
@@ -81,7 +77,7 @@ def train_func(config: dict) -> None:
                 Path(tmp, "state.json").write_text(json.dumps(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)  # ray
             ray.train.report(metrics, checkpoint=checkpoint)  # ray
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+        if stop:
             break
 
 

@@ -37,7 +37,7 @@ from crossrec.splits import Splits
 from crossrec.training import ModelScorer, SequenceData, loss_inputs
 from trainers.strategies import DS_ENV, make_strategy
 
-__all__ = ["train_func", "fit", "train_bundle", "export_bundle", "VALID_METRIC"]
+__all__ = ["train_func", "fit", "train_bundle", "export_bundle", "record_epoch", "VALID_METRIC"]
 
 VALID_METRIC = "valid/ndcg@10"
 
@@ -163,7 +163,7 @@ def train_func(config: dict) -> None:
         from crossrec.finetune import build_end_to_end
 
         texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
-        model = build_end_to_end(cfg, model, texts)
+        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain])
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
     if end_to_end:
@@ -214,11 +214,7 @@ def train_func(config: dict) -> None:
                         "worker/peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2 ** 20
                                                if torch.cuda.is_available() else 0.0),
                         "tau": float(rec.tau.detach())})
-        state["epoch"] = epoch + 1
-        improved = metrics[VALID_METRIC] > state["best"]
-        state["best"] = max(state["best"], metrics[VALID_METRIC])
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["history"].append(metrics)
+        stop = record_epoch(state, metrics, cfg.patience)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  loss {metrics['train/loss']:.4f}  "
                   f"{VALID_METRIC} {metrics[VALID_METRIC]:.4f}  ({metrics['train/epoch_s']:.0f}s)", flush=True)
@@ -227,8 +223,19 @@ def train_func(config: dict) -> None:
             written = rank == 0 or cfg.strategy == "deepspeed"
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if written else None  # ray
             ray.train.report(metrics, checkpoint=checkpoint)  # ray
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+        if stop:
             break
+
+
+def record_epoch(state: dict, metrics: dict, patience: int) -> bool:
+    """Per-epoch bookkeeping of every trainer's `state` (epoch, best VALID_METRIC, epochs without gain,
+    history); True when `patience` epochs passed without gain (0: never)."""
+    state["epoch"] += 1
+    improved = metrics[VALID_METRIC] > state["best"]
+    state["best"] = max(state["best"], metrics[VALID_METRIC])
+    state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+    state["history"].append(metrics)
+    return bool(patience) and state["bad_epochs"] >= patience
 
 
 # -- driver -------------------------------------------------------------------------------------------------
@@ -375,11 +382,20 @@ def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Sp
     from crossrec.finetune import apply_lora, load_backbone_state, save_adapter, write_merged
     from trainers.embed import embed_texts_ray
 
-    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora)
+    per_domain = cfg.lora.enabled and cfg.lora.per_domain
+    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora, splits.domains if per_domain else ())
     load_backbone_state(backbone, load_file(os.path.join(folder, "backbone.safetensors")))
     adapter = save_adapter(backbone, work / "adapter")
-    merged = write_merged(backbone, work / "merged")
-    del backbone
     texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
     init_ray()
+    if per_domain:  # each domain's items through its own adapter
+        vectors = None
+        for d in splits.domains:
+            merged = write_merged(backbone, work / f"merged-{d}", domain=d)
+            off, n = splits.offset[d], splits.n_items[d]
+            part = embed_texts_ray(texts[off:off + n], str(merged), cfg.max_tokens, progress=progress)
+            vectors = part if vectors is None else np.concatenate([vectors, part])
+        return adapter, vectors
+    merged = write_merged(backbone, work / "merged")
+    del backbone
     return adapter, embed_texts_ray(texts, str(merged), cfg.max_tokens, progress=progress)

@@ -151,8 +151,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError("`strategy` deepspeed needs DeepSpeed: .venv/bin/pip install --no-build-isolation "
                              "deepspeed==0.19.8 (see README), or use `strategy` ddp")
-    if cfg.mode == "end-to-end" and cfg.lora.per_domain:
-        raise UsageError("`lora.per_domain` (one adapter per domain) is not implemented yet; set it to false")
     run = RunSettings(workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
                       storage_path=args.storage, name=args.name)
     from crossrec.dataset import Dataset

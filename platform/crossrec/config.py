@@ -44,9 +44,11 @@ class LoraConfig:
     alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
     dropout: float = 0.05  # dropout on the adapter input
     target_modules: list[str] | None = None  # None: the backbone family's default (see backbones.py)
-    per_domain: bool = False  # one adapter per domain on a shared backbone
+    per_domain: bool = False  # one adapter per domain on a shared backbone (an item uses its domain's)
 
     def __post_init__(self):
+        if self.per_domain and not self.enabled:
+            raise ValueError("`lora.per_domain` needs `lora.enabled: true` (a full fine-tune has one backbone)")
         _check_positive("lora.rank", self.rank)
         _check_positive("lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:

@@ -7,6 +7,10 @@ indices, which it turns into backbone vectors with gradients. Adapters are saved
 (`adapter_config.json` + `adapter_model.safetensors`), loadable by `peft.PeftModel.from_pretrained` without
 crossrec; a full fine-tune (`lora.enabled: false`) saves a whole Hugging Face model directory instead.
 `load_adapted_backbone` merges an adapter into its base so serving runs a plain model. Plain PyTorch; no Ray.
+
+Per-domain adapters (`lora.per_domain`): one LoRA adapter per domain on one shared base, named after the domain;
+an item's text goes through its domain's adapter. Saved as peft saves several adapters: one peft folder per
+domain (`adapter/<domain>/`), each loadable on its own with `PeftModel.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from crossrec.config import LoraConfig, TrainConfig
 from crossrec.model import CrossRecModel
 
 __all__ = ["build_end_to_end", "apply_lora", "ItemTextEncoder", "EndToEndModel", "trainable_backbone_state", "load_backbone_state",
-           "save_adapter", "load_adapted_backbone", "merge_adapter", "write_merged", "is_adapter_dir"]
+           "save_adapter", "load_adapted_backbone", "merge_adapter", "write_merged", "is_adapter_dir",
+           "domain_adapters", "adapter_names", "activate_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file name: marks a LoRA adapter folder
 
@@ -31,11 +36,17 @@ def _module_names(model: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
-def apply_lora(backbone: Backbone, lora: LoraConfig) -> Backbone:
+def apply_lora(backbone: Backbone, lora: LoraConfig, domains: Sequence[str] = ()) -> Backbone:
     """Makes the backbone trainable in place: peft LoRA on `lora.target_modules` (default: the family's
-    attention projections), or every weight when `lora.enabled` is false. Returns the same Backbone."""
+    attention projections), one adapter per domain of `domains` with `lora.per_domain`, or every weight when
+    `lora.enabled` is false. Returns the same Backbone."""
     if lora.per_domain:
-        raise ValueError("`lora.per_domain` (one adapter per domain) is not implemented yet; set it to false")
+        if not lora.enabled:
+            raise ValueError("`lora.per_domain` needs `lora.enabled: true` (a full fine-tune has one backbone)")
+        bad = [d for d in domains if not d or "." in d or d == "default"]
+        if not domains or bad:
+            raise ValueError(f"`lora.per_domain` names one adapter per domain; domain names must be non-empty, "
+                             f"without '.', and not 'default' (got {list(domains)!r})")
     if not lora.enabled:
         for p in backbone.model.parameters():
             p.requires_grad_(True)
@@ -51,8 +62,35 @@ def apply_lora(backbone: Backbone, lora: LoraConfig) -> Backbone:
                          f"(its linear layers: {', '.join(linear)})")
     config = PeftLoraConfig(r=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
                             target_modules=targets, bias="none")
-    backbone.model = get_peft_model(backbone.model, config)
+    if not lora.per_domain:
+        backbone.model = get_peft_model(backbone.model, config)
+        return backbone
+    backbone.model = get_peft_model(backbone.model, config, adapter_name=domains[0])
+    for d in domains[1:]:
+        backbone.model.add_adapter(d, config)
+    backbone.model.set_requires_grad(list(domains), True)  # add_adapter leaves only the active adapter trainable
     return backbone
+
+
+def adapter_names(backbone: Backbone) -> list[str]:
+    """The per-domain adapters of a backbone (empty for one adapter, a full fine-tune or a frozen backbone)."""
+    from peft import PeftModel
+
+    model = backbone.model
+    if not isinstance(model, PeftModel) or list(model.peft_config) == ["default"]:
+        return []
+    return list(model.peft_config)
+
+
+def activate_adapter(backbone: Backbone, name: str) -> None:
+    """Routes the backbone's forward through adapter `name`. peft's own `set_adapter` also freezes every other
+    adapter (requires_grad), which DDP and DeepSpeed registered as trainable when they wrapped the model: here only
+    the active adapter changes, on every LoRA layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in backbone.model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = [name]
 
 
 class ItemTextEncoder(nn.Module):
@@ -60,24 +98,56 @@ class ItemTextEncoder(nn.Module):
     (truncated to max_tokens); a batch is cut to its own longest text. Tokens are plain attributes, not
     buffers: nothing for DDP to broadcast or for checkpoints to store."""
 
-    def __init__(self, backbone: Backbone, texts: Sequence[str], max_tokens: int):
+    def __init__(self, backbone: Backbone, texts: Sequence[str], max_tokens: int,
+                 item_adapter: Sequence[str] | None = None):
+        """item_adapter: with per-domain adapters, the adapter (domain) of each text."""
         super().__init__()
         self.backbone = backbone
         tok = backbone.tokenize(texts, max_tokens)  # right-padded (N, L)
         self.input_ids, self.attention_mask = tok["input_ids"], tok["attention_mask"]
         self.lengths = self.attention_mask.sum(1)  # (N,)
+        self.adapters = adapter_names(backbone)
+        self.item_adapter = None
+        if self.adapters:
+            if item_adapter is None or len(item_adapter) != len(texts):
+                raise ValueError("per-domain adapters need the domain of every catalog text (item_adapter)")
+            code = {a: k for k, a in enumerate(self.adapters)}
+            unknown = sorted(set(item_adapter) - set(code))
+            if unknown:
+                raise ValueError(f"no adapter for domain(s) {unknown} (adapters: {self.adapters})")
+            self.item_adapter = torch.tensor([code[a] for a in item_adapter], dtype=torch.long)
 
     @property
     def dim(self) -> int:
         return self.backbone.dim
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.cpu()
+    def _encode(self, idx: torch.Tensor) -> torch.Tensor:
         length = int(self.lengths[idx].max())
         device = self.backbone.device
         ids = self.input_ids[idx, :length].to(device)
         mask = self.attention_mask[idx, :length].to(device)
         return self.backbone(ids, mask)  # (N, D)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        if self.item_adapter is None:
+            return self._encode(idx)
+        parts, rows, used = [], [], set()
+        codes = self.item_adapter[idx]
+        for code in codes.unique().tolist():
+            at = torch.nonzero(codes == code).squeeze(1)
+            activate_adapter(self.backbone, self.adapters[code])
+            parts.append(self._encode(idx[at]))
+            rows.append(at)
+            used.add(self.adapters[code])
+        out = torch.cat(parts)[torch.argsort(torch.cat(rows))]  # back to the order of idx
+        if self.training and len(used) < len(self.adapters):
+            # A batch without some domain leaves its adapter without a gradient, which DDP and ZeRO take for an
+            # error or a hang: give those weights an exact zero gradient instead.
+            idle = [p for n, p in self.backbone.named_parameters()
+                    if p.requires_grad and any(f".{a}." in n for a in set(self.adapters) - used)]
+            out = out + 0.0 * sum(p.sum() for p in idle)
+        return out
 
     @torch.inference_mode()
     def embed(self, idx: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
@@ -128,17 +198,26 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> N
 
 
 def save_adapter(backbone: Backbone, folder: str | os.PathLike) -> Path:
-    """peft format (LoRA) or a full Hugging Face model directory (full fine-tune) at `folder`."""
+    """peft format (LoRA; per-domain adapters in `folder/<domain>/`) or a full Hugging Face model directory
+    (full fine-tune) at `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backbone.model.save_pretrained(folder)  # PeftModel: adapter_config.json + adapter_model.safetensors
-    if not is_adapter_dir(folder):
+    if not is_adapter_dir(folder) and not domain_adapters(folder):
         backbone.tokenizer.save_pretrained(folder)
     return folder
 
 
 def is_adapter_dir(folder: str | os.PathLike) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def domain_adapters(folder: str | os.PathLike) -> list[str]:
+    """The domains of a per-domain adapter folder (one peft folder each), else []."""
+    folder = Path(folder)
+    if not folder.is_dir() or is_adapter_dir(folder):
+        return []
+    return sorted(p.name for p in folder.iterdir() if is_adapter_dir(p))
 
 
 def merge_adapter(backbone: Backbone) -> Backbone:
@@ -150,22 +229,32 @@ def merge_adapter(backbone: Backbone) -> Backbone:
     return backbone
 
 
-def load_adapted_backbone(base: str, folder: str | os.PathLike, merge: bool = True) -> Backbone:
+def load_adapted_backbone(base: str, folder: str | os.PathLike, merge: bool = True,
+                          domain: str | None = None) -> Backbone:
     """The base backbone with the adapter in `folder` (merged unless merge=False), or the full fine-tuned
-    model that `folder` holds. `base`: the registry name or directory the adapter was trained on."""
-    if not is_adapter_dir(folder):
-        return load_backbone(Path(folder))
+    model that `folder` holds. `base`: the registry name or directory the adapter was trained on.
+    Per-domain adapters: `domain`'s adapter, or the base backbone for a domain without one (a new domain)."""
     from peft import PeftModel
 
+    domains = domain_adapters(folder)
+    if domains:
+        if domain is None:
+            raise ValueError(f"{folder} holds one adapter per domain ({', '.join(domains)}): name the domain")
+        if domain not in domains:
+            return load_backbone(base).eval()
+        folder = Path(folder) / domain
+    if not is_adapter_dir(folder):
+        return load_backbone(Path(folder))
     backbone = load_backbone(base)
     backbone.model = PeftModel.from_pretrained(backbone.model, str(folder))
     backbone.eval()
     return merge_adapter(backbone) if merge else backbone
 
 
-def write_merged(backbone: Backbone, folder: str | os.PathLike) -> Path:
+def write_merged(backbone: Backbone, folder: str | os.PathLike, domain: str | None = None) -> Path:
     """A merged copy of the backbone as a Hugging Face directory: `load_backbone(folder)` loads it anywhere
-    (the Ray Data embedding job reads it). The backbone itself is left as it was."""
+    (the Ray Data embedding job reads it). Per-domain adapters: `domain`'s adapter is merged. The backbone itself
+    is left as it was."""
     import copy
 
     from peft import PeftModel
@@ -173,17 +262,21 @@ def write_merged(backbone: Backbone, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     model = backbone.model
     if isinstance(model, PeftModel):
-        model = copy.deepcopy(model).merge_and_unload()
+        model = copy.deepcopy(model)
+        model = model.merge_and_unload(adapter_names=[domain]) if domain else model.merge_and_unload()
     model.save_pretrained(folder)
     backbone.tokenizer.save_pretrained(folder)
     return folder
 
 
-def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequence[str]) -> EndToEndModel:
-    """Loads cfg.backbone, applies cfg.lora, and joins it to `recommender`."""
+def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequence[str],
+                     item_domains: Sequence[str] | None = None) -> EndToEndModel:
+    """Loads cfg.backbone, applies cfg.lora, and joins it to `recommender`. item_domains: each text's domain
+    (needed by per-domain adapters)."""
     if getattr(cfg, "side_dims", None):
         # The encoder yields text vectors only; graph/feature side vectors are a cached-mode input for now.
         raise ValueError("`mode` end-to-end does not take side vectors (graph/feature columns) yet; use `mode` cached")
-    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora)
-    return EndToEndModel(recommender, ItemTextEncoder(backbone, texts, cfg.max_tokens))
+    backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora, sorted(set(item_domains or [])))
+    return EndToEndModel(recommender, ItemTextEncoder(backbone, texts, cfg.max_tokens,
+                                                      item_domains if cfg.lora.per_domain else None))
 

@@ -17,20 +17,29 @@ from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors,
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
-__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone"]
+__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone",
+           "has_domain_adapters"]
 
 
-def bundle_backbone(bundle: Bundle) -> Backbone:
+def bundle_backbone(bundle: Bundle, domain: str | None = None) -> Backbone:
     """The backbone that turns text into the vectors `bundle.model.item_vectors` expects. The one place that
     decides how a bundle's backbone is loaded (serving's Encoder calls it), so bundles with a fine-tuned
     backbone only change this function. End-to-end bundles carry `adapter/` (a peft LoRA adapter, merged into
-    the base here, or a full fine-tuned model): new items are then embedded by the adapted backbone."""
+    the base here, or a full fine-tuned model): new items are then embedded by the adapted backbone. With
+    per-domain adapters (`has_domain_adapters`) the backbone depends on the text's `domain`: its adapter, or
+    the base backbone for a domain the bundle never trained."""
     adapter = bundle.path / "adapter"
     if adapter.is_dir():
         from crossrec.finetune import load_adapted_backbone
 
-        return load_adapted_backbone(bundle.config.backbone, adapter)
+        return load_adapted_backbone(bundle.config.backbone, adapter, domain=domain)
     return load_backbone(bundle.config.backbone)
+
+
+def has_domain_adapters(bundle: Bundle) -> bool:
+    from crossrec.finetune import domain_adapters
+
+    return bool(domain_adapters(bundle.path / "adapter"))
 
 
 def domain_map_for(bundle_domains: list[str], splits: Splits) -> np.ndarray:
@@ -79,7 +88,15 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
             # A fine-tuned backbone is the bundle's own: embed just the missing items with it (no shared cache).
             texts = catalog_texts(data.items.take(splits.item_row[missing]), template_of(cfg.text_template,
                                                                                           cfg.max_tokens))
-            bb = bundle_backbone(bundle).encode(texts, max_length=cfg.max_tokens, progress=progress)
+            if has_domain_adapters(bundle):  # each domain through its own adapter (base for a new domain)
+                bb = np.zeros((len(missing), bundle.meta["in_dim"]), np.float32)
+                dom = splits.item_domain[missing]
+                for code in np.unique(dom):
+                    at = np.flatnonzero(dom == code)
+                    bb[at] = bundle_backbone(bundle, splits.domains[code]).encode(
+                        [texts[i] for i in at], max_length=cfg.max_tokens, progress=progress)
+            else:
+                bb = bundle_backbone(bundle).encode(texts, max_length=cfg.max_tokens, progress=progress)
             rows = np.arange(len(missing))
         else:
             # Embed the whole catalog once (cached), then keep the rows that are needed.

@@ -111,16 +111,22 @@ class Recommender:
         return (torch.stack(vecs) if vecs else torch.zeros(0, dim)), np.array(doms, dtype=np.int64)
 
     @torch.inference_mode()
-    def _users(self, hvecs: torch.Tensor, hdoms: np.ndarray, domain: str, drop: list[int | None]) -> torch.Tensor:
-        """User vectors for the history with each `drop` position left out (None: the full history)."""
+    def _users(self, hvecs: torch.Tensor, hdoms: np.ndarray, hnames: list[str], domain: str,
+               drop: list[int | None]) -> torch.Tensor:
+        """User vectors for the history with each `drop` position left out (None: the full history).
+        hnames: the history's domain names (two domains the bundle never saw share one model id, not a name)."""
         tid = self.bundle.domain_id(domain)
         n = len(hdoms)
-        hists, hds = [], []
+        code = {name: k for k, name in enumerate(sorted({domain, *hnames}))}
+        hcodes = np.array([code[name] for name in hnames], dtype=np.int64)
+        hists, hds, codes = [], [], []
         for d in drop:
             keep = np.array([i for i in range(n) if i != d], dtype=np.int64)
             hists.append(keep)
             hds.append(hdoms[keep])
-        return encode_users(self.model, hvecs, hists, hds, np.full(len(drop), tid))
+            codes.append(hcodes[keep])
+        return encode_users(self.model, hvecs, hists, hds, np.full(len(drop), tid),
+                            prior_domains=(codes, np.full(len(drop), code[domain])))
 
     def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
         """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
@@ -136,7 +142,7 @@ class Recommender:
         `domain` (-inf where masked)."""
         self.check_domain(domain)
         hvecs, hdoms = self._history(history)
-        user = self._users(hvecs, hdoms, domain, [None])[0]
+        user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
         scores = self.vecs[domain] @ user  # (N,)
         if exclude_seen:
             seen = [self.pos[domain][h.item_id] for h in history
@@ -159,7 +165,7 @@ class Recommender:
                                score=float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist())]
         if explain and len(history):
             # Occlusion: one forward for all leave-one-out histories at once.
-            loo = self._users(hvecs, hdoms, domain, list(range(len(history))))  # (H, D)
+            loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(len(history))))  # (H, D)
             items = self.vecs[domain][top.indices]  # (k, D)
             drop = (user @ items.T).unsqueeze(0) - loo @ items.T  # (H, k): score lost without history item h
             for c, rec in enumerate(recs):

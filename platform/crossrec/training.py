@@ -154,15 +154,23 @@ def history_arrays(histories: list[np.ndarray], hist_domains: list[np.ndarray], 
 
 @torch.inference_mode()
 def encode_users(model: CrossRecModel, item_vectors: torch.Tensor, histories: list[np.ndarray],
-                 hist_domains: list[np.ndarray], target_domains: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    """(B, D) user vectors for target domains (model ids), from histories given as rows of `item_vectors`."""
+                 hist_domains: list[np.ndarray], target_domains: np.ndarray, batch_size: int = 512,
+                 prior_domains: tuple[list[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+    """(B, D) user vectors for target domains (model ids), from histories given as rows of `item_vectors`.
+    prior_domains: (hist_domains, target_domains) as distinct codes of the data's own domains, for the text
+    prior's same-domain weighting (model ids merge every unseen domain into one; see CrossRecModel)."""
     out = []
     for s in range(0, len(histories), batch_size):
         hs = histories[s:s + batch_size]
         items, doms, nxt, valid = history_arrays(hs, hist_domains[s:s + batch_size], target_domains[s:s + batch_size],
                                                  model.cfg.max_len)
+        prior = None
+        if prior_domains is not None:
+            _, pd, pn, _ = history_arrays(hs, prior_domains[0][s:s + batch_size], prior_domains[1][s:s + batch_size],
+                                          model.cfg.max_len)
+            prior = (torch.from_numpy(pd), torch.from_numpy(pn))
         hv = item_vectors[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
-        u = model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))
+        u = model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid), prior)
         out.append(u[:, -1])
     return torch.cat(out) if out else torch.zeros(0, item_vectors.shape[1])
 
@@ -186,9 +194,11 @@ class ModelScorer:
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
         c = self.catalog
-        tcode = self.domain_map[c.dom_code[target_domain]]
-        return encode_users(self.model, self.vecs, histories, [self.domain_map[c.item_domain[h]] for h in histories],
-                            np.full(len(histories), tcode), self.batch_size)
+        code = c.dom_code[target_domain]
+        codes = [c.item_domain[h] for h in histories]
+        return encode_users(self.model, self.vecs, histories, [self.domain_map[x] for x in codes],
+                            np.full(len(histories), self.domain_map[code]), self.batch_size,
+                            prior_domains=(codes, np.full(len(histories), code)))
 
     @torch.inference_mode()
     def __call__(self, batch: TargetBatch) -> np.ndarray:
