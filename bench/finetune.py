@@ -111,7 +111,7 @@ def overhead(data, args, out):
     from crossrec.finetune import build_end_to_end
     from crossrec.model import CrossRecModel
     from crossrec.splits import Splits
-    from crossrec.training import SequenceData, loss_inputs
+    from crossrec.training import SequenceData, loss_inputs, resolve_text_prior
 
     over = [*SMALL, "mode=end-to-end", "epochs=1", f"max_steps={args.steps}", "domain_dropout=0"]
     cfg = load_config(overrides=over)
@@ -124,6 +124,7 @@ def overhead(data, args, out):
     ds = Dataset.load(data)
     splits = Splits(ds)
     vecs = torch.from_numpy(np.load(_vectors(data)))
+    cfg = resolve_text_prior(cfg, splits, vecs.numpy())  # as fit() does for the Ray run
     rec = CrossRecModel(cfg, len(splits.domains), in_dim=vecs.shape[1], n_items=len(splits.item_ids))
     rec.adaptor.init_from_vectors(vecs)
     texts = catalog_texts(ds.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))

@@ -25,7 +25,7 @@ from crossrec.bundle import load_bundle
 from crossrec.config import RunSettings, TrainConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
-from crossrec.inference import bundle_scorer
+from crossrec.inference import bundle_scorer, refit_text_prior
 from crossrec.splits import Splits
 
 
@@ -126,8 +126,12 @@ def main() -> int:
     if a.zero_shot:
         other = Dataset.load(a.zero_shot)
         osp = Splits(other)
-        # Retrieval only: the ranker's features (popularity, graph) are fitted on the training dataset.
-        zres = {"crossrec zero-shot": evaluate(osp, bundle_scorer(load_bundle(out / "crossrec"), other, osp))}
+        # Retrieval only: the ranker's features (popularity, graph) are fitted on the training dataset. The text
+        # prior's two weights are chosen on the other dataset's validation split, as textknn's are (refit_text_prior).
+        zero = bundle_scorer(load_bundle(out / "crossrec"), other, osp)
+        zres = {"crossrec zero-shot, bundle prior": evaluate(osp, zero)}
+        report["zero_shot_prior"] = refit_text_prior(zero)
+        zres["crossrec zero-shot"] = evaluate(osp, zero)
         for name in ("popularity", "textknn"):
             zres[name] = evaluate(osp, BASELINES[name](osp, other, cfg.backbone, cfg.text_template, cfg.max_tokens))
         print(table(f"\nzero-shot on {a.zero_shot} (trained on {a.data})", zres, osp.domains + ["all"], {}))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI step for DeepSpeed (separate from .ci/run, whose default test run never imports DeepSpeed): installs the
-# optional extra into .venv, builds the one CPU op the tests use (shm_comm) once in a single process, then runs
-# the slow DeepSpeed tests. Run after scripts/install.sh.
+# CI step for the slow fine-tuning tests (separate from the default test run, which never imports DeepSpeed):
+# installs the optional DeepSpeed extra into .venv, builds the one CPU op the tests use (shm_comm) once in a
+# single process, then runs DeepSpeed ZeRO-2/3 under a 2-worker TorchTrainer (crash, restart, same loss,
+# export) and the SmolLM2-135M LoRA steps. Run after scripts/install.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu
@@ -13,4 +14,4 @@ start=$(date +%s)
 # Every deepspeed.init_distributed builds shm_comm on CPU; build it here once instead of in two workers at once.
 .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 echo "shm_comm op ready in $(( $(date +%s) - start ))s"
-.venv/bin/python -m pytest -q -m slow tests/test_deepspeed.py
+.venv/bin/python -m pytest -q -m slow tests/test_deepspeed.py tests/test_finetune.py

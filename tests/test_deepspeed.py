@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 inside a real 2-worker TorchTrainer on CPU (DS_ACCELERATOR=cpu, gloo): every rank
-writes its shards into the reported Ray checkpoint, a resumed run continues to exactly the loss of an uninterrupted
-one (model and optimizer state restored), and a ZeRO-3 end-to-end LoRA run exports a peft adapter.
+writes its shards into the reported Ray checkpoint; a run whose workers crash after epoch 1 is restarted by Ray
+Train from that checkpoint and reaches exactly the loss of an uninterrupted run (model and optimizer state
+restored); the ZeRO-3 end-to-end LoRA run exports a bundle with a peft adapter.
 
 Slow (DeepSpeed start-up per fit, and its ops compile once per machine): run with scripts/ci_deepspeed.sh or
 `.venv/bin/python -m pytest -q -m slow tests/test_deepspeed.py`."""
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.slow
 # Data order, negatives and dropout are seeded per epoch and rank, so a resumed run reaches the loss of an
 # uninterrupted one; fp32: bf16 on CPU is slow without AMX.
 BASE = ["strategy=deepspeed", "deepspeed.bf16=false", "dim=32", "layers=1", "n_negatives=8", "batch_size=8",
-        "valid_max_targets=0", "patience=0", "max_tokens=16", "lora.rank=4",
-        "backbone_lr=1e-3"]
+        "valid_max_targets=0", "patience=0", "max_tokens=16", "lora.rank=4", "backbone_lr=1e-3", "epochs=2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,44 +29,50 @@ def _deepspeed_and_vector_cache(vector_cache):
     import deepspeed  # noqa: F401
 
 
-def _history(result) -> list[dict]:
+def _state(result) -> dict:
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, "state.json")) as f:
-            return json.load(f)["history"]
+            return json.load(f)
 
 
 @pytest.mark.parametrize("stage, mode", [(2, "cached"), (3, "end-to-end")])
-def test_zero_checkpoint_resumes_to_the_same_loss(ray_cluster, micro_fk, tmp_path, stage, mode):
+def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(ray_cluster, micro_fk, tmp_path, monkeypatch,
+                                                               stage, mode):
+    from crossrec.bundle import load_bundle
     from trainers.embed import embed_catalog
-    from trainers.train import fit
+    from trainers.train import CRASH_ENV, export_bundle, fit
 
     data = Dataset.load(micro_fk)
     vec = embed_catalog(data, Splits(data), load_config(), progress=False)
+    cfg = load_config(overrides=[*BASE, f"mode={mode}", f"deepspeed.zero_stage={stage}"])
 
-    def run(epochs: int, name: str):
-        cfg = load_config(overrides=[*BASE, f"mode={mode}", f"deepspeed.zero_stage={stage}", f"epochs={epochs}"])
-        settings = RunSettings(workers=2, name=name, storage_path=str(tmp_path / "runs"), max_failures=0)
-        return fit(micro_fk, cfg, settings, vec, progress=False)[2]
+    def run(name: str, max_failures: int):
+        settings = RunSettings(workers=2, name=name, storage_path=str(tmp_path / "runs"), max_failures=max_failures)
+        return fit(micro_fk, cfg, settings, vec, progress=False)
 
-    straight = _history(run(3, "straight"))
-    cut = run(2, "cut")
-    with cut.checkpoint.as_directory() as folder:
+    best, valid, result = run("straight", 0)
+    straight = _state(result)["history"]
+    assert straight[1]["train/loss"] < straight[0]["train/loss"]
+
+    # Every worker raises after reporting epoch 1; Ray Train restarts the worker group from the epoch-1
+    # checkpoint (a restart without it would crash again and exceed max_failures).
+    monkeypatch.setenv(CRASH_ENV, "1")
+    crashed = run("crashed", 1)[2]
+    monkeypatch.delenv(CRASH_ENV)
+    with crashed.checkpoint.as_directory() as folder:
         shards = sorted(os.listdir(os.path.join(folder, "deepspeed", "ds")))
     assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards), shards
-    first = _history(cut)
-    resumed = _history(run(3, "cut"))  # same run name: Ray Train hands every rank the latest checkpoint
-    assert resumed[:2] == first
-    assert [h["epoch"] for h in resumed] == [1, 2, 3]
-    assert resumed[2]["train/loss"] == pytest.approx(straight[2]["train/loss"], rel=1e-5)
-    assert resumed[2]["valid/ndcg@10"] == pytest.approx(straight[2]["valid/ndcg@10"], abs=1e-6)
-    assert straight[2]["train/loss"] < straight[0]["train/loss"]
+    state = _state(crashed)
+    assert state["resumed_after"] == [1]
+    resumed = state["history"]
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    for epoch in (0, 1):  # epoch 1 from the first attempt's checkpoint, epoch 2 from the restarted workers
+        assert resumed[epoch]["train/loss"] == pytest.approx(straight[epoch]["train/loss"], rel=1e-5)
+        assert resumed[epoch]["valid/ndcg@10"] == pytest.approx(straight[epoch]["valid/ndcg@10"], abs=1e-6)
 
-
-def test_zero3_lora_run_exports_a_peft_adapter(ray_cluster, micro_fk, tmp_path):
-    from trainers.train import train_bundle
-
-    cfg = load_config(overrides=[*BASE, "mode=end-to-end", "deepspeed.zero_stage=3", "epochs=1"])
-    meta = train_bundle(micro_fk, tmp_path / "b", cfg, RunSettings(workers=2, name="z3", max_failures=0),
-                        progress=False)
-    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").is_file()
-    assert meta["config"]["strategy"] == "deepspeed" and 0 <= meta["metrics"]["test"]["all"]["ndcg@10"] <= 1
+    if mode == "end-to-end":  # ZeRO-3 gathers the sharded LoRA weights for export
+        out = tmp_path / "bundle"
+        meta = export_bundle(micro_fk, out, cfg, best, valid, straight, vec, {}, progress=False)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert meta["config"]["strategy"] == "deepspeed" and 0 <= meta["metrics"]["test"]["all"]["ndcg@10"] <= 1
+        assert load_bundle(out).meta["version"] == meta["version"]

@@ -177,7 +177,8 @@ def test_smollm2_lora_steps_lower_the_loss(micro_fk):
     from crossrec.splits import Splits
     from crossrec.training import SequenceData, loss_inputs
 
-    cfg = load_config(overrides=[*E2E, "backbone=smollm2-135m", "dropout=0", "lora.dropout=0"])
+    cfg = load_config(overrides=[*E2E, "backbone=smollm2-135m", "dropout=0", "lora.dropout=0",
+                                 "text_prior_decay=0.6", "text_prior_cross=0.1"])
     data = Dataset.load(micro_fk)
     splits = Splits(data)
     torch.manual_seed(0)

@@ -86,7 +86,8 @@ def test_each_fusion_mode_trains(ao, mode, text_and_graph):
     text, graph = text_and_graph
     x = torch.from_numpy(np.concatenate([text, graph], 1))
     cfg = load_config(overrides=["dim=32", "layers=1", "dropout=0", "domain_dropout=0", "graph.enabled=true",
-                                 f"fusion={mode}", f"side_dims=[{graph.shape[1]}]"])
+                                 f"fusion={mode}", f"side_dims=[{graph.shape[1]}]", "text_prior_decay=0.6",
+                                 "text_prior_cross=0.1"])
     torch.manual_seed(0)
     model = CrossRecModel(cfg, len(splits.domains), in_dim=x.shape[1])
     model.adaptor.init_from_vectors(x[:, :model.adaptor_in_dim])

@@ -185,3 +185,25 @@ def test_model_text_prior_is_textknn_and_tells_unseen_domains_apart(ao):
         assert mixed
         prior = scorer.user_vectors(mixed, d)[:, cfg.dim:] / beta
         np.testing.assert_allclose(prior.numpy(), knn.user_vectors(mixed, d).numpy(), atol=1e-5)
+
+
+def test_unset_text_prior_is_chosen_like_textknn_on_validation(ao):
+    from crossrec.baselines.textknn import fit_textknn
+    from crossrec.config import TrainConfig
+    from crossrec.model import CrossRecModel
+    from crossrec.training import resolve_text_prior
+
+    _, splits, vectors, _ = ao
+    with pytest.raises(ValueError, match="`text_prior_decay` / `text_prior_cross` are unset"):
+        CrossRecModel(TrainConfig(), n_domains=2, in_dim=vectors.shape[1])
+    best = fit_textknn(splits, vectors)
+    cfg = resolve_text_prior(TrainConfig(), splits, vectors)
+    assert (cfg.text_prior_decay, cfg.text_prior_cross) == (best.decay, best.cross_weight)
+    # A value that is set stays; only the other one is searched (on the training domains' validation).
+    only = resolve_text_prior(TrainConfig(text_prior_decay=0.8, train_domains=["arts"]), splits, vectors)
+    arts = fit_textknn(splits, vectors, decays=(0.8,), domains=["arts"])
+    assert (only.text_prior_decay, only.text_prior_cross) == (0.8, arts.cross_weight)
+    ids = TrainConfig(item_encoder="id")
+    assert resolve_text_prior(ids, splits, vectors) is ids
+    with pytest.raises(ValueError, match=r"`text_prior_decay` must be in \(0, 1\] \(or null"):
+        TrainConfig(text_prior_decay=0)

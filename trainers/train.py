@@ -34,12 +34,17 @@ from crossrec.evaluation import evaluate
 from crossrec.metrics import metrics_from_ranks
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits
-from crossrec.training import ModelScorer, SequenceData, loss_inputs
+from crossrec.training import ModelScorer, SequenceData, loss_inputs, resolve_text_prior, text_prior_unset
 from trainers.strategies import DS_ENV, make_strategy
 
-__all__ = ["train_func", "fit", "train_bundle", "export_bundle", "record_epoch", "VALID_METRIC"]
+__all__ = ["train_func", "fit", "train_bundle", "export_bundle", "record_epoch", "resolved_prior", "VALID_METRIC",
+           "CRASH_ENV"]
 
 VALID_METRIC = "valid/ndcg@10"
+# Fault injection for tests of FailureConfig: with CROSSREC_CRASH_AFTER_EPOCH=N every worker of a run that
+# started without a checkpoint raises right after reporting epoch N; Ray Train restarts the worker group from
+# that checkpoint (`RunSettings.max_failures`), and the restarted workers, which start from it, do not crash.
+CRASH_ENV = "CROSSREC_CRASH_AFTER_EPOCH"
 
 
 def model_domains(cfg: TrainConfig, splits: Splits) -> list[str]:
@@ -123,7 +128,7 @@ def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | No
 def train_func(config: dict) -> None:
     """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None
     (end-to-end: the frozen backbone's, to initialise the adaptor), "resume_from": checkpoint folder or None,
-    "threads": torch threads, "env": environment for DeepSpeed (see strategies.DS_ENV)}."""
+    "threads": torch threads, "env": environment for DeepSpeed (see strategies.DS_ENV) and CRASH_ENV}."""
     cfg = config_from_dict(config["train"])
     for key, value in (config.get("env") or {}).items():
         os.environ.setdefault(key, value)
@@ -171,12 +176,17 @@ def train_func(config: dict) -> None:
     strategy = make_strategy(cfg, rank, world, ray.train.torch.get_device())  # ray: the worker's device
     strategy.prepare(model, groups)  # DDP over gloo / NCCL, or a DeepSpeed engine
     state = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": []}
-    ckpt = ray.train.get_checkpoint()  # ray
+    ckpt = ray.train.get_checkpoint()  # ray: a re-run of the same run name, or a restart after a failure
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             state = strategy.load(folder)
     elif config.get("resume_from"):
         state = strategy.load(config["resume_from"])
+    if state["epoch"]:
+        state.setdefault("resumed_after", []).append(state["epoch"])  # the run's record of its restarts
+        if rank == 0:
+            print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
+    crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
@@ -223,6 +233,8 @@ def train_func(config: dict) -> None:
             written = rank == 0 or cfg.strategy == "deepspeed"
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if written else None  # ray
             ray.train.report(metrics, checkpoint=checkpoint)  # ray
+        if crash_after and state["epoch"] == crash_after:
+            raise RuntimeError(f"{CRASH_ENV}={crash_after}: injected worker failure after epoch {crash_after}")
         if stop:
             break
 
@@ -255,6 +267,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  logging_level="WARNING", log_to_driver=True, logging_config=quiet)
 
 
+def resolved_prior(cfg: TrainConfig, data: str | Path | Dataset, vectors: str | Path | None,
+                   splits: Splits | None = None) -> TrainConfig:
+    """cfg with an unset text-prior decay / cross weight chosen on validation (resolve_text_prior), from the
+    frozen backbone vectors in the .npy at `vectors` (its text columns: graph/feature blocks follow them)."""
+    if vectors is None or not text_prior_unset(cfg):
+        return cfg
+    x = np.load(vectors)
+    x = x[:, :x.shape[1] - sum(cfg.side_dims or [])]
+    if splits is None:
+        splits = Splits(data if isinstance(data, Dataset) else Dataset.load(data), cfg.min_per_domain)
+    return resolve_text_prior(cfg, splits, x)
+
+
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
         resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
@@ -262,7 +287,10 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
+    cfg = resolved_prior(cfg, data, vectors)
     init_ray(run.address)
+    # Train's controller polls its workers every 2 s by default: each fit then idles seconds at start and end.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     storage = str(Path(run.storage_path or "out/.runs").resolve()) if "://" not in str(run.storage_path or "") \
         else run.storage_path
     cpus = run.cpus_per_worker
@@ -272,7 +300,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
                            "vectors": str(vectors) if vectors else None,
                            "resume_from": str(resume_from) if resume_from else None,
                            "threads": max(1, int(cpus)),
-                           "env": {k: os.environ[k] for k in DS_ENV if k in os.environ}},
+                           "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV) if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus,
                                                            **({"GPU": run.gpus_per_worker}
@@ -306,6 +334,9 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
         from trainers.embed import embed_catalog
 
         vec_path = embed_catalog(dataset, splits, cfg, progress=progress, address=run.address)
+        cfg = resolved_prior(cfg, dataset, vec_path, splits)
+        if cfg.text_prior and progress:
+            print(f"text prior: decay {cfg.text_prior_decay}, other domains' weight {cfg.text_prior_cross}")
         if cfg.graph.enabled or cfg.feature_columns:  # [text | graph | features], fused in the item encoder
             from crossrec.fusion import with_side_vectors
 
@@ -339,6 +370,7 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
 
     dataset = dataset or Dataset.load(data)
     splits = splits or Splits(dataset, cfg.min_per_domain)
+    cfg = resolved_prior(cfg, dataset, vec_path, splits)  # as the run's fit() did (a tune trial's config)
     domains = model_domains(cfg, splits)
     dmap = np.array([domains.index(d) if d in domains else len(domains) for d in splits.domains])
     work = Path(tempfile.mkdtemp(prefix="crossrec-export-"))  # end-to-end: adapter and merged backbone

@@ -91,13 +91,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              f"{', '.join(splits.domains)})")
     scorers = {}
     if bundle is not None:
-        from crossrec.inference import bundle_scorer
+        from crossrec.inference import bundle_scorer, refit_text_prior
 
-        unseen = [d for d in (domains or splits.domains) if d not in bundle.domains]
+        evaluated = domains or splits.domains
+        unseen = [d for d in evaluated if d not in bundle.domains]
         if unseen:
             print(f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
                   f"text with {bundle.config.backbone}")
         scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
+        if unseen == evaluated and not args.bundle_prior:  # a whole new dataset: its own textknn weighting
+            refit_text_prior(scorers["crossrec"], evaluated)
         if bundle.has_ranker:  # the full pipeline is `crossrec`; retrieval alone is reported beside it
             from crossrec.ranker import RankedScorer, load_ranker
 
@@ -431,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-per-domain", type=int, default=3,
                     help="interactions a user needs in a domain to get targets there (default: 3)")
     sp.add_argument("--no-mask", action="store_true", help="keep history items as candidates")
+    sp.add_argument("--bundle-prior", action="store_true",
+                    help="zero-shot (no evaluated domain in the bundle): keep the bundle's text-prior decay and "
+                         "cross-domain weight instead of choosing them on this dataset's validation split, as "
+                         "the textknn baseline is")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_evaluate)
 

@@ -137,9 +137,10 @@ class TrainConfig:
     text_prior: bool = True  # text items: add beta * (textknn's cosine) to the learned score (see model.py)
     text_prior_weight: float = 10.0  # initial beta (trained)
     # Recency decay of the history mean in the text prior, and the weight of history items from other domains
-    # than the target's: near the best textknn on validation for both shared datasets (see bench/quality.py).
-    text_prior_decay: float = 0.6
-    text_prior_cross: float = 0.1
+    # than the target's. None: chosen before training on the validation split from textknn's grid
+    # (crossrec.training.resolve_text_prior), so the prior is the dataset's best textknn; bundles store the values.
+    text_prior_decay: float | None = None
+    text_prior_cross: float | None = None
     n_negatives: int = 128  # sampled negatives per domain and batch, on top of in-batch ones
     domain_dropout: float = 0.1  # chance to replace a domain id by "unknown": trains the zero-shot path
     epochs: int = 8
@@ -193,10 +194,12 @@ class TrainConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
-        if not 0 <= self.text_prior_cross <= 1:
-            raise ValueError(f"`text_prior_cross` must be in [0, 1], got {self.text_prior_cross!r}")
-        if not 0 < self.text_prior_decay <= 1:
-            raise ValueError(f"`text_prior_decay` must be in (0, 1], got {self.text_prior_decay!r}")
+        if self.text_prior_cross is not None and not 0 <= self.text_prior_cross <= 1:
+            raise ValueError(f"`text_prior_cross` must be in [0, 1] (or null: chosen on validation), "
+                             f"got {self.text_prior_cross!r}")
+        if self.text_prior_decay is not None and not 0 < self.text_prior_decay <= 1:
+            raise ValueError(f"`text_prior_decay` must be in (0, 1] (or null: chosen on validation), "
+                             f"got {self.text_prior_decay!r}")
         for name in ("dropout", "domain_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")

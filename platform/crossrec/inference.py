@@ -18,7 +18,7 @@ from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
 __all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone",
-           "has_domain_adapters"]
+           "has_domain_adapters", "refit_text_prior"]
 
 
 def bundle_backbone(bundle: Bundle, domain: str | None = None) -> Backbone:
@@ -111,3 +111,22 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
 def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> ModelScorer:
     return ModelScorer(bundle.model, catalog_vectors(bundle, data, splits, progress), splits,
                        domain_map_for(bundle.domains, splits))
+
+
+def refit_text_prior(scorer: ModelScorer, domains: list[str] | None = None) -> dict | None:
+    """Zero-shot on a dataset the bundle never saw: the text prior's recency decay and cross-domain weight
+    chosen again on this dataset's validation split (textknn's grid over the prior's own vectors, exactly as
+    the textknn baseline is fitted there), since the values that suited the training dataset need not suit
+    another; every learned weight stays. Changes `scorer.model`'s config in place and returns the chosen values
+    (also as `scorer.params`), or None for a model without a text prior."""
+    import dataclasses
+
+    from crossrec.baselines.textknn import fit_textknn
+
+    model = scorer.model
+    if not model.text_prior:
+        return None
+    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim:].numpy(), domains=domains)
+    model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
+    scorer.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight}
+    return scorer.params

@@ -158,6 +158,9 @@ class CrossRecModel(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.temperature)),
                                     requires_grad=cfg.learn_temperature)
         if self.text_prior:
+            if cfg.text_prior_decay is None or cfg.text_prior_cross is None:
+                raise ValueError("`text_prior_decay` / `text_prior_cross` are unset (null: chosen on validation): "
+                                 "resolve them first with crossrec.training.resolve_text_prior")
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.text_prior_weight)))
 
     @property

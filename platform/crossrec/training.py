@@ -6,16 +6,19 @@ during training, `crossrec recommend` and serving.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from crossrec.config import TrainConfig
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, TargetBatch
 
-__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays", "encode_users"]
+__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays", "encode_users",
+           "resolve_text_prior", "text_prior_unset"]
 
 
 @dataclass
@@ -205,3 +208,23 @@ class ModelScorer:
         off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
         users = self.user_vectors(batch.histories, batch.domain)
         return (users @ self.vecs[off:off + n].T).numpy()
+
+
+def resolve_text_prior(cfg: TrainConfig, splits: Splits, vectors: np.ndarray) -> TrainConfig:
+    """`cfg` with its unset (None) `text_prior_decay` / `text_prior_cross` chosen on the validation split of the
+    training domains from textknn's grid (`fit_textknn`; a value that is set stays, only the other is searched):
+    the model's text prior then starts as the dataset's best textknn. vectors: (N, D) frozen backbone vectors
+    of the catalog. Unchanged for models without a text prior."""
+    from crossrec.baselines.textknn import CROSS_WEIGHTS, DECAYS, fit_textknn
+
+    if not text_prior_unset(cfg):
+        return cfg
+    decay, cross = cfg.text_prior_decay, cfg.text_prior_cross
+    knn = fit_textknn(splits, vectors, DECAYS if decay is None else (decay,), CROSS_WEIGHTS if cross is None
+                      else (cross,), domains=cfg.train_domains)
+    return dataclasses.replace(cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
+
+
+def text_prior_unset(cfg: TrainConfig) -> bool:
+    """Whether `resolve_text_prior` has a value to choose."""
+    return cfg.item_encoder == "text" and cfg.text_prior and None in (cfg.text_prior_decay, cfg.text_prior_cross)

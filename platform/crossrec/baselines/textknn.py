@@ -75,17 +75,19 @@ CROSS_WEIGHTS = (0.0, 0.1, 1.0)
 
 
 def fit_textknn(splits: Splits, vectors: np.ndarray, decays: tuple[float, ...] = DECAYS,
-                cross_weights: tuple[float, ...] = CROSS_WEIGHTS, max_targets: int = 1500) -> TextKNN:
-    """The TextKNN whose (decay, cross_weight) scores the best mean NDCG@10 over domains on a fixed subset of
-    validation targets (`max_targets` per domain). Ties keep the earlier grid point."""
+                cross_weights: tuple[float, ...] = CROSS_WEIGHTS, max_targets: int = 1500,
+                domains: list[str] | None = None) -> TextKNN:
+    """The TextKNN whose (decay, cross_weight) scores the best mean NDCG@10 over `domains` (default: all) on a
+    fixed subset of validation targets (`max_targets` per domain). Ties keep the earlier grid point."""
     from crossrec.evaluation import evaluate
 
+    domains = list(domains or splits.domains)
     best, best_score = None, -1.0
     for decay in decays:
         for cw in cross_weights:
             knn = TextKNN(splits, vectors, decay, cw)
-            m = evaluate(splits, knn, "valid", ks=(10,), max_targets=max_targets).metrics
-            score = float(np.mean([m[d]["ndcg@10"] or 0.0 for d in splits.domains]))
+            m = evaluate(splits, knn, "valid", ks=(10,), max_targets=max_targets, domains=domains).metrics
+            score = float(np.mean([m[d]["ndcg@10"] or 0.0 for d in domains]))
             if score > best_score:
                 best, best_score = knn, score
     best.valid_ndcg10 = best_score
