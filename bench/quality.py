@@ -25,7 +25,7 @@ from crossrec.bundle import load_bundle
 from crossrec.config import RunSettings, TrainConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
-from crossrec.inference import bundle_scorer, refit_text_prior
+from crossrec.inference import bundle_scorer, calibrate_zero_shot
 from crossrec.splits import Splits
 
 
@@ -127,10 +127,11 @@ def main() -> int:
         other = Dataset.load(a.zero_shot)
         osp = Splits(other)
         # Retrieval only: the ranker's features (popularity, graph) are fitted on the training dataset. The text
-        # prior's two weights are chosen on the other dataset's validation split, as textknn's are (refit_text_prior).
+        # prior's weights and the learned part's are chosen on the other dataset's validation split, as
+        # textknn's are (calibrate_zero_shot); the uncalibrated bundle is shown too.
         zero = bundle_scorer(load_bundle(out / "crossrec"), other, osp)
-        zres = {"crossrec zero-shot, bundle prior": evaluate(osp, zero)}
-        report["zero_shot_prior"] = refit_text_prior(zero)
+        zres = {"crossrec zero-shot, as trained": evaluate(osp, zero)}
+        report["zero_shot_calibration"] = calibrate_zero_shot(zero)
         zres["crossrec zero-shot"] = evaluate(osp, zero)
         for name in ("popularity", "textknn"):
             zres[name] = evaluate(osp, BASELINES[name](osp, other, cfg.backbone, cfg.text_template, cfg.max_tokens))

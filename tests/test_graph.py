@@ -114,7 +114,15 @@ def test_each_fusion_mode_trains(ao, mode, text_and_graph):
     with torch.no_grad():
         alone = model.item_vectors(x[:5, :text.shape[1]])
         zero = model.item_vectors(torch.cat([x[:5, :text.shape[1]], torch.zeros(5, graph.shape[1])], 1))
+        full = model.item_vectors(x[:5])
     torch.testing.assert_close(alone, zero)
+    assert not torch.allclose(full, alone)
+    # side_dropout hides the graph vector of a share of the batch's items in training: at 1, all of them.
+    model.cfg.side_dropout, model.cfg.dropout = 1.0, 0.0
+    model.adaptor.drop.p = 0.0
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model.item_vectors(x[:5]), alone)
 
 
 def test_split_sides_and_feature_columns():

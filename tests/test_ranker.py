@@ -159,3 +159,27 @@ def test_ranker_config_is_validated():
         load_config(overrides=["ranker.depth=2"])
     with pytest.raises(ValueError, match=r"`ranker.valid_fraction` must be in \(0, 1\), got 1.0"):
         load_config(overrides=["ranker.valid_fraction=1.0"])
+
+
+def test_recommend_command_answers_in_the_rankers_order(parts, ranked_bundle, capsys):
+    """`crossrec recommend` on a bundle with a ranker: retrieval's top-N re-ordered by the ranker, as Serve
+    answers, with the ranker's scores and the history items behind each."""
+    from crossrec.recommender import HistoryItem, Recommender
+
+    bundle, data, splits, *_ = parts
+    h = splits.batch(splits.targets("test", "office")[:1], "office").histories[0][-5:]
+    history = [HistoryItem(domain=splits.domains[splits.item_domain[i]], item_id=splits.item_ids[i]) for i in h]
+    rec = Recommender(load_bundle(ranked_bundle))
+    ranker = load_ranker(bundle)
+    c = rec.candidates(history, "office", ranker.cfg.top_n)
+    scores = ranker.score(RankRequest(domain="office", candidates=c.item_ids, retrieval_scores=c.scores, user=c.user,
+                                      history=[(x.domain, x.item_id) for x in history],
+                                      history_vectors=c.history_vectors, candidate_vectors=c.candidate_vectors))
+    expected = [c.item_ids[j] for j in np.argsort(-scores, kind="stable")[:4]]
+    capsys.readouterr()
+    tokens = ",".join(f"{x.domain}:{x.item_id}" for x in history)
+    assert main(["recommend", "--bundle", str(ranked_bundle), "--domain", "office", "--history", tokens,
+                 "--k", "4"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:5].strip().rstrip(".").isdigit()]
+    assert [ln[1] for ln in lines] == expected
+    assert [float(ln[2]) for ln in lines] == pytest.approx(sorted(scores, reverse=True)[:4], abs=0.01)

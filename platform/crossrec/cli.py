@@ -91,7 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              f"{', '.join(splits.domains)})")
     scorers = {}
     if bundle is not None:
-        from crossrec.inference import bundle_scorer, refit_text_prior
+        from crossrec.inference import bundle_scorer, calibrate_zero_shot
 
         evaluated = domains or splits.domains
         unseen = [d for d in evaluated if d not in bundle.domains]
@@ -99,8 +99,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
                   f"text with {bundle.config.backbone}")
         scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
-        if unseen == evaluated and not args.bundle_prior:  # a whole new dataset: its own textknn weighting
-            refit_text_prior(scorers["crossrec"], evaluated)
+        if unseen == evaluated and not args.as_trained:  # a whole new dataset: calibrated on its validation split
+            calibrate_zero_shot(scorers["crossrec"], evaluated)
         if bundle.has_ranker:  # the full pipeline is `crossrec`; retrieval alone is reported beside it
             from crossrec.ranker import RankedScorer, load_ranker
 
@@ -178,6 +178,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- recommend -------------------------------------------------------------------------------------------
+def _recommend(rec, history: list, domain: str, k: int) -> list:
+    """Top-k with reasons: retrieval alone, or retrieval's top-N re-ordered by the bundle's ranker (as Serve
+    answers), the score shown then being the ranker's."""
+    import numpy as np
+
+    from crossrec.ranker import RankRequest, load_ranker
+
+    ranker = load_ranker(rec.bundle)
+    if ranker is None:
+        return rec.recommend(history, domain, k=k, explain=True)
+    c = rec.candidates(history, domain, max(ranker.cfg.top_n, k))
+    scores = ranker.score(RankRequest(domain=domain, candidates=c.item_ids, retrieval_scores=c.scores, user=c.user,
+                                      history=[(h.domain, h.item_id) for h in history],
+                                      history_vectors=c.history_vectors, candidate_vectors=c.candidate_vectors))
+    order = np.argsort(-scores, kind="stable")[:k]
+    top = [c.item_ids[j] for j in order]
+    by_id = {r.item_id: r for r in rec.recommend(history, domain, k=len(top), explain=True, candidates=top)}
+    out = [by_id[i] for i in top]
+    for r, j in zip(out, order):
+        r.score = float(scores[j])
+    return out
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from crossrec.bundle import load_bundle
     from crossrec.recommender import HistoryItem, Recommender
@@ -194,7 +217,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
     try:
-        recs = rec.recommend(history, args.domain, k=args.k, explain=True)
+        recs = _recommend(rec, history, args.domain, args.k)
     except KeyError as e:
         raise UsageError(str(e)) from None
     print(f"history ({len(history)} items):")
@@ -434,10 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-per-domain", type=int, default=3,
                     help="interactions a user needs in a domain to get targets there (default: 3)")
     sp.add_argument("--no-mask", action="store_true", help="keep history items as candidates")
-    sp.add_argument("--bundle-prior", action="store_true",
-                    help="zero-shot (no evaluated domain in the bundle): keep the bundle's text-prior decay and "
-                         "cross-domain weight instead of choosing them on this dataset's validation split, as "
-                         "the textknn baseline is")
+    sp.add_argument("--as-trained", action="store_true",
+                    help="zero-shot (no evaluated domain in the bundle): keep the bundle as trained instead of "
+                         "choosing its text-prior decay, cross-domain weight and learned-part weight on this "
+                         "dataset's validation split, as the textknn baseline's are")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_evaluate)
 

@@ -162,6 +162,9 @@ class TrainConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     feature_columns: list[str] | None = None  # list<float32> item columns fused with text (e.g. image vectors)
     fusion: str = "concat"  # how text, graph and feature vectors combine: concat, gate, attention
+    # Chance that an item's side vectors are hidden in a training batch: trains the text-only path that new
+    # items, items without graph edges and zero-shot catalogs take (like domain_dropout for domain ids).
+    side_dropout: float = 0.1
     side_dims: list[int] | None = None  # set by training: sizes of the graph/feature blocks after the text vector
     ranker: RankerConfig = field(default_factory=RankerConfig)
 
@@ -200,7 +203,7 @@ class TrainConfig:
         if self.text_prior_decay is not None and not 0 < self.text_prior_decay <= 1:
             raise ValueError(f"`text_prior_decay` must be in (0, 1] (or null: chosen on validation), "
                              f"got {self.text_prior_decay!r}")
-        for name in ("dropout", "domain_dropout"):
+        for name in ("dropout", "domain_dropout", "side_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
         if self.min_per_domain < 2:

@@ -18,7 +18,7 @@ from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
 __all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone",
-           "has_domain_adapters", "refit_text_prior"]
+           "has_domain_adapters", "calibrate_zero_shot"]
 
 
 def bundle_backbone(bundle: Bundle, domain: str | None = None) -> Backbone:
@@ -113,20 +113,36 @@ def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool 
                        domain_map_for(bundle.domains, splits))
 
 
-def refit_text_prior(scorer: ModelScorer, domains: list[str] | None = None) -> dict | None:
-    """Zero-shot on a dataset the bundle never saw: the text prior's recency decay and cross-domain weight
-    chosen again on this dataset's validation split (textknn's grid over the prior's own vectors, exactly as
-    the textknn baseline is fitted there), since the values that suited the training dataset need not suit
-    another; every learned weight stays. Changes `scorer.model`'s config in place and returns the chosen values
-    (also as `scorer.params`), or None for a model without a text prior."""
+LEARNED_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
+
+
+def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None,
+                        max_targets: int = 1500) -> dict | None:
+    """Zero-shot on a dataset the bundle never saw, calibrated on that dataset's validation split as the
+    textknn baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid
+    over the prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0
+    leaves exactly the prior: the learned part did not transfer). No weight of the model is trained. Changes
+    `scorer` (and its model's config) in place and returns the chosen values (also `scorer.params`), or None
+    for a model without a text prior."""
     import dataclasses
 
     from crossrec.baselines.textknn import fit_textknn
+    from crossrec.evaluation import evaluate
 
     model = scorer.model
     if not model.text_prior:
         return None
-    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim:].numpy(), domains=domains)
+    domains = list(domains or scorer.catalog.domains)
+    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim:].numpy(), domains=domains,
+                      max_targets=max_targets)
     model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
-    scorer.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight}
+    best, best_score = 1.0, -1.0
+    for w in LEARNED_WEIGHTS:  # ties keep the larger weight: the model as trained
+        scorer.learned_weight = w
+        m = evaluate(scorer.catalog, scorer, "valid", ks=(10,), max_targets=max_targets, domains=domains).metrics
+        score = float(np.mean([m[d]["ndcg@10"] or 0.0 for d in domains]))
+        if score > best_score:
+            best, best_score = w, score
+    scorer.learned_weight = best
+    scorer.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight, "learned_weight": best}
     return scorer.params

@@ -186,6 +186,9 @@ class CrossRecModel(nn.Module):
             x, sides = split_sides(x, self.cfg.side_dims, self.adaptor_in_dim)
             v = self.adaptor(x)
             if sides:
+                if self.training and self.cfg.side_dropout:
+                    keep = (torch.rand(len(x), 1, device=x.device) >= self.cfg.side_dropout).to(x.dtype)  # (N, 1)
+                    sides = [s * keep for s in sides]
                 v = self.fusion(v, sides)
             if ids is not None and self.cfg.item_ids:
                 v = v + self.item_emb(ids)

@@ -182,7 +182,9 @@ class ModelScorer:
     """Scores every item of a domain for a batch of histories, with one model and one item catalog.
 
     `item_vectors` (N, D) are the model's item vectors for the catalog's global indices; `domain_map`
-    maps the catalog's domain codes to the model's domain ids (unknown domains -> the unknown id)."""
+    maps the catalog's domain codes to the model's domain ids (unknown domains -> the unknown id).
+    `learned_weight` scales the learned part of the score against the text prior (zero-shot calibration,
+    crossrec.inference.calibrate_zero_shot; 1 = the model as trained)."""
 
     name = "crossrec"
 
@@ -193,15 +195,19 @@ class ModelScorer:
         self.catalog = catalog
         self.domain_map = domain_map
         self.batch_size = batch_size
+        self.learned_weight = 1.0
 
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
         c = self.catalog
         code = c.dom_code[target_domain]
         codes = [c.item_domain[h] for h in histories]
-        return encode_users(self.model, self.vecs, histories, [self.domain_map[x] for x in codes],
-                            np.full(len(histories), self.domain_map[code]), self.batch_size,
-                            prior_domains=(codes, np.full(len(histories), code)))
+        users = encode_users(self.model, self.vecs, histories, [self.domain_map[x] for x in codes],
+                             np.full(len(histories), self.domain_map[code]), self.batch_size,
+                             prior_domains=(codes, np.full(len(histories), code)))
+        if self.learned_weight != 1.0:
+            users[:, :self.model.cfg.dim] *= self.learned_weight
+        return users
 
     @torch.inference_mode()
     def __call__(self, batch: TargetBatch) -> np.ndarray:
