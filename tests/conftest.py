@@ -122,9 +122,10 @@ def micro_fk(tmp_path_factory, food_kitchen_csv) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vector_cache(tmp_path_factory):
-    """Backbone vectors of the tiny slices cached per test module, away from the user's cache; yields the folder."""
+    """Backbone vectors of the tiny slices cached once per test session (each slice is embedded once, whichever
+    module needs it first), away from the user's cache; yields the folder."""
     old = os.environ.get("CROSSREC_CACHE_DIR")
     path = tmp_path_factory.mktemp("cache")
     os.environ["CROSSREC_CACHE_DIR"] = str(path)

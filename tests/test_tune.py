@@ -37,9 +37,10 @@ def _csv(path: Path) -> list[dict]:
 def test_three_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, vector_cache, tiny_fk,
                                                                     tmp_path, capsys):
     # One sensible learning rate first, then two that wreck the model: ASHA (grace 1, factor 2) must stop
-    # the later trials at their first rung, below the first trial's epoch-1 score.
+    # the later trials at their first rung, below the first trial's epoch-1 score. The graph's vectors are
+    # built once for all trials, as `crossrec train` builds them.
     sweep = _write(tmp_path / "sweep.yaml", {
-        "base": {**TINY, "epochs": 4},
+        "base": {**TINY, "epochs": 4, "graph": {"enabled": True}, "fusion": "attention"},
         "space": {"lr": {"type": "grid", "values": [3.0e-3, 10.0, 30.0]}},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "max_concurrent_trials": 1, "workers_per_trial": 1})
@@ -57,6 +58,7 @@ def test_three_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, 
     assert _all_cpus_free(ray_cluster)
     meta = json.loads((out / "best" / "bundle.json").read_text())
     assert meta["run"]["params"] == {"lr": 0.003} and meta["config"]["lr"] == 0.003
+    assert meta["config"]["graph"]["enabled"] and meta["config"]["side_dims"] == [meta["in_dim"] - 384]
     assert meta["metrics"]["valid"]["valid/ndcg@10"] == pytest.approx(float(rows[0]["best valid/ndcg@10"]))
     assert main(["evaluate", "--bundle", str(out / "best"), "--data", str(tiny_fk), "--baselines", "popularity",
                  "--quiet"]) == 0
@@ -151,6 +153,8 @@ BASE_SWEEP = {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
      r"`heads` \(4\)"),
     ({"space": {"backbone": {"type": "choice", "values": ["minilm", "smollm2-135m"]}}},
      r"`space.backbone`: `backbone` cannot be searched: the catalog vectors are computed once per sweep"),
+    ({"space": {"graph.layers": {"type": "grid", "values": [1, 2]}}},
+     r"`space.graph.layers`: `graph.layers` cannot be searched: the catalog vectors are computed once"),
     ({"base": {"epoch": 3}}, r"`base`: unknown config key `epoch`"),
     ({"mode": "maximize"}, r"`mode` must be max or min, got 'maximize'"),
     ({"metric": "ndcg"}, r"`metric` must be a reported metric"),

@@ -55,6 +55,7 @@ def tune_trial(config: dict, setup: dict) -> None:
 
     sweep = sweep_from_dict(setup["sweep"])
     cfg = sweep.trial_config(config)
+    cfg.side_dims = setup["side_dims"]  # graph / feature blocks of the sweep's catalog input
     # The Train run is named after the trial: a trial restarted by `Tuner.restore` resumes its last checkpoint.
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
@@ -312,11 +313,16 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         from trainers.embed import embed_catalog
 
         vec_path = embed_catalog(dataset, splits, base, progress=progress)  # once, before any trial
+    side_dims = None
+    if base.graph.enabled or base.feature_columns:  # [text | graph | features], as `crossrec train` builds it
+        from crossrec.fusion import with_side_vectors
+
+        vec_path, side_dims = with_side_vectors(dataset, splits, base, vec_path)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "runs": str(out / "runs")}
+             "side_dims": side_dims, "runs": str(out / "runs")}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -366,12 +372,12 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     best = max(reported, key=lambda r: sign * r.best(sweep.metric, sweep.mode)[sweep.metric], default=None)
     bundle = None
     if best is not None and not interrupted:
-        bundle = _export_best(best, sweep, data, out, vec_path, dataset, splits, progress)
+        bundle = _export_best(best, sweep, data, out, vec_path, side_dims, dataset, splits, progress)
     return SweepResult(out, records, best, bundle, interrupted, round(time.time() - t0, 1), experiment)
 
 
-def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, vec_path, dataset, splits,
-                 progress: bool) -> dict:
+def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, vec_path, side_dims, dataset,
+                 splits, progress: bool) -> dict:
     from ray.train import Checkpoint  # ray
 
     # The best epoch whose checkpoint was kept (Train keeps the best two and the latest).
@@ -380,6 +386,7 @@ def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, v
         raise RuntimeError(f"trial {best.trial_id} kept no checkpoint under {out / 'runs' / best.trial_id}")
     row = (max if sweep.mode == "max" else min)(rows, key=lambda h: h[sweep.metric])
     cfg = sweep.trial_config(best.params)
+    cfg.side_dims = side_dims
     history = [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in best.history]
     return export_bundle(data, out / "best", cfg, Checkpoint(row["checkpoint_path"]), row, history, vec_path,
                          {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
