@@ -1,6 +1,7 @@
 """Quality table: crossrec (cached mode) beside popularity, textknn and SASRec, per domain, full ranking.
 
-    python bench/quality.py --data data/amazon-art-office --out out/bench/ao [--set epochs=8 ...]
+    python bench/quality.py --data data/amazon-art-office --out out/bench/ao [--config configs/recommended.yaml]
+                            [--set epochs=8 ...]
     python bench/quality.py --data data/amazon-food-kitchen --out out/bench/fk --zero-shot data/amazon-art-office
     python bench/quality.py --data data/amazon-art-office --out out/bench/ao-transfer --transfer
 
@@ -86,6 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--config", help="crossrec's training config (e.g. configs/recommended.yaml)")
     ap.add_argument("--set", action="append", default=[], help="config overrides for crossrec")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-sasrec", action="store_true")
@@ -98,8 +100,8 @@ def main() -> int:
     data = Dataset.load(a.data)
     splits = Splits(data)
     domains = splits.domains + ["all"]
-    cfg = load_config(overrides=a.set)
-    report: dict = {"data": a.data, "config": a.set, "runs": {}}
+    cfg = load_config(a.config, a.set)
+    report: dict = {"data": a.data, "config_file": a.config, "config": a.set, "runs": {}}
     results, costs = {}, {}
 
     for name in ("popularity", "textknn"):
@@ -142,11 +144,11 @@ def main() -> int:
         tres, tcost = {}, {}
         for d in splits.domains:
             others = [x for x in splits.domains if x != d]
-            only = load_config(overrides=[*a.set, f"train_domains=[{d}]"])
+            only = load_config(a.config, [*a.set, f"train_domains=[{d}]"])
             _, t1, m1 = train(a.data, out / f"only-{d}", only, a.workers)
-            pre = load_config(overrides=[*a.set, f"train_domains=[{','.join(others)}]"])
+            pre = load_config(a.config, [*a.set, f"train_domains=[{','.join(others)}]"])
             _, t2, m2 = train(a.data, out / f"pre-{d}", pre, a.workers)
-            ft = load_config(overrides=[*a.set, f"train_domains=[{d}]", f"init_from={out / f'pre-{d}'}"])
+            ft = load_config(a.config, [*a.set, f"train_domains=[{d}]", f"init_from={out / f'pre-{d}'}"])
             _, t3, m3 = train(a.data, out / f"ft-{d}", ft, a.workers)
             for label, b, cost in ((f"{d}: target only", f"only-{d}", (t1, m1)),
                                    (f"{d}: zero-shot (pre only)", f"pre-{d}", (t2, m2)),
