@@ -33,3 +33,12 @@ def test_console_script_help():
     assert r.returncode == 0 and "prepare" in r.stdout and "evaluate" in r.stdout
     r = subprocess.run([sys.executable, "-m", "crossrec.cli", "prepare", "--help"], capture_output=True, text=True)
     assert "--identity" in r.stdout and "atomically" in r.stdout
+
+
+def test_recommended_config_loads_the_measured_pipeline():
+    from crossrec.cli import RECOMMENDED
+    from crossrec.config import load_config
+
+    cfg = load_config(RECOMMENDED)
+    assert cfg.graph.enabled and cfg.fusion == "attention" and cfg.ranker.enabled and cfg.mode == "cached"
+    assert cfg.text_prior_decay is None  # chosen on each dataset's validation split

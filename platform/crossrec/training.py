@@ -174,8 +174,35 @@ def encode_users(model: CrossRecModel, item_vectors: torch.Tensor, histories: li
             prior = (torch.from_numpy(pd), torch.from_numpy(pn))
         hv = item_vectors[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
         u = model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid), prior)
-        out.append(u[:, -1])
+        u = u[:, -1]
+        if model.text_prior:
+            # The prior over the WHOLE history, not just the tower's last max_len items: a user whose recent
+            # items are all from other domains still has a same-domain text query (exactly textknn's).
+            pd, pn = prior_domains if prior_domains is not None else (hist_domains, target_domains)
+            u[:, model.cfg.dim:] = model.log_beta.exp() * _prior_query(
+                model, item_vectors[:, model.cfg.dim:], hs, pd[s:s + batch_size], pn[s:s + batch_size])
+        out.append(u)
     return torch.cat(out) if out else torch.zeros(0, item_vectors.shape[1])
+
+
+def _prior_query(model: CrossRecModel, text: torch.Tensor, histories: list[np.ndarray],
+                 hist_domains: list[np.ndarray], target_domains: np.ndarray) -> torch.Tensor:
+    """(B, T) unit recency-weighted means of the histories' text vectors (`text`: rows of the catalog), with
+    the model's decay and cross-domain weight: what CrossRecModel.user_vectors computes over its window."""
+    lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
+    q = torch.zeros(len(histories), text.shape[1])
+    if int(lengths.sum()) == 0:
+        return q
+    items = torch.from_numpy(np.concatenate(histories).astype(np.int64))  # (H,) every history, chained
+    row = torch.repeat_interleave(torch.arange(len(histories)), lengths)  # (H,)
+    age = torch.cumsum(lengths, 0)[row] - 1 - torch.arange(len(items))  # 0 = the most recent item
+    w = torch.pow(torch.tensor(model.cfg.text_prior_decay, dtype=torch.float64), age.double()).float()
+    if model.cfg.text_prior_cross != 1.0:
+        same = torch.from_numpy(np.concatenate(hist_domains).astype(np.int64)) == \
+            torch.from_numpy(np.asarray(target_domains, dtype=np.int64))[row]
+        w = torch.where(same, w, w * model.cfg.text_prior_cross)
+    q.index_add_(0, row, w[:, None] * text[items])
+    return torch.nn.functional.normalize(q, dim=-1)
 
 
 class ModelScorer:
