@@ -97,17 +97,21 @@ def test_recommend_prints_top_k_with_reasons(first_run, tiny_fk, capsys):
     assert "unknown domain 'toys' (known: food, kitchen)" in capsys.readouterr().err
 
 
-def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny_fk, tmp_path):
+def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny_fk, tmp_path, monkeypatch):
     from trainers.train import train_bundle
 
     pre = train_bundle(tiny_fk, tmp_path / "pre", load_config(overrides=[*FAST, "train_domains=[food]"]),
                        RunSettings(workers=1, name="pre"), progress=False)
     assert pre["domains"] == ["food"]
+    monkeypatch.chdir(tmp_path)  # a relative --init works although the workers run elsewhere
     ft = train_bundle(tiny_fk, tmp_path / "ft",
-                      load_config(overrides=[*FAST, "epochs=1", "train_domains=[kitchen]",
-                                             f"init_from={tmp_path / 'pre'}", "finetune=adaptor"]),
+                      load_config(overrides=[*FAST, "epochs=1", "train_domains=[kitchen]", "init_from=pre",
+                                             "finetune=adaptor"]),
                       RunSettings(workers=1, name="ft"), progress=False)
     assert ft["domains"] == ["kitchen"] and ft["config"]["init_from"] == str(tmp_path / "pre")
+    with pytest.raises(ValueError, match="`init_from`: nowhere is not a crossrec bundle"):
+        train_bundle(tiny_fk, tmp_path / "bad", load_config(overrides=[*FAST, "init_from=nowhere"]),
+                     RunSettings(workers=1), progress=False)
 
 
 def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsys):

@@ -16,7 +16,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +280,17 @@ def resolved_prior(cfg: TrainConfig, data: str | Path | Dataset, vectors: str | 
     return resolve_text_prior(cfg, splits, x)
 
 
+def resolved_init(cfg: TrainConfig) -> TrainConfig:
+    """cfg with `init_from` made absolute (the workers read it, and their working directory is not the
+    driver's); fails naming the field when it is not a bundle."""
+    if not cfg.init_from:
+        return cfg
+    path = Path(cfg.init_from).expanduser().resolve()
+    if not (path / "bundle.json").is_file():
+        raise ValueError(f"`init_from`: {cfg.init_from} is not a crossrec bundle (no bundle.json)")
+    return replace(cfg, init_from=str(path))
+
+
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
         resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
@@ -287,7 +298,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
-    cfg = resolved_prior(cfg, data, vectors)
+    cfg = resolved_prior(resolved_init(cfg), data, vectors)
     init_ray(run.address)
     # Train's controller polls its workers every 2 s by default: each fit then idles seconds at start and end.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -324,6 +335,7 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
                  resume_from: str | Path | None = None, progress: bool = True) -> dict:
     """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json."""
 
+    cfg = resolved_init(cfg)  # before any work, and recorded absolute in the bundle
     dataset = Dataset.load(data)
     splits = Splits(dataset, cfg.min_per_domain)
     model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
