@@ -132,22 +132,21 @@ class ItemTextEncoder(nn.Module):
         idx = idx.cpu()
         if self.item_adapter is None:
             return self._encode(idx)
-        parts, rows, used = [], [], set()
+        # Every adapter runs on every call, in one order: ZeRO-3 gathers a layer's shards collectively at each
+        # forward, so all ranks must run the same forwards whatever domains their batches hold. An adapter
+        # without items here encodes one item at weight zero, which also gives its weights the exact zero
+        # gradient DDP and ZeRO expect from every trainable weight.
         codes = self.item_adapter[idx]
-        for code in codes.unique().tolist():
+        parts, rows, idle = [], [], 0.0
+        for code, name in enumerate(self.adapters):
             at = torch.nonzero(codes == code).squeeze(1)
-            activate_adapter(self.backbone, self.adapters[code])
-            parts.append(self._encode(idx[at]))
-            rows.append(at)
-            used.add(self.adapters[code])
-        out = torch.cat(parts)[torch.argsort(torch.cat(rows))]  # back to the order of idx
-        if self.training and len(used) < len(self.adapters):
-            # A batch without some domain leaves its adapter without a gradient, which DDP and ZeRO take for an
-            # error or a hang: give those weights an exact zero gradient instead.
-            idle = [p for n, p in self.backbone.named_parameters()
-                    if p.requires_grad and any(f".{a}." in n for a in set(self.adapters) - used)]
-            out = out + 0.0 * sum(p.sum() for p in idle)
-        return out
+            activate_adapter(self.backbone, name)
+            if len(at):
+                parts.append(self._encode(idx[at]))
+                rows.append(at)
+            else:
+                idle = idle + 0.0 * self._encode(idx[:1]).sum()
+        return torch.cat(parts)[torch.argsort(torch.cat(rows))] + idle  # back to the order of idx
 
     @torch.inference_mode()
     def embed(self, idx: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
