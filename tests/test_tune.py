@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crossrec.baselines.textknn import CROSS_WEIGHTS, DECAYS
 from crossrec.cli import main
 from crossrec.sweep import load_sweep, sweep_from_dict
 
@@ -59,6 +60,8 @@ def test_three_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, 
     meta = json.loads((out / "best" / "bundle.json").read_text())
     assert meta["run"]["params"] == {"lr": 0.003} and meta["config"]["lr"] == 0.003
     assert meta["config"]["graph"]["enabled"] and meta["config"]["side_dims"] == [meta["in_dim"] - 384]
+    # The text prior's weights were chosen once for the sweep (textknn's grid on validation) and exported.
+    assert meta["config"]["text_prior_decay"] in DECAYS and meta["config"]["text_prior_cross"] in CROSS_WEIGHTS
     assert meta["metrics"]["valid"]["valid/ndcg@10"] == pytest.approx(float(rows[0]["best valid/ndcg@10"]))
     assert main(["evaluate", "--bundle", str(out / "best"), "--data", str(tiny_fk), "--baselines", "popularity",
                  "--quiet"]) == 0

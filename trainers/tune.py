@@ -24,7 +24,7 @@ from crossrec.dataset import Dataset
 from crossrec.splits import Splits
 from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
                             write_trial_csv)
-from trainers.train import VALID_METRIC, export_bundle, fit, init_ray, model_domains
+from trainers.train import VALID_METRIC, export_bundle, fit, init_ray, model_domains, resolved_prior
 
 __all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
                       "use mode cached")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
+# Keys the text prior's validation choice depends on: a sweep varying one leaves the choice to each trial.
+PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
 
 
@@ -54,13 +56,23 @@ def tune_trial(config: dict, setup: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback  # ray
 
     sweep = sweep_from_dict(setup["sweep"])
-    cfg = sweep.trial_config(config)
-    cfg.side_dims = setup["side_dims"]  # graph / feature blocks of the sweep's catalog input
+    cfg = _trial_config(sweep, config, setup)
     # The Train run is named after the trial: a trial restarted by `Tuner.restore` resumes its last checkpoint.
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
                       name=tune.get_context().get_trial_id(), max_failures=0)
     fit(setup["data"], cfg, run, setup["vectors"], callbacks=[TuneReportCallback()])
+
+
+def _trial_config(sweep: SweepConfig, params: dict, setup: dict):
+    """The trial's TrainConfig with what the sweep computed once for all trials: the graph / feature blocks of
+    its catalog input and, where no trial varies them, the text prior's weights chosen on validation."""
+    cfg = sweep.trial_config(params)
+    cfg.side_dims = setup["side_dims"]
+    for key, value in setup["text_prior"].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return cfg
 
 
 # -- placement groups of stopped trials -----------------------------------------------------------------------
@@ -318,11 +330,16 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         from crossrec.fusion import with_side_vectors
 
         vec_path, side_dims = with_side_vectors(dataset, splits, base, vec_path)
+    base.side_dims = side_dims
+    text_prior = {}  # chosen once here (a validation grid) instead of once per trial, unless trials vary it
+    if not set(PRIOR_INPUTS) & set(sweep.space):
+        chosen = resolved_prior(base, dataset, vec_path, splits)
+        text_prior = {k: getattr(chosen, k) for k in ("text_prior_decay", "text_prior_cross")}
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "runs": str(out / "runs")}
+             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs")}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -372,12 +389,12 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     best = max(reported, key=lambda r: sign * r.best(sweep.metric, sweep.mode)[sweep.metric], default=None)
     bundle = None
     if best is not None and not interrupted:
-        bundle = _export_best(best, sweep, data, out, vec_path, side_dims, dataset, splits, progress)
+        bundle = _export_best(best, sweep, data, out, setup, dataset, splits, progress)
     return SweepResult(out, records, best, bundle, interrupted, round(time.time() - t0, 1), experiment)
 
 
-def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, vec_path, side_dims, dataset,
-                 splits, progress: bool) -> dict:
+def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, setup: dict, dataset, splits,
+                 progress: bool) -> dict:
     from ray.train import Checkpoint  # ray
 
     # The best epoch whose checkpoint was kept (Train keeps the best two and the latest).
@@ -385,10 +402,9 @@ def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, v
     if not rows:
         raise RuntimeError(f"trial {best.trial_id} kept no checkpoint under {out / 'runs' / best.trial_id}")
     row = (max if sweep.mode == "max" else min)(rows, key=lambda h: h[sweep.metric])
-    cfg = sweep.trial_config(best.params)
-    cfg.side_dims = side_dims
+    cfg = _trial_config(sweep, best.params, setup)
     history = [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in best.history]
-    return export_bundle(data, out / "best", cfg, Checkpoint(row["checkpoint_path"]), row, history, vec_path,
+    return export_bundle(data, out / "best", cfg, Checkpoint(row["checkpoint_path"]), row, history, setup["vectors"],
                          {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
                          {"run": {"sweep": str(out), "trial": best.trial_id, "params": best.params,
                                   "workers": sweep.workers_per_trial}},

@@ -29,8 +29,8 @@ DEFAULT_METRIC = "valid/ndcg@10"  # what `trainers.train.train_func` reports eac
 SPACE_TYPES = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
-# The catalog vectors are computed once per sweep, before the trials: keys that change them cannot vary.
-# The item-encoder input (catalog vectors, graph and feature blocks) is computed once per sweep.
+# The item-encoder input (catalog vectors, graph and feature blocks) is computed once per sweep, before the
+# trials: keys that change it cannot vary.
 FIXED_PER_SWEEP = ("backbone", "text_template", "max_tokens", "graph.enabled", "graph.layers",
                    "graph.co_interaction", "graph.columns", "feature_columns", "side_dims")
 _GRID_CHECK_LIMIT = 256  # finite spaces up to this many combinations are validated combination by combination
