@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/finetune.py --users 60 --parts quality,strategies,smollm2,overhead
 
-quality:    cached vs end-to-end LoRA (minilm): test NDCG@10 (all domains) and wall time of `train_bundle`
+quality:    cached vs end-to-end LoRA (minilm), one shared adapter and one adapter per domain: test NDCG@10 (all
+            domains) and wall time of `train_bundle`
 strategies: end-to-end LoRA (minilm) under ddp, deepspeed ZeRO-2, ZeRO-3 (2 workers): backbone tokens/s, step time,
-            peak RSS of rank 0
+            peak RSS of rank 0; with --per-domain each also with one adapter per domain
 smollm2:    end-to-end LoRA on smollm2-135m (ddp, 2 workers): samples/s
 overhead:   the same end-to-end step in a 1-worker TorchTrainer vs a plain in-process loop (ratio of step times)
 With --gpus-per-worker 1 the same runs use GPUs (NCCL, bf16); --peak-tflops adds MFU (6 N tokens/s / peak).
@@ -33,9 +34,10 @@ def _slice(src: Path, users: int, work: Path) -> Path:
 
     from crossrec.dataset import prepare
 
-    out = work / f"{src.name}-{users}u"
-    if not (out / "dataset.json").exists() and not out.exists():
-        prepare([_subset(src, work / f"{src.name}-{users}u-src", users, extra_items=0)], out, progress=False)
+    out = work / f"{src.name}-{users}cu"
+    if not (out / "dataset.json").exists() and not out.exists():  # cross-domain users: every domain is trained
+        prepare([_subset(src, work / f"{src.name}-{users}cu-src", users, extra_items=0, cross_domain=True)], out,
+                progress=False)
     return out
 
 
@@ -64,36 +66,41 @@ def quality(data, args, out):
     from trainers.train import train_bundle
 
     rows = []
-    for mode in ("cached", "end-to-end"):
-        cfg = load_config(overrides=[*SMALL, f"mode={mode}", f"epochs={args.epochs}"])
+    for mode, per_domain in (("cached", False), ("end-to-end", False), ("end-to-end", True)):
+        cfg = load_config(overrides=[*SMALL, f"mode={mode}", f"epochs={args.epochs}",
+                                     f"lora.per_domain={str(per_domain).lower()}"])
         t = time.time()
-        meta = train_bundle(data, out / f"q-{mode}", cfg, RunSettings(workers=args.workers, name=f"q-{mode}",
+        name = f"q-{mode}{'-per-domain' if per_domain else ''}"
+        meta = train_bundle(data, out / name, cfg, RunSettings(workers=args.workers, name=name,
                                                                       gpus_per_worker=args.gpus_per_worker,
                                                                       storage_path=str(out / "runs")),
                             progress=False)
-        rows.append({"part": "quality", "mode": mode, "test_ndcg@10": meta["metrics"]["test"]["all"]["ndcg@10"],
+        rows.append({"part": "quality", "mode": mode, "adapters": "per-domain" if per_domain else "shared",
+                     "test_ndcg@10": meta["metrics"]["test"]["all"]["ndcg@10"],
                      "valid_ndcg@10": meta["metrics"]["history"][-1]["valid/ndcg@10"], "wall_s": time.time() - t,
                      "fit_s": meta["metrics"]["time_s"]["fit"]})
     return rows
 
 
-def strategies(data, args, out, backbone="minilm", variants=(("ddp", 0), ("deepspeed", 2), ("deepspeed", 3))):
+def strategies(data, args, out, backbone="minilm", variants=(("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)),
+               adapters=("shared",)):
     from crossrec.backbones import load_backbone
     from crossrec.config import RunSettings, load_config
 
     n_params = sum(p.numel() for p in load_backbone(backbone).parameters())
     rows = []
-    for strategy, stage in variants:
+    for (strategy, stage), kind in [(v, k) for v in variants for k in adapters]:
         over = [*SMALL, "mode=end-to-end", f"backbone={backbone}", "epochs=1", f"max_steps={args.steps}",
-                f"strategy={strategy}", "deepspeed.bf16=false"]
+                f"strategy={strategy}", "deepspeed.bf16=false", f"lora.per_domain={str(kind == 'per-domain').lower()}"]
         if stage:
             over.append(f"deepspeed.zero_stage={stage}")
-        name = f"s-{backbone}-{strategy}{stage or ''}-{int(time.time())}"
+        name = f"s-{backbone}-{strategy}{stage or ''}-{kind}-{int(time.time())}"
         hist, wall = _run(data, load_config(overrides=over),
                           RunSettings(workers=args.workers, name=name, gpus_per_worker=args.gpus_per_worker,
                                       storage_path=str(out / "runs"), max_failures=0), name)
         h = hist[-1]
-        row = {"part": "strategies", "backbone": backbone, "strategy": f"{strategy}{'-zero' + str(stage) if stage else ''}",
+        row = {"part": "strategies", "backbone": backbone,
+               "strategy": f"{strategy}{'-zero' + str(stage) if stage else ''}", "adapters": kind,
                "steps": h["step"], "step_s": h["train/step_s"], "tokens_per_s": h["train/tokens_per_s"],
                "samples_per_s": 16 / h["train/step_s"], "peak_rss_mb": h["worker/peak_rss_mb"],
                "peak_gpu_mb": h.get("worker/peak_gpu_mb", 0.0), "wall_s": wall}
@@ -155,13 +162,15 @@ def overhead(data, args, out):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default="/work/shared/data/amazon-food-kitchen", help="a CSV dataset folder")
-    ap.add_argument("--users", type=int, default=60, help="first N users of --src (default 60)")
+    ap.add_argument("--users", type=int, default=60,
+                    help="first N users of --src with interactions in more than one domain (default 60)")
     ap.add_argument("--parts", default="quality,strategies,smollm2,overhead")
     ap.add_argument("--epochs", type=int, default=2, help="quality runs")
     ap.add_argument("--steps", type=int, default=6, help="steps per throughput run")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--gpus-per-worker", type=float, default=0)
     ap.add_argument("--peak-tflops", type=float, default=0, help="per device, for MFU (H100 bf16 dense: 989)")
+    ap.add_argument("--per-domain", action="store_true", help="strategies: also one LoRA adapter per domain")
     ap.add_argument("--out", default="out/bench/finetune")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -178,7 +187,8 @@ def main() -> None:
             rows += quality(data, args, out)
         elif part == "strategies":
             variants = (("ddp", 0),) + ((("deepspeed", 2), ("deepspeed", 3)) if args.workers > 1 else ())
-            rows += strategies(data, args, out, variants=variants)
+            rows += strategies(data, args, out, variants=variants,
+                               adapters=("shared", "per-domain") if args.per_domain else ("shared",))
         elif part == "smollm2":
             rows += strategies(data, args, out, backbone="smollm2-135m", variants=(("ddp", 0),))
         elif part == "overhead":
@@ -188,7 +198,7 @@ def main() -> None:
         print(f"[{part}: {time.time() - t:.0f}s] {json.dumps(rows[-1])}", flush=True)
     meta = {"src": args.src, "users": args.users, "load_avg": os.getloadavg(), "args": vars(args), "rows": rows}
     (out / "results.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"\nslice: first {args.users} users of {args.src}; load average {os.getloadavg()[0]:.1f}")
+    print(f"\nslice: first {args.users} cross-domain users of {args.src}; load average {os.getloadavg()[0]:.1f}")
     for r in rows:
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 

@@ -59,14 +59,19 @@ def ray_cluster():
         ray.shutdown()
 
 
-def _subset(src: Path, dst: Path, n_users: int, extra_items: int = 30) -> Path:
-    """The first n_users of a real slice (file order) with their items, plus a few untouched items per domain."""
+def _subset(src: Path, dst: Path, n_users: int, extra_items: int = 30, cross_domain: bool = False) -> Path:
+    """The first n_users of a real slice (file order) with their items, plus a few untouched items per domain.
+    cross_domain: only users with interactions in more than one domain (the shared datasets list single-domain
+    users first, so their first users cover one domain)."""
     import csv
 
     dst.mkdir(parents=True)
     with open(src / "interactions.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    users = list(dict.fromkeys(r["user_id"] for r in rows))[:n_users]
+    domains: dict[str, set] = {}
+    for r in rows:
+        domains.setdefault(r["user_id"], set()).add(r["domain"])
+    users = [u for u in domains if not cross_domain or len(domains[u]) > 1][:n_users]
     keep = set(users)
     rows = [r for r in rows if r["user_id"] in keep]
     used = {r["item_id"] for r in rows}
