@@ -197,16 +197,18 @@ class CrossRecModel(nn.Module):
         v = F.normalize(v, dim=-1)
         return torch.cat([v, F.normalize(x, dim=-1)], dim=-1) if self.text_prior else v
 
-    def user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
-                     valid: torch.Tensor, prior_domains: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-        """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>.
+    def learned_user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
+                             valid: torch.Tensor) -> torch.Tensor:
+        """The learned part of user_vectors: (B, L, dim) tower outputs over the items' learned columns, / tau."""
+        return self.tower(items, domains, next_domains, valid) / self.tau
 
-        prior_domains: (domains, next_domains) the text prior's same-domain test uses instead of the model's
-        domain ids, which map every domain the model never saw to one "unknown" id: zero-shot on a dataset of
-        two new domains must still tell them apart."""
+    def user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+        """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>: at
+        every position (training). Inference reads the last position's with the prior over the whole history
+        (crossrec.training.encode_users)."""
         d = self.cfg.dim
-        u = self.tower(items[..., :d], domains, next_domains, valid) / self.tau
+        u = self.learned_user_vectors(items[..., :d], domains, next_domains, valid)
         if not self.text_prior:
             return u
         # Recency-weighted prefix means of the history's text vectors: w[t, s] = decay^(t - s), s <= t.
@@ -218,8 +220,7 @@ class CrossRecModel(nn.Module):
         w = w.unsqueeze(0) * valid.unsqueeze(1)  # (B, L, L)
         if self.cfg.text_prior_cross != 1.0:
             # History items from another domain than the one predicted at t count text_prior_cross as much.
-            pd, pn = prior_domains if prior_domains is not None else (domains, next_domains)
-            same = pd.unsqueeze(1) == pn.unsqueeze(2)  # (B, L_t, L_s)
+            same = domains.unsqueeze(1) == next_domains.unsqueeze(2)  # (B, L_t, L_s)
             w = w * torch.where(same, 1.0, self.cfg.text_prior_cross)
         raw = F.normalize(w @ items[..., d:], dim=-1)  # (B, L, in_dim)
         return torch.cat([u, self.log_beta.exp() * raw], dim=-1)

@@ -167,20 +167,16 @@ def encode_users(model: CrossRecModel, item_vectors: torch.Tensor, histories: li
         hs = histories[s:s + batch_size]
         items, doms, nxt, valid = history_arrays(hs, hist_domains[s:s + batch_size], target_domains[s:s + batch_size],
                                                  model.cfg.max_len)
-        prior = None
-        if prior_domains is not None:
-            _, pd, pn, _ = history_arrays(hs, prior_domains[0][s:s + batch_size], prior_domains[1][s:s + batch_size],
-                                          model.cfg.max_len)
-            prior = (torch.from_numpy(pd), torch.from_numpy(pn))
-        hv = item_vectors[torch.from_numpy(items)] * torch.from_numpy(valid).unsqueeze(-1)
-        u = model.user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid), prior)
-        u = u[:, -1]
+        d = model.cfg.dim
+        hv = item_vectors[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)
+        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
+                                       torch.from_numpy(valid))[:, -1]
         if model.text_prior:
             # The prior over the WHOLE history, not just the tower's last max_len items: a user whose recent
             # items are all from other domains still has a same-domain text query (exactly textknn's).
             pd, pn = prior_domains if prior_domains is not None else (hist_domains, target_domains)
-            u[:, model.cfg.dim:] = model.log_beta.exp() * _prior_query(
-                model, item_vectors[:, model.cfg.dim:], hs, pd[s:s + batch_size], pn[s:s + batch_size])
+            u = torch.cat([u, model.log_beta.exp() * _prior_query(
+                model, item_vectors[:, d:], hs, pd[s:s + batch_size], pn[s:s + batch_size])], dim=-1)
         out.append(u)
     return torch.cat(out) if out else torch.zeros(0, item_vectors.shape[1])
 
