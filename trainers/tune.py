@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 # The same refusal `crossrec train` gives: end-to-end (LoRA) training lands with the LoRA issue.
 END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
                       "use mode cached")
-# A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
 # Keys the text prior's validation choice depends on: a sweep varying one leaves the choice to each trial.
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
+# A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
 
 
