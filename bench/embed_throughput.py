@@ -59,7 +59,7 @@ def main() -> int:
     import ray
 
     from trainers.embed import _actor_plan, embed_texts_ray
-    from trainers.train import init_ray
+    from trainers.runtime import init_ray
 
     t0 = time.perf_counter()
     init_ray(a.address)

@@ -63,7 +63,7 @@ def _vectors(data, backbone: str = "minilm"):
 
 def quality(data, args, out):
     from crossrec.config import RunSettings, load_config
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     rows = []
     for mode, per_domain in (("cached", False), ("end-to-end", False), ("end-to-end", True)):
@@ -176,7 +176,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from trainers.train import init_ray
+    from trainers.runtime import init_ray
 
     init_ray()
     data = _slice(Path(args.src), args.users, out)

@@ -67,7 +67,7 @@ def timed(fn):
 
 
 def train(data: str, out: Path, cfg: TrainConfig, workers: int):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     return timed(lambda: train_bundle(data, out, cfg, RunSettings(workers=workers, name=out.name), progress=False))
 

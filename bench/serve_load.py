@@ -227,7 +227,7 @@ def main() -> int:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         from serving.app import deploy
-        from trainers.train import init_ray
+        from trainers.runtime import init_ray
 
         init_ray()
         t = time.perf_counter()

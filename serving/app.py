@@ -156,19 +156,26 @@ def curl_line(url: str, body: dict) -> str:
             f"-d '{json.dumps(body)}'")
 
 
+def _require_ray() -> None:
+    """Serving joins the Ray its caller connected to (`crossrec serve` starts it with `trainers.runtime.init_ray`):
+    Serve would otherwise start a default local Ray of its own, with the dashboard and a large object store."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("connect to Ray first (ray.init or trainers.runtime.init_ray): serving joins the "
+                           "caller's Ray")
+
+
 def serve_until_stopped(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
                         config: str | Path | None = None) -> None:
-    """`crossrec serve`: the app on the embedded Ray (or RAY_ADDRESS) until Ctrl-C or SIGTERM, then Serve and
-    Ray shut down."""
+    """`crossrec serve`: the app on the connected Ray until Ctrl-C or SIGTERM, then Serve and Ray shut down."""
     import signal
     import threading
 
     import ray
 
-    from trainers.train import init_ray
-
+    _require_ray()
     bundle = Path(bundle)
-    init_ray()
     stop = threading.Event()
     # SIGTERM shuts down as cleanly as Ctrl-C. Installed after ray.init, which sets its own crash handler for
     # SIGTERM (it logs a "crash" and the process later aborts).
@@ -193,12 +200,10 @@ def serve_once(bundle: str | Path, body: dict) -> tuple[str, dict]:
     Returns (the app's URL, the answer)."""
     import socket
 
-    from trainers.train import init_ray
-
+    _require_ray()
     with socket.socket() as s:  # a free port: the demo must not collide with a running `crossrec serve`
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    init_ray()
     try:
         url = deploy(bundle, port=port)
         req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),

@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from crossrec.cli import main
+from crossrec_cli import main
 
 
 def test_evaluate_popularity_writes_design_json(art_office, tmp_path, capsys):
@@ -29,14 +29,14 @@ def test_evaluate_bad_arguments_exit_nonzero_with_one_line(art_office, capsys):
 
 
 def test_console_script_help():
-    r = subprocess.run([sys.executable, "-m", "crossrec.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "crossrec_cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "prepare" in r.stdout and "evaluate" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "crossrec.cli", "prepare", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "crossrec_cli", "prepare", "--help"], capture_output=True, text=True)
     assert "--identity" in r.stdout and "atomically" in r.stdout
 
 
 def test_recommended_config_loads_the_measured_pipeline():
-    from crossrec.cli import RECOMMENDED
+    from crossrec_cli.options import RECOMMENDED
     from crossrec.config import load_config
 
     cfg = load_config(RECOMMENDED)

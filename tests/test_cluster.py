@@ -22,7 +22,7 @@ from conftest import _subset
 
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-CROSSREC = [sys.executable, "-m", "crossrec.cli"]
+CROSSREC = [sys.executable, "-m", "crossrec_cli"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -173,7 +173,7 @@ def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
 
 
 def test_bad_submissions_fail_before_reaching_the_cluster(tmp_path):
-    from crossrec.cli import main
+    from crossrec_cli import main
 
     env = {**os.environ, "RAY_ADDRESS": ""}
     rel = subprocess.run([*CROSSREC, "submit", "--address", "http://127.0.0.1:9", "--", "prepare", "x", "--out",
@@ -187,11 +187,15 @@ def test_bad_submissions_fail_before_reaching_the_cluster(tmp_path):
 
 
 def test_job_argv_points_ray_commands_at_the_jobs_cluster():
-    from trainers.jobs import job_argv, runtime_env
+    from crossrec_cli import build_parser
+    from crossrec_cli.cluster import job_argv
+    from trainers.jobs import runtime_env
 
-    assert job_argv(["--", "train", "--data", "d", "--out", "/b"])[-2:] == ["--address", "auto"]
-    assert "--address" not in job_argv(["prepare", "src", "--out", "/d"])
-    assert job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"]).count("--address") == 1
+    parser = build_parser()
+    assert job_argv(["--", "train", "--data", "d", "--out", "/b"], parser)[-2:] == ["--address", "auto"]
+    assert "--address" not in job_argv(["prepare", "src", "--out", "/d"], parser)
+    assert job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"],
+                    parser).count("--address") == 1
     renv = runtime_env()
     assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform" / "crossrec")]
     assert {".venv", "out", ".git"} <= set(renv["excludes"]) and "data" not in renv["excludes"]

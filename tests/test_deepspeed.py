@@ -41,7 +41,8 @@ def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(ray_cluster, micr
                                                                stage, mode, extra):
     from crossrec.bundle import load_bundle
     from trainers.embed import embed_catalog
-    from trainers.train import CRASH_ENV, export_bundle, fit
+    from trainers.pipeline import export_bundle
+    from trainers.train import CRASH_ENV, fit
 
     data = Dataset.load(micro_fk)
     vec = embed_catalog(data, Splits(data), load_config(), progress=False)

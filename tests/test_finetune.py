@@ -15,7 +15,7 @@ E2E = ["mode=end-to-end", "epochs=2", "dim=32", "layers=1", "n_negatives=4", "ba
 
 @pytest.fixture(scope="module")
 def e2e_bundle(ray_cluster, vector_cache, micro_fk, tmp_path_factory):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "e2e"
     meta = train_bundle(micro_fk, out, load_config(overrides=E2E), RunSettings(workers=2, name="e2e"),
@@ -104,7 +104,7 @@ def test_zero_shot_items_are_embedded_by_the_adapted_backbone(e2e_bundle, tiny_a
 
 def test_bad_lora_config_fails_naming_the_field(micro_fk, tmp_path, capsys):
     from crossrec.backbones import load_backbone
-    from crossrec.cli import main
+    from crossrec_cli import main
     from crossrec.finetune import apply_lora
 
     with pytest.raises(ValueError, match=r"`lora.rank` must be > 0, got 0"):
@@ -137,7 +137,7 @@ def test_per_domain_adapters_train_export_and_load_with_plain_peft(ray_cluster, 
     from crossrec.finetune import domain_adapters
     from crossrec.inference import bundle_backbone, has_domain_adapters
     from crossrec.splits import Splits
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     out = tmp_path / "pd"
     meta = train_bundle(micro_fk, out, load_config(overrides=[*E2E, "epochs=1", "lora.per_domain=true"]),

@@ -34,7 +34,7 @@ def test_graph_of_a_real_slice_has_the_expected_nodes_and_edges(ao):
     # Item-item edges: consecutive TRAINING interactions of a user, never a validation or test target.
     want = set()
     for rows in splits.train_sequences():
-        for a, b in zip(splits.item[rows[:-1]], splits.item[rows[1:]]):
+        for a, b in zip(splits.row_item[rows[:-1]], splits.row_item[rows[1:]]):
             if a != b:
                 want.add((min(a, b), max(a, b)))
     assert {tuple(map(int, e)) for e in g.item_item} == want and want
@@ -150,7 +150,7 @@ def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vec
     from crossrec.config import RunSettings
     from crossrec.evaluation import evaluate
     from crossrec.inference import bundle_scorer
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     cfg = load_config(overrides=["epochs=1", "dim=32", "layers=1", "batch_size=16", "valid_max_targets=0",
                                  "graph.enabled=true", "fusion=gate"])

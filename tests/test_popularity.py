@@ -12,14 +12,14 @@ from crossrec.splits import Splits
 
 
 def brute_force(sp: Splits, domain: str, k: int = 10):
-    counts = Counter(int(sp.item[j]) for j in np.flatnonzero(sp.is_train))
-    cands = [g for g in range(len(sp.item_ids)) if sp.item_domain[g] == sp.dom_code[domain]]
+    counts = Counter(int(sp.row_item[j]) for j in np.flatnonzero(sp.is_train))
+    cands = [g for g in range(len(sp.item_ids)) if sp.item_domain[g] == sp.domain_code[domain]]
     recall = ndcg = 0.0
     rows = sp.targets("test", domain)
     for j in rows:
-        start, stop = sp.user_start[sp.u[j]], sp.user_start[sp.u[j] + 1]
-        hist = {int(sp.item[x]) for x in range(start, stop) if sp.ts[x] < sp.ts[j]}
-        target = int(sp.item[j])
+        start, stop = sp.user_start[sp.row_user[j]], sp.user_start[sp.row_user[j] + 1]
+        hist = {int(sp.row_item[x]) for x in range(start, stop) if sp.row_time[x] < sp.row_time[j]}
+        target = int(sp.row_item[j])
         if target in hist:
             continue  # masked target: a miss
         # Rank: by count descending, then item id ascending.
@@ -49,4 +49,4 @@ def test_target_counts_and_cold_item_slice(art_office):
     sp = Splits(Dataset.load(art_office))
     res = evaluate(sp, Popularity(sp))
     assert res.n_targets == {"arts": 150, "office": 150, "all": 300}
-    assert res.slices["all"]["cold_item"]["n"] == int((sp.train_count[sp.item[sp.targets()]] == 0).sum())
+    assert res.slices["all"]["cold_item"]["n"] == int((sp.train_count[sp.row_item[sp.targets()]] == 0).sum())

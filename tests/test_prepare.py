@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrec.cli import main
+from crossrec_cli import main
 from crossrec.dataset import Dataset, prepare
 from crossrec.schema import DataError
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import _subset
 from crossrec.bundle import load_bundle
-from crossrec.cli import main
+from crossrec_cli import main
 from crossrec.config import RankerConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.graph import build_graph

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from crossrec.bundle import load_bundle
-from crossrec.cli import main
+from crossrec_cli import main
 from crossrec.config import RunSettings, load_config
 from crossrec.recommender import HistoryItem, Recommender
 
@@ -20,7 +20,7 @@ FAST = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "va
 @pytest.fixture(scope="module")
 def bundles(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     """A text bundle (MiniLM + adaptor) and, to roll out over it, an id-based one (SASRec-style)."""
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     root = tmp_path_factory.mktemp("serve-bundles")
     text = train_bundle(tiny_fk, root / "text", load_config(overrides=FAST), RunSettings(workers=1, name="text"),
@@ -293,7 +293,7 @@ def test_serve_command_serves_until_sigterm_then_exits_cleanly(bundles):
     import sys
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "crossrec.cli", "serve", "--bundle", str(bundles[0]),
+    proc = subprocess.Popen([sys.executable, "-m", "crossrec_cli", "serve", "--bundle", str(bundles[0]),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     killer = threading.Timer(400, proc.kill)  # a hung start fails the test instead of hanging it

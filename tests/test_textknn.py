@@ -89,7 +89,7 @@ def test_history_items_masked_by_evaluator(ao):
     res = evaluate(splits, knn, domains=[d])
     for k, h in enumerate(batch.histories):
         own = np.unique(h[(h >= off) & (h < off + n)] - off)
-        t = splits.item[batch.rows[k]] - off
+        t = splits.row_item[batch.rows[k]] - off
         s = scores[k].astype(np.float64)
         if t in own:
             expect = np.inf
@@ -136,7 +136,7 @@ def test_cross_domain_weight_by_hand(ao):
              if len(set(splits.item_domain[h])) == 2)  # a history with both domains
     hist = batch.histories[k]
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    other = splits.item_domain[hist] != splits.dom_code[d]
+    other = splits.item_domain[hist] != splits.domain_code[d]
     off, n = splits.offset[d], splits.n_items[d]
     for cw in (0.0, 0.25):
         w = 0.5 ** np.arange(len(hist))[::-1] * np.where(other, cw, 1.0)

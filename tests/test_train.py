@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from crossrec.bundle import load_bundle
-from crossrec.cli import main
+from crossrec_cli import main
 from crossrec.config import RunSettings, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
@@ -17,7 +17,7 @@ FAST = ["epochs=2", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "va
 
 @pytest.fixture(scope="module")
 def first_run(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "fk"
     meta = train_bundle(tiny_fk, out, load_config(overrides=FAST), RunSettings(workers=2, name="first"),
@@ -46,7 +46,7 @@ def test_bundle_round_trips_without_ray(first_run, tiny_fk):
 
 
 def test_resume_continues_from_the_last_checkpoint_and_reproduces(first_run, tiny_fk, tmp_path):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     out, meta = first_run
     # Same storage and run name, one more epoch: Ray Train restores the run's latest checkpoint.
@@ -98,7 +98,7 @@ def test_recommend_prints_top_k_with_reasons(first_run, tiny_fk, capsys):
 
 
 def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny_fk, tmp_path, monkeypatch):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     pre = train_bundle(tiny_fk, tmp_path / "pre", load_config(overrides=[*FAST, "train_domains=[food]"]),
                        RunSettings(workers=1, name="pre"), progress=False)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from crossrec.baselines.textknn import CROSS_WEIGHTS, DECAYS
-from crossrec.cli import main
+from crossrec_cli import main
 from crossrec.sweep import load_sweep, sweep_from_dict
 
 REPO = Path(__file__).parents[1]

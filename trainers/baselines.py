@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from crossrec.backbones import cache_dir
-from crossrec.bundle import load_bundle
+from crossrec.bundle import is_bundle, load_bundle
 from crossrec.config import RunSettings, TrainConfig, config_to_dict
 from crossrec.dataset import Dataset
 from crossrec.inference import bundle_scorer
@@ -26,12 +26,12 @@ SASREC = dict(item_encoder="id", dim=64, layers=2, heads=2, dropout=0.3, lr=1e-3
 
 def sasrec_scorer(data_path: str | Path, data: Dataset, splits: Splits, address: str | None = None,
                   progress: bool = True, overrides: dict | None = None):
-    from trainers.train import train_bundle
+    from trainers.pipeline import train_bundle
 
     cfg = TrainConfig(**{**SASREC, "min_per_domain": splits.min_per_domain, **(overrides or {})})
     key = hashlib.sha256(json.dumps([data.content_hash, config_to_dict(cfg)], sort_keys=True).encode())
     out = cache_dir() / "baselines" / f"sasrec-{key.hexdigest()[:16]}"
-    if not (out / "bundle.json").is_file():
+    if not is_bundle(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         train_bundle(data_path, out, cfg, RunSettings(workers=2, address=address), progress=progress)
     return bundle_scorer(load_bundle(out), data, splits, progress)

@@ -24,6 +24,7 @@ from crossrec.dataset import Dataset
 from crossrec.embedding import (catalog_texts, load_cached_vectors, save_cached_vectors, template_of,
                                 vector_cache_path)
 from crossrec.splits import Splits
+from trainers.runtime import init_ray
 
 __all__ = ["embed_catalog", "embed_texts_ray", "BackboneEncoder"]
 
@@ -138,15 +139,13 @@ def embed_catalog(dataset: Dataset, splits: Splits, cfg: TrainConfig, progress: 
                   address: str | None = None) -> Path:
     """The .npy of frozen-backbone vectors of `dataset`'s catalog in `splits`' global item order: from the cache
     when present, else computed on Ray (joined at `address`, else the running or a new local Ray; see
-    `trainers.train.init_ray`) and cached."""
+    `trainers.runtime.init_ray`) and cached."""
     template = template_of(cfg.text_template, cfg.max_tokens)
     # The texts are rendered here, on the driver: the cache key is a hash of them.
     texts = catalog_texts(dataset.items.take(splits.item_row), template)
     path = vector_cache_path(splits.item_ids.tolist(), texts, cfg.backbone, template)
     if load_cached_vectors(path, len(texts)) is not None:
         return path
-    from trainers.train import init_ray
-
     init_ray(address)
     vectors = embed_texts_ray(texts, cfg.backbone, cfg.max_tokens, progress=progress)
     save_cached_vectors(path, vectors)

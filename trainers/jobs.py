@@ -1,6 +1,6 @@
 """Ray Jobs API client behind `crossrec submit` and `crossrec jobs`.
 
-A submitted job runs `python -m crossrec.cli SUBCOMMAND ARGS` on the cluster's head node, in a runtime env that
+A submitted job runs `python -m crossrec_cli SUBCOMMAND ARGS` on the cluster's head node, in a runtime env that
 uploads this checkout: the repository root as `working_dir` (trainers/, serving/, tune_configs/, the vendored
 data/) and the core package `platform/crossrec` as a `py_module`, so the job runs exactly the code that was
 submitted. Dependencies are not shipped (no `pip` by default): cluster nodes have crossrec's pinned environment
@@ -25,16 +25,13 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient  # ray
 
 import crossrec
 
-__all__ = ["JobsError", "SUBMITTABLE", "job_argv", "runtime_env", "client", "submit", "follow", "exit_code",
+__all__ = ["JobsError", "runtime_env", "client", "submit", "follow", "exit_code",
            "list_jobs", "format_jobs", "job_info", "job_logs", "stop_job", "report", "repo_root"]
 
-SUBMITTABLE = ("prepare", "train", "tune", "evaluate")
 # What a job never needs: caches, environments, local outputs (Ray also honours .gitignore / .rayignore).
 EXCLUDES = [".git", ".venv", "out", "build", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ray_tmp"]
 # Every job: Train V2 (what trainers/ are written for) and no model hub (backbones come from installed packages).
 JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# Options whose value is written by the job: a relative path would land in the job's temporary working dir.
-_OUTPUTS = ("out", "json", "storage")
 
 
 class JobsError(ValueError):
@@ -48,29 +45,6 @@ def repo_root() -> Path:
         raise JobsError(f"{root} is not a crossrec checkout (crossrec is installed without its sources): pass "
                         f"--working-dir CHECKOUT")
     return root
-
-
-def job_argv(argv: list[str]) -> list[str]:
-    """Checks `SUBCOMMAND ARGS` with the local parser (a typo fails here, not minutes later on the cluster) and
-    returns the argv the job runs: commands that take --address get `--address auto` (the job's own cluster)."""
-    from crossrec.cli import build_parser
-
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv:
-        raise JobsError(f"no command to run: crossrec submit --address URL -- {{{','.join(SUBMITTABLE)}}} ARGS...")
-    if argv[0] not in SUBMITTABLE:
-        raise JobsError(f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)})")
-    args = build_parser().parse_args(argv)  # argparse's own message and exit code 2 on bad ARGS
-    for name in _OUTPUTS:
-        value = getattr(args, name, None)
-        if value and "://" not in str(value) and not os.path.isabs(value):
-            raise JobsError(f"--{name} {value}: a relative path is written inside the job's temporary copy of the "
-                            f"working dir and deleted with it; give an absolute path on storage every node shares "
-                            f"(or a URI for --storage)")
-    if hasattr(args, "address") and args.address is None:
-        argv = [*argv, "--address", "auto"]
-    return argv
 
 
 def runtime_env(working_dir: str | Path | None = None, env: dict[str, str] | None = None,
@@ -133,8 +107,8 @@ def submit(address: str | None, argv: list[str], *, working_dir: str | Path | No
            env: dict[str, str] | None = None, excludes: list[str] | None = None, pip: list[str] | None = None,
            python: str = "python", submission_id: str | None = None,
            entrypoint_num_gpus: float | None = None) -> tuple[JobSubmissionClient, str]:
-    """Submits `crossrec ARGV` as a job; returns (the client, the submission id)."""
-    argv = job_argv(argv)
+    """Submits `crossrec ARGV` as a job; returns (the client, the submission id). ARGV is run as given: the CLI
+    checks it with its own parser first (`crossrec_cli.cluster.job_argv`)."""
     renv = runtime_env(working_dir, env, excludes, pip)
     sid = submission_id or f"crossrec-{argv[0]}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     c = client(address)
@@ -144,7 +118,7 @@ def submit(address: str | None, argv: list[str], *, working_dir: str | Path | No
     while True:
         try:
             with _errors("submission failed"):
-                sid = c.submit_job(entrypoint=shlex.join([python, "-m", "crossrec.cli", *argv]), runtime_env=renv,
+                sid = c.submit_job(entrypoint=shlex.join([python, "-m", "crossrec_cli", *argv]), runtime_env=renv,
                                    submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
                                    metadata={"crossrec": crossrec.__version__, "command": argv[0]})
             return c, sid
@@ -231,8 +205,8 @@ def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
         end = j.end_time or (time.time() * 1000 if j.start_time else None)
         took = f"{(end - j.start_time) / 1000:.0f}s" if j.start_time and end else "-"
         entry = j.entrypoint
-        if " -m crossrec.cli " in entry:  # the interpreter is noise: show what a user would type
-            entry = "crossrec " + entry.split(" -m crossrec.cli ", 1)[1]
+        if " -m crossrec_cli " in entry:  # the interpreter is noise: show what a user would type
+            entry = "crossrec " + entry.split(" -m crossrec_cli ", 1)[1]
         rows.append((j.submission_id, str(j.status), started, took,
                      entry if len(entry) <= width else entry[:width - 3] + "..."))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

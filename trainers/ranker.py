@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 import time
@@ -27,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from crossrec.config import RankerConfig, RunSettings
 from crossrec.ranker import (FEATURES, RankedScorer, Ranker, RankerNet, RankLists, build_item_table, build_lists,
                              fit_standardizer, ranker_epoch, rerank_ndcg, save_ranker)
-from trainers.train import VALID_METRIC, init_ray, record_epoch
+from crossrec.early_stopping import VALID_METRIC, new_state, record_epoch
+from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 
 __all__ = ["train_func", "train_ranker"]
 
@@ -36,18 +36,12 @@ def train_func(config: dict) -> None:
     """One Ray Train worker. config: {"ranker": RankerConfig dict, "lists": safetensors path, "n_domains",
     "seed", "threads"}."""
     cfg = RankerConfig(**config["ranker"])
-    level = os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING")  # as trainers/train.py: our epoch lines suffice
-    logging.getLogger().setLevel(level)
-    logging.getLogger("ray.train").setLevel(level)
-    ctx = ray.train.get_context()  # ray
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads", 1)))
-    torch.manual_seed(config["seed"])
+    rank, world = setup_worker(config.get("threads", 1), config["seed"])  # ray: rank and world from Train's context
     lists = RankLists.from_tensors(load_file(config["lists"]))
     net = RankerNet(len(FEATURES), config["n_domains"], cfg.hidden, dropout=cfg.dropout)
     fit_standardizer(net, lists)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    state = new_state()
     ckpt = ray.train.get_checkpoint()  # ray
     if ckpt is not None:
         with ckpt.as_directory() as folder:
@@ -85,7 +79,7 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
                  cfg: RankerConfig | None = None, progress: bool = True) -> dict:
     """Trains the ranker of a bundle on `data` (the dataset the bundle was trained on) and writes `ranker/` into
     the bundle. cfg: default the bundle's `ranker` section. Returns ranker.json's metrics."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # ray
+    from ray.train import ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
     from crossrec.bundle import load_bundle
@@ -108,7 +102,7 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
         graph = build_graph(dataset, splits, g.columns, g.co_interaction)
     items = build_item_table(splits, bundle.domains, graph)
     learned_dim, max_len = bundle.config.dim, bundle.config.max_len
-    storage = Path(run.storage_path or Path(bundle_path).resolve().parent / ".runs").resolve()
+    storage = Path(storage_uri(run.storage_path, Path(bundle_path).resolve().parent / ".runs"))
     storage.mkdir(parents=True, exist_ok=True)
     name = f"{run.name or Path(bundle_path).name}-ranker"
     # The lists depend on the retriever, the data and the list settings only: a rerun (say after a failed
@@ -132,19 +126,13 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
         train_loop_config={"ranker": asdict(cfg), "lists": str(lists_file), "n_domains": len(bundle.domains),
                            "seed": bundle.config.seed, "threads": max(1, int(run.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": run.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
-                                                                checkpoint_score_order="max")))
+        run_config=run_config(name, str(storage)))
     result = trainer.fit()
     t_fit = time.time() - t0 - t_lists
-    best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
-    if best is None:
-        raise RuntimeError("ranker training reported no checkpoint")
+    best, _, history = best_checkpoint(result, "ranker training")
     net = RankerNet(len(FEATURES), len(bundle.domains), cfg.hidden, dropout=cfg.dropout)
     with best.as_directory() as folder:
         net.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    with (result.checkpoint or best).as_directory() as folder:
-        history = json.loads(Path(folder, "state.json").read_text())["history"]
     lists_file.unlink(missing_ok=True)
 
     ranker = Ranker(net, items, cfg, learned_dim, max_len)

@@ -24,7 +24,10 @@ from crossrec.dataset import Dataset
 from crossrec.splits import Splits
 from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
                             write_trial_csv)
-from trainers.train import VALID_METRIC, export_bundle, fit, init_ray, model_domains, resolved_prior
+from crossrec.early_stopping import out_of_patience
+from trainers.pipeline import export_bundle
+from trainers.runtime import init_ray
+from trainers.train import fit, model_domains, resolved_prior
 
 __all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
 
@@ -257,7 +260,7 @@ def _records(grid, sweep: SweepConfig, statuses: dict[str, str], runs: Path) -> 
             status = "unfinished"
         elif history and _ran_to_the_end(history, cfg):
             status = "completed"
-        elif _out_of_patience(history, cfg):
+        elif out_of_patience(history, cfg.patience):
             status = "stopped (patience)"  # train_func ended it: no validation gain for `patience` epochs
         else:
             status = "stopped early"  # the scheduler (ASHA) ended it
@@ -269,15 +272,6 @@ def _records(grid, sweep: SweepConfig, statuses: dict[str, str], runs: Path) -> 
 def _ran_to_the_end(history: list[dict], cfg) -> bool:
     last = history[-1]
     return last["epoch"] >= cfg.epochs or bool(cfg.max_steps and last.get("step", 0) >= cfg.max_steps)
-
-
-def _out_of_patience(history: list[dict], cfg) -> bool:
-    """train_func's own early stop: `patience` epochs in a row without a new best of VALID_METRIC."""
-    best, bad = -1.0, 0
-    for h in history:
-        bad = 0 if h[VALID_METRIC] > best else bad + 1
-        best = max(best, h[VALID_METRIC])
-    return bool(cfg.patience) and bad >= cfg.patience
 
 
 def _plain(v):

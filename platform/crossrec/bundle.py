@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 import crossrec
 from crossrec.atomic import building
 from crossrec.config import TrainConfig, config_from_dict, config_to_dict
+from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "BUNDLE_FORMAT"]
+__all__ = ["Bundle", "save_bundle", "load_bundle", "is_bundle", "bundle_meta", "BUNDLE_FORMAT"]
 
 BUNDLE_FORMAT = 1
 
@@ -51,12 +52,26 @@ class Bundle:
         return (self.path / "ranker" / "ranker.json").is_file()
 
     def domain_id(self, name: str) -> int:
-        return self.domains.index(name) if name in self.domains else len(self.domains)
+        return domain_id(self.domains, name)
 
     def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
         t = self.items[domain]
         vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
         return t.column("item_id").to_pylist(), torch.from_numpy(vecs.reshape(t.num_rows, -1).copy())
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a bundle folder (it has bundle.json)."""
+    return (Path(path) / "bundle.json").is_file()
+
+
+def bundle_meta(path: str | Path, field: str | None = None) -> dict:
+    """bundle.json of the bundle at `path`; a folder that is no bundle is refused naming `field` (the option or
+    config key it came from), e.g. "`init_from`: out/x is not a crossrec bundle (no bundle.json)"."""
+    if not is_bundle(path):
+        where = f"{field}: " if field else ""
+        raise ValueError(f"{where}{path} is not a crossrec bundle (no bundle.json); create one with `crossrec train`")
+    return json.loads((Path(path) / "bundle.json").read_text())
 
 
 def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domains: list[str], in_dim: int | None,
@@ -86,12 +101,9 @@ def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domain
 
 def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
-    meta_file = path / "bundle.json"
-    if not meta_file.is_file():
-        raise ValueError(f"{path}: not a crossrec bundle (no bundle.json); create one with `crossrec train`")
-    meta = json.loads(meta_file.read_text())
+    meta = bundle_meta(path)
     if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{meta_file}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")
+        raise ValueError(f"{path / 'bundle.json'}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")
     # Bundles written before `text_prior_cross` existed weighed every history domain alike.
     cfg = config_from_dict({"text_prior_cross": 1.0, **meta["config"]})
     model = CrossRecModel(cfg, len(meta["domains"]), in_dim=meta["in_dim"], n_items=meta["n_items"])
@@ -106,9 +118,7 @@ def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str],
     """Transfer: start `model` (for `domains`) from a bundle trained on other domains. Domain embeddings are
     matched by name; a domain the bundle never saw starts from the bundle's "unknown" embedding, which is
     what zero-shot uses, so fine-tuning starts exactly where zero-shot stands."""
-    meta = json.loads((Path(path) / "bundle.json").read_text()) if (Path(path) / "bundle.json").is_file() else None
-    if meta is None:
-        raise ValueError(f"`init_from`: {path} is not a crossrec bundle (no bundle.json)")
+    meta = bundle_meta(path, "`init_from`")
     src = meta["config"]
     for key in ("item_encoder", "backbone", "dim", "layers", "heads", "max_len", "adaptor", "n_experts"):
         if src[key] != getattr(cfg, key):
@@ -118,7 +128,7 @@ def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str],
         raise ValueError("`init_from` needs `item_encoder` text: ID embeddings do not transfer across catalogs")
     state = load_file(str(Path(path) / "model.safetensors"))
     old = list(meta["domains"])
-    rows = [old.index(d) if d in old else len(old) for d in domains] + [len(old)]
+    rows = [*domain_ids(old, domains), len(old)]
     for key in ("tower.domain.weight", "tower.next_domain.weight"):
         state[key] = state[key][rows]
     own = model.state_dict()

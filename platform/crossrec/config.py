@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 __all__ = ["LoraConfig", "DeepSpeedConfig", "RankerConfig", "GraphConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict"]
+           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types"]
 
 MODES = ("cached", "end-to-end")
 ADAPTORS = ("moe", "mlp", "linear")
@@ -47,6 +47,7 @@ class LoraConfig:
     per_domain: bool = False  # one adapter per domain on a shared backbone (an item uses its domain's)
 
     def __post_init__(self):
+        check_types(self, "lora.")
         if self.per_domain and not self.enabled:
             raise ValueError("`lora.per_domain` needs `lora.enabled: true` (a full fine-tune has one backbone)")
         _check_positive("lora.rank", self.rank)
@@ -67,6 +68,7 @@ class DeepSpeedConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
+        check_types(self, "deepspeed.")
         _check_choice("deepspeed.zero_stage", self.zero_stage, (1, 2, 3))
         _check_positive("deepspeed.grad_accum", self.grad_accum)
         if self.offload_params and self.zero_stage != 3:
@@ -90,6 +92,7 @@ class RankerConfig:
     graph: bool = True  # knowledge-graph similarity features (item-attribute tokens + co-interactions)
 
     def __post_init__(self):
+        check_types(self, "ranker.")
         for name in ("top_n", "epochs", "lr", "hidden", "batch_size"):
             _check_positive(f"ranker.{name}", getattr(self, name))
         for name in ("weight_decay", "patience"):
@@ -110,6 +113,7 @@ class GraphConfig:
     columns: list[str] | None = None  # categorical item columns; None: every string column but id/domain/title
 
     def __post_init__(self):
+        check_types(self, "graph.")
         _check_positive("graph.layers", self.layers)
         if isinstance(self.columns, str):
             self.columns = [c for c in self.columns.split(",") if c]
@@ -170,14 +174,15 @@ class TrainConfig:
     ranker: RankerConfig = field(default_factory=RankerConfig)
 
     def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = _from_dict(LoraConfig, self.lora, "lora.")
-        if isinstance(self.deepspeed, dict):
-            self.deepspeed = _from_dict(DeepSpeedConfig, self.deepspeed, "deepspeed.")
-        if isinstance(self.ranker, dict):
-            self.ranker = _from_dict(RankerConfig, self.ranker, "ranker.")
-        if isinstance(self.graph, dict):
-            self.graph = _from_dict(GraphConfig, self.graph, "graph.")
+        if not isinstance(self.lora, LoraConfig):
+            self.lora = from_dict(LoraConfig, self.lora, "lora")
+        if not isinstance(self.deepspeed, DeepSpeedConfig):
+            self.deepspeed = from_dict(DeepSpeedConfig, self.deepspeed, "deepspeed")
+        if not isinstance(self.ranker, RankerConfig):
+            self.ranker = from_dict(RankerConfig, self.ranker, "ranker")
+        if not isinstance(self.graph, GraphConfig):
+            self.graph = from_dict(GraphConfig, self.graph, "graph")
+        check_types(self)
         _check_choice("fusion", self.fusion, FUSIONS)
         if isinstance(self.feature_columns, str):
             self.feature_columns = [c for c in self.feature_columns.split(",") if c]
@@ -228,19 +233,69 @@ class RunSettings:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
 
 
-def _from_dict(cls, data: dict, prefix: str = ""):
+def from_dict(cls, data: Any, where: str = "", kind: str = "config"):
+    """`cls(**data)` for a dataclass of config, refusing a non-mapping or an unknown key with the accepted ones.
+    `where` is the section's dotted name ("lora", "space.lr"; "" for the top level), `kind` names the file kind
+    in the message ("config", "sweep")."""
     if not isinstance(data, dict):
-        raise ValueError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"`{where or kind}` must be a mapping, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown config key `{prefix}{unknown[0]}` (accepted: "
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown {kind} key `{prefix}{unknown[0]}` (accepted: "
                          f"{', '.join(prefix + n for n in sorted(names))})")
     return cls(**data)
 
 
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """data[a][b] = value for the dotted key "a.b", making sections as needed (in place)."""
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"`{key}`: `{p}` is not a section")
+    node[parts[-1]] = value
+
+
+def check_types(obj: Any, prefix: str = "") -> None:
+    """Each scalar field of a config dataclass holds a value of its annotated type (`--set dropout=abc` is
+    refused naming the key, not a traceback later). Ints are accepted where floats are, and become floats."""
+    for f in fields(obj):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(obj, f.name)
+        if value is None:
+            if "None" not in kinds:
+                raise ValueError(f"`{prefix}{f.name}` must be set, got null")
+            continue
+        base = kinds[0]
+        if base == "bool":
+            ok = isinstance(value, bool)
+            want = "true or false"
+        elif base == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        elif base == "float":
+            if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string: accept the number it means
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+            if ok:
+                setattr(obj, f.name, float(value))
+        elif base == "str":
+            ok, want = isinstance(value, str), "a string"
+        else:  # lists and sections check themselves
+            continue
+        if not ok:
+            raise ValueError(f"`{prefix}{f.name}` must be {want}, got {value!r}")
+
+
 def config_from_dict(data: dict) -> TrainConfig:
-    return _from_dict(TrainConfig, dict(data))
+    return from_dict(TrainConfig, dict(data))
 
 
 def config_to_dict(cfg) -> dict:
@@ -268,13 +323,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: `{p}` is not a section")
-        node[parts[-1]] = _parse_value(value.strip())
+        try:
+            set_dotted(out, key.strip(), _parse_value(value.strip()))
+        except ValueError as e:
+            raise ValueError(f"--set {e}") from None
     return out
 
 

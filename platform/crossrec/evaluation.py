@@ -38,7 +38,7 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
     training); shard=(rank, world) keeps every world-th of them (workers split the work)."""
     domains = list(splits.domains if domains is None else domains)
     for d in domains:
-        splits._check_domain(d)
+        splits.check_domain(d)
     ranks, cold_user, cold_item = {}, {}, {}
     def rows_of(d: str) -> np.ndarray:
         rows = splits.targets(split, d)
@@ -65,12 +65,12 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
                                  f"expected {(len(batch), n)}")
             in_dom = [h[(h >= off) & (h < off + n)] - off for h in batch.histories]
             cu[s:s + len(batch)] = [len(h) == 0 for h in in_dom]
-            tcol = splits.item[batch.rows] - off
+            tcol = splits.row_item[batch.rows] - off
             r_out[s:s + len(batch)] = rank_targets(scores, tcol, in_dom if mask_history else None)
             bar.update(len(batch))
         ranks[d] = r_out
         cold_user[d] = cu
-        cold_item[d] = splits.train_count[splits.item[rows]] == 0
+        cold_item[d] = splits.train_count[splits.row_item[rows]] == 0
     bar.close()
     metrics = {d: metrics_from_ranks(ranks[d], ks) for d in domains}
     n_targets = {d: int(len(ranks[d])) for d in domains}

@@ -104,8 +104,8 @@ def build_graph(data: Dataset, splits: Splits, columns: list[str] | None = None,
     item_item = np.zeros((0, 2), np.int64)
     if co_interaction:
         rows = np.flatnonzero(splits.is_train)  # sorted by (user, time): consecutive rows of a user are pairs
-        same_user = splits.u[rows[1:]] == splits.u[rows[:-1]]
-        a, b = splits.item[rows[:-1]][same_user], splits.item[rows[1:]][same_user]
+        same_user = splits.row_user[rows[1:]] == splits.row_user[rows[:-1]]
+        a, b = splits.row_item[rows[:-1]][same_user], splits.row_item[rows[1:]][same_user]
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         keep = lo != hi
         item_item = np.unique(np.stack([lo[keep], hi[keep]], 1), axis=0).reshape(-1, 2)

@@ -12,6 +12,7 @@ import torch
 from crossrec.backbones import Backbone, load_backbone
 from crossrec.bundle import Bundle
 from crossrec.dataset import Dataset
+from crossrec.domains import domain_ids
 from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors, save_cached_vectors,
                                 template_of, vector_cache_path)
 from crossrec.splits import Splits
@@ -44,8 +45,7 @@ def has_domain_adapters(bundle: Bundle) -> bool:
 
 def domain_map_for(bundle_domains: list[str], splits: Splits) -> np.ndarray:
     """Dataset domain code -> model domain id (unknown = len(bundle_domains))."""
-    return np.array([bundle_domains.index(d) if d in bundle_domains else len(bundle_domains)
-                     for d in splits.domains], dtype=np.int64)
+    return domain_ids(bundle_domains, splits.domains)
 
 
 def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template: str, max_tokens: int,

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crossrec.config import RankerConfig
+from crossrec.domains import domain_id
 from crossrec.splits import Splits, TargetBatch
 from crossrec.training import ModelScorer
 
@@ -229,7 +230,7 @@ def candidate_lists(scorer: ModelScorer, batch: TargetBatch, table_rows: np.ndar
         hist_valid[r, max_len - len(h):] = True
     hi = torch.from_numpy(hist_items)
     hv = torch.from_numpy(hist_valid)
-    tcode = c.dom_code[batch.domain]
+    tcode = c.domain_code[batch.domain]
     lists = ListBatch(
         user=users, cand=block[cols], scores=scores.masked_fill(~valid, 0.0), cand_valid=valid,
         cand_rows=torch.from_numpy(table_rows[(cols + off).numpy()]),
@@ -276,16 +277,16 @@ def build_lists(scorer: ModelScorer, splits: Splits, items: ItemTable, cfg: Rank
     out = {k: [] for k in ("feats", "valid", "domain", "label", "holdout")}
     missed = torch.zeros(2, dtype=torch.long)
     for d in splits.domains:
-        did = items.domains.index(d) if d in items.domains else len(items.domains)
+        did = domain_id(items.domains, d)
         rows = splits.targets(split, d)
         for s in range(0, len(rows), batch_size):
             batch = splits.batch(rows[s:s + batch_size], d)
             lists, cols, _ = candidate_lists(scorer, batch, rows_of, did, cfg.top_n, max_len)
-            target = (splits.item[batch.rows] - splits.offset[d])[:, None]
+            target = (splits.row_item[batch.rows] - splits.offset[d])[:, None]
             hit = cols == target
             found = hit.any(1)
             # Held-out users by a fixed hash of the user index: the same users for every domain.
-            u = splits.u[batch.rows].astype(np.uint64)
+            u = splits.row_user[batch.rows].astype(np.uint64)
             holdout = ((u * np.uint64(2654435761)) % np.uint64(2 ** 32)).astype(np.float64) / 2 ** 32 < cfg.valid_fraction
             missed += torch.tensor([int((~found & ~holdout).sum()), int((~found & holdout).sum())])
             if not found.any():
@@ -377,8 +378,7 @@ class Ranker:
         self.meta = meta or {}
 
     def domain_id(self, domain: str) -> int:
-        d = self.items.domains
-        return d.index(domain) if domain in d else len(d)
+        return domain_id(self.items.domains, domain)
 
     @torch.inference_mode()
     def score_lists(self, lists: ListBatch) -> torch.Tensor:

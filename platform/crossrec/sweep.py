@@ -13,19 +13,20 @@ import csv
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from crossrec.config import TrainConfig, config_from_dict, config_to_dict
+from crossrec.config import TrainConfig, config_from_dict, config_to_dict, from_dict, set_dotted
+from crossrec.early_stopping import VALID_METRIC
 
 __all__ = ["ParamSpace", "SchedulerConfig", "SearchConfig", "SweepConfig", "TrialRecord", "load_sweep",
            "sweep_from_dict", "sweep_to_dict", "trial_table", "format_trial_table", "write_trial_csv",
            "plot_sweep", "SPACE_TYPES", "DEFAULT_METRIC"]
 
-DEFAULT_METRIC = "valid/ndcg@10"  # what `trainers.train.train_func` reports each epoch (its VALID_METRIC)
+DEFAULT_METRIC = VALID_METRIC  # what every trainer reports each epoch
 SPACE_TYPES = ("loguniform", "uniform", "randint", "choice", "grid")
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
@@ -37,15 +38,7 @@ _GRID_CHECK_LIMIT = 256  # finite spaces up to this many combinations are valida
 
 
 def _from_dict(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"`{where}` must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        prefix = f"{where}." if where != "sweep" else ""
-        raise ValueError(f"unknown sweep key `{prefix}{unknown[0]}` (accepted: "
-                         f"{', '.join(prefix + n for n in sorted(names))})")
-    return cls(**data)
+    return from_dict(cls, data, "" if where == "sweep" else where, kind="sweep")
 
 
 def _number(value: Any, name: str) -> float:
@@ -208,13 +201,7 @@ class SweepConfig:
         """The TrainConfig of one trial: `base` with the trial's values of the searched keys (dotted) set."""
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.base.items()}
         for key, value in params.items():
-            parts = key.split(".")
-            node = data
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"`{key}`: `{p}` is not a section")
-            node[parts[-1]] = value
+            set_dotted(data, key, value)
         return config_from_dict(data)
 
     def base_params(self) -> dict:

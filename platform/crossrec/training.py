@@ -40,19 +40,19 @@ class SequenceData:
                  domain_map: np.ndarray | None = None):
         """domain_map: dataset domain code -> model domain id (default: the same)."""
         self.max_len = max_len
-        keep_dom = None if domains is None else np.array([splits.dom_code[splits._check_domain(d)]
+        keep_dom = None if domains is None else np.array([splits.domain_code[splits.check_domain(d)]
                                                           for d in domains])
         windows = []
         for rows in splits.train_sequences():
             if keep_dom is not None:
-                rows = rows[np.isin(splits.dom[rows], keep_dom)]
+                rows = rows[np.isin(splits.row_domain[rows], keep_dom)]
             n = len(rows)
             # Windows ending at n, n - L, ...: every training interaction after the first is a target once.
             for end in range(n, 1, -max_len):
                 windows.append(rows[max(0, end - max_len - 1):end])
         self.windows = windows
-        self.item = splits.item
-        self.dom = splits.dom if domain_map is None else domain_map[splits.dom]
+        self.item = splits.row_item
+        self.dom = splits.row_domain if domain_map is None else domain_map[splits.row_domain]
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -223,7 +223,7 @@ class ModelScorer:
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
         c = self.catalog
-        code = c.dom_code[target_domain]
+        code = c.domain_code[target_domain]
         codes = [c.item_domain[h] for h in histories]
         users = encode_users(self.model, self.vecs, histories, [self.domain_map[x] for x in codes],
                              np.full(len(histories), self.domain_map[code]), self.batch_size,

@@ -58,7 +58,7 @@ class TextKNN:
         age = ends[row] - 1 - torch.arange(len(items))
         w = torch.pow(torch.tensor(self.decay, dtype=torch.float64), age.double()).float()  # (H,)
         if domain is not None and self.cross_weight != 1.0:
-            other = torch.from_numpy(self.splits.item_domain[items.numpy()] != self.splits.dom_code[domain])
+            other = torch.from_numpy(self.splits.item_domain[items.numpy()] != self.splits.domain_code[domain])
             w = torch.where(other, w * self.cross_weight, w)
         q.index_add_(0, row, w[:, None] * self.vectors[items])  # (B, D) weighted sums
         # A weighted sum points where the weighted mean does: normalising it gives the mean's cosine directly.

@@ -1,0 +1,47 @@
+"""The parser (each command group registers its subcommands) and `main`, which turns bad input into one line and
+exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import crossrec
+from crossrec.schema import DataError
+from crossrec_cli import cluster, data, demo, evaluate, recommend, serve, train
+from crossrec_cli.options import UsageError
+
+__all__ = ["build_parser", "main"]
+
+GROUPS = (data, evaluate, train, recommend, cluster, serve, demo)  # order of `crossrec --help`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crossrec",
+        description="LLM-enhanced cross-domain recommendation on Ray: prepare logs, train, tune, evaluate, serve.",
+        epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: see README.md.")
+    p.add_argument("--version", action="version", version=f"crossrec {crossrec.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Commands that run or check other commands (demo, submit) get the dispatcher and the parser through
+    # `args`, so no command module imports this one back.
+    args.run, args.parser = main, parser
+    try:
+        return args.func(args)
+    except (DataError, UsageError, ValueError, FileNotFoundError) as e:
+        print(f"crossrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"crossrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

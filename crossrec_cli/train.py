@@ -1,0 +1,128 @@
+"""`crossrec train` and `crossrec tune`: Ray Train fits and Ray Tune sweeps that write bundles."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crossrec_cli.options import UsageError, add_data, add_quiet, add_ray_address
+
+__all__ = ["register"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossrec.config import RunSettings, load_config
+
+    overrides = list(args.set or [])
+    if args.mode:
+        overrides.append(f"mode={args.mode}")
+    if args.train_domains:
+        overrides.append(f"train_domains=[{args.train_domains}]")
+    if args.init:
+        overrides.append(f"init_from={args.init}")
+    cfg = load_config(args.config, overrides)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if cfg.strategy == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("`strategy` deepspeed needs DeepSpeed: .venv/bin/pip install --no-build-isolation "
+                             "deepspeed==0.19.8 (see README), or use `strategy` ddp")
+    run = RunSettings(workers=args.workers, gpus_per_worker=args.gpus_per_worker, address=args.address,
+                      storage_path=args.storage, name=args.name)
+    from crossrec.dataset import Dataset
+
+    Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    from trainers.pipeline import train_bundle
+
+    meta = train_bundle(args.data, args.out, cfg, run, resume_from=args.resume, progress=not args.quiet)
+    m = meta["metrics"]
+    print(f"\nwrote bundle {args.out} (version {meta['version']}); fit {m['time_s']['fit']:.0f}s, "
+          f"embedding {m['time_s']['embed']:.0f}s")
+    print(f"  {'test':<10}{'targets':>9}{'R@10':>9}{'N@10':>9}{'MRR@10':>9}")
+    for d, v in m["test"].items():
+        print(f"  {d:<10}{m['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+    if "ranker" in meta:
+        r = meta["ranker"]
+        print(f"  with the ranker (top-{cfg.ranker.top_n} re-ranked; fit {r['time_s']['fit']:.0f}s):")
+        for d, v in r["test"].items():
+            print(f"  {d:<10}{r['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+    print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from crossrec.dataset import Dataset
+    from crossrec.sweep import load_sweep
+
+    if args.trials is not None and args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    sweep = load_sweep(args.sweep, num_samples=args.trials)
+    Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    from trainers.tune import run_sweep  # imports Ray
+
+    res = run_sweep(sweep, args.data, args.out, address=args.address, resume=args.resume, progress=not args.quiet)
+    if args.quiet:
+        from crossrec.sweep import format_trial_table
+
+        print(format_trial_table(res.records, sweep.metric, sweep.mode))
+    early = sum(r.status == "stopped early" for r in res.records)
+    print(f"\n{len(res.records)} trials in {res.wall_s:.0f}s ({early} stopped early); table {res.out / 'trials.csv'}, "
+          f"plot {res.out / 'sweep.png'}")
+    if res.interrupted:
+        print(f"crossrec tune: interrupted; continue with: crossrec tune {args.sweep} --data {args.data} "
+              f"--out {args.out}{f' --trials {args.trials}' if args.trials else ''} --resume", file=sys.stderr)
+        return 130
+    if res.best is None:
+        print("crossrec tune: error: no trial reported a metric (see the trials' errors above)", file=sys.stderr)
+        return 1
+    b = res.best.best(sweep.metric, sweep.mode)
+    params = ", ".join(f"{k}={v}" for k, v in res.best.params.items())
+    print(f"best: trial {res.best.trial_id} ({params}) {sweep.metric} {b[sweep.metric]:.4f} at epoch {b['epoch']}")
+    test = res.bundle["metrics"]["test"]["all"]
+    print(f"wrote bundle {res.out / 'best'}: test ndcg@10 {test['ndcg@10']:.4f}, recall@10 {test['recall@10']:.4f}; "
+          f"compare with baselines: crossrec evaluate --bundle {res.out / 'best'} --data {args.data}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("train", help="train the cross-domain recommender with Ray Train; writes a bundle",
+                        description="Train the two-tower model (item adaptor over backbone text vectors + causal "
+                                    "user tower) on all domains with Ray Train (DDP over gloo on CPUs), report "
+                                    "validation NDCG@10 each epoch, keep the best checkpoint, evaluate the test "
+                                    "split, and export a bundle. Re-running with the same --name resumes.")
+    add_data(sp)
+    sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
+    sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key, dotted for sections (lr=3e-4, lora.rank=16); repeatable")
+    sp.add_argument("--train-domains", metavar="A,B", help="train on these domains only (transfer pre-training)")
+    sp.add_argument("--init", metavar="BUNDLE", help="start from a bundle (fine-tuning after pre-training); "
+                                                      "with --set finetune=adaptor only the adaptor trains")
+    sp.add_argument("--mode", choices=["cached", "end-to-end"], help="cached: frozen backbone (default)")
+    sp.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (default: 0)")
+    add_ray_address(sp)
+    sp.add_argument("--storage", help="where checkpoints go: a path or URI (default: next to BUNDLE, in .runs)")
+    sp.add_argument("--name", help="run name under --storage (default: the bundle's name; same name resumes)")
+    sp.add_argument("--resume", metavar="CHECKPOINT_DIR", help="resume from this checkpoint folder")
+    add_quiet(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("tune", help="sweep hyper-parameters with Ray Tune; exports the best trial's bundle",
+                        description="Run a sweep from a tune_configs/*.yaml file: every trial trains like `crossrec "
+                                    "train` (a TorchTrainer over the same train_func), ASHA stops the weak ones "
+                                    "between epochs. Writes DIR/trials.csv, DIR/sweep.png and the best trial's "
+                                    "bundle DIR/best; an interrupted sweep (Ctrl+C) continues with --resume.")
+    sp.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (keys of crossrec.sweep.SweepConfig), e.g. "
+                                                        "tune_configs/cpu_cached.yaml")
+    add_data(sp)
+    sp.add_argument("--out", required=True, metavar="DIR", help="sweep folder (on a cluster: storage every node "
+                                                                "reaches)")
+    sp.add_argument("--trials", type=int, help="trials drawn from the space (overrides `num_samples`; a grid runs "
+                                               "every point this many times)")
+    add_ray_address(sp)
+    sp.add_argument("--resume", action="store_true", help="continue the interrupted sweep in DIR (same file, "
+                                                          "--trials and --data)")
+    sp.add_argument("--quiet", action="store_true", help="no per-epoch lines; the table at the end")
+    sp.set_defaults(func=cmd_tune)

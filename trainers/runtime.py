@@ -1,0 +1,85 @@
+"""Ray start-up, logging and the pieces every Ray Train driver and `train_func` share.
+
+`init_ray` is the one place a crossrec process connects to Ray (commands, trainers, Serve's CLI path);
+`setup_worker` is the first line of every `train_func`; `run_config` and `best_checkpoint` are the driver's
+side of checkpointing (keep the best two by VALID_METRIC, read the run's history from the latest).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray  # ray
+import ray.train  # ray
+import torch
+
+from crossrec.early_stopping import VALID_METRIC
+
+__all__ = ["init_ray", "log_level", "setup_worker", "storage_uri", "run_config", "best_checkpoint"]
+
+
+def log_level(default: str = "WARNING") -> str:
+    """Ray's own log level in crossrec processes (CROSSREC_RAY_LOG_LEVEL): our per-epoch lines carry progress."""
+    return os.environ.get("CROSSREC_RAY_LOG_LEVEL", default)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connects to a cluster, or starts the embedded local Ray (no dashboard, small object store)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # inside a Ray job: the job's cluster
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray libraries in workers log at ERROR: without a dashboard Train's placement-group cleaner warns every
+    # few seconds that the state API is unavailable; our own per-epoch lines carry the progress.
+    quiet = ray.LoggingConfig(log_level=log_level("ERROR"))
+    if address:
+        ray.init(address=address, logging_level="WARNING", logging_config=quiet)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
+                 logging_level="WARNING", log_to_driver=True, logging_config=quiet)
+
+
+def setup_worker(threads: int, seed: int) -> tuple[int, int]:
+    """First lines of a `train_func`: quiet logs, torch threads, seed. Returns (world rank, world size)."""
+    # Train V2 logs every report at INFO, partly on loggers outside `ray.train`; our epoch lines suffice.
+    level = log_level()
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ray.train").setLevel(level)
+    ctx = ray.train.get_context()  # ray
+    torch.set_num_threads(max(1, int(threads)))
+    torch.manual_seed(seed)
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def storage_uri(path: str | Path | None, default: str | Path) -> str:
+    """Ray Train's `storage_path`: a URI (`s3://...`) as given, else an absolute filesystem path (workers and
+    the driver may not share a working directory)."""
+    if path is not None and "://" in str(path):
+        return str(path)
+    return str(Path(path or default).resolve())
+
+
+def run_config(name: str, storage: str, max_failures: int = 0, callbacks: list | None = None):
+    """The RunConfig of every crossrec fit: the best two checkpoints by VALID_METRIC (and the latest) kept."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig  # ray
+
+    return RunConfig(name=name or f"crossrec-{int(time.time())}", storage_path=storage,
+                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
+                                                        checkpoint_score_order="max"),
+                     failure_config=FailureConfig(max_failures=max_failures), callbacks=callbacks,
+                     logging_config=LoggingConfig(log_level=log_level()))
+
+
+def best_checkpoint(result, what: str = "training") -> tuple["ray.train.Checkpoint", dict, list[dict]]:
+    """(best checkpoint by VALID_METRIC, its reported metrics, the whole run's history). The history is read
+    from the latest checkpoint's state.json: the best one may be older than the last epoch."""
+    best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"{what} reported no checkpoint")
+    metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
+    with (result.checkpoint or best).as_directory() as folder:
+        history = json.loads(Path(folder, "state.json").read_text())["history"]
+    return best, metrics, history
