@@ -75,6 +75,18 @@ def train_func(config: dict) -> None:
             break
 
 
+def _validation_lists(prefix: Path, bundle_version: str, data_hash: str, build, cfg: RankerConfig) -> Path:
+    """The safetensors file of retrieval's top-N lists of the validation targets, built by `build()` once: they
+    depend on the retriever, the data and the list settings only, so a rerun (say after a failed Ray start)
+    reuses them. The file is what the Ray Train worker reads."""
+    key = hashlib.sha256(json.dumps([bundle_version, data_hash, cfg.top_n, cfg.valid_fraction,
+                                     cfg.graph]).encode()).hexdigest()[:12]
+    path = prefix.with_name(f"{prefix.name}-lists-{key}.safetensors")
+    if not path.is_file():
+        save_file({k: v.contiguous() for k, v in build().tensors().items()}, str(path))
+    return path
+
+
 def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | None = None,
                  cfg: RankerConfig | None = None, progress: bool = True) -> dict:
     """Trains the ranker of a bundle on `data` (the dataset the bundle was trained on) and writes `ranker/` into
@@ -105,16 +117,10 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
     storage = Path(storage_uri(run.storage_path, Path(bundle_path).resolve().parent / ".runs"))
     storage.mkdir(parents=True, exist_ok=True)
     name = f"{run.name or Path(bundle_path).name}-ranker"
-    # The lists depend on the retriever, the data and the list settings only: a rerun (say after a failed
-    # Ray start) reuses them.
-    key = hashlib.sha256(json.dumps([bundle.version, dataset.content_hash, cfg.top_n, cfg.valid_fraction,
-                                     cfg.graph]).encode()).hexdigest()[:12]
-    lists_file = storage / f"{name}-lists-{key}.safetensors"
-    if lists_file.is_file():
-        lists = RankLists.from_tensors(load_file(str(lists_file)))
-    else:
-        lists = build_lists(retrieval, splits, items, cfg, learned_dim, max_len, split="valid")
-        save_file({k: v.contiguous() for k, v in lists.tensors().items()}, str(lists_file))
+    lists_file = _validation_lists(storage / name, bundle.version, dataset.content_hash,
+                                   lambda: build_lists(retrieval, splits, items, cfg, learned_dim, max_len,
+                                                       split="valid"), cfg)
+    lists = RankLists.from_tensors(load_file(str(lists_file)))
     t_lists = time.time() - t0
     if progress:
         print(f"ranker: {len(lists.label) + int(lists.missed.sum())} validation lists of top-{cfg.top_n}, "

@@ -50,8 +50,9 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str,
                 continue
             hit = r <= k
             safe = np.where(hit, r, 1.0)
+            v: np.ndarray
             if name == "recall":
-                v = hit
+                v = hit.astype(np.float64)
             elif name == "ndcg":
                 v = hit / np.log2(safe + 1.0)
             else:

@@ -43,7 +43,7 @@ class ItemAdaptor(nn.Module):
             self.gate = nn.Linear(in_dim, cfg.n_experts, bias=False)
             nn.init.zeros_(self.gate.weight)  # start as the plain average of experts
         elif self.kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
+            self.net: nn.Module = nn.Sequential(nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
                                      nn.Linear(2 * d, d))
         else:
             self.net = nn.Linear(in_dim, d)
@@ -63,7 +63,7 @@ class ItemAdaptor(nn.Module):
             comps = vt[:d].T  # (in_dim, D)
             self.proj.copy_(comps.unsqueeze(0).expand_as(self.proj) + 0.01 * torch.randn_like(self.proj))
             self.bias.copy_(mean.unsqueeze(0).expand_as(self.bias))
-        elif self.kind == "linear":
+        elif isinstance(self.net, nn.Linear):
             self.net.weight.copy_(vt[:self.net.out_features])
             self.net.bias.copy_(-(self.net.weight @ mean))
 
@@ -174,7 +174,10 @@ class CrossRecModel(nn.Module):
     @property
     def adaptor_in_dim(self) -> int:
         a = self.adaptor
-        return a.proj.shape[1] if a.kind == "moe" else (a.net.in_features if a.kind == "linear" else a.net[0].in_features)
+        if a.kind == "moe":
+            return int(a.proj.shape[1])
+        first = a.net if isinstance(a.net, nn.Linear) else a.net[0]  # type: ignore[index]
+        return int(first.in_features)
 
     def item_vectors(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Backbone vectors (N, in_dim) for text - or (vectors, id rows) with `item_ids` -, or item indices (N,)
@@ -215,13 +218,16 @@ class CrossRecModel(nn.Module):
         length = items.shape[1]
         steps = torch.arange(length, device=items.device)  # on the items' device: GPU training too
         age = steps.unsqueeze(1) - steps.unsqueeze(0)  # (L, L) t - s
-        w = torch.where(age >= 0, self.cfg.text_prior_decay ** age.clamp(min=0).float(),
-                        torch.zeros((), device=items.device))
+        decay, cross = self.cfg.text_prior_decay, self.cfg.text_prior_cross
+        if decay is None or cross is None:
+            raise ValueError("`text_prior_decay` / `text_prior_cross` are unset: training chooses them before the "
+                             "model runs (crossrec.training.resolve_text_prior)")
+        w = torch.where(age >= 0, decay ** age.clamp(min=0).float(), torch.zeros((), device=items.device))
         w = w.unsqueeze(0) * valid.unsqueeze(1)  # (B, L, L)
-        if self.cfg.text_prior_cross != 1.0:
+        if cross != 1.0:
             # History items from another domain than the one predicted at t count text_prior_cross as much.
             same = domains.unsqueeze(1) == next_domains.unsqueeze(2)  # (B, L_t, L_s)
-            w = w * torch.where(same, 1.0, self.cfg.text_prior_cross)
+            w = w * torch.where(same, 1.0, cross)
         raw = F.normalize(w @ items[..., d:], dim=-1)  # (B, L, in_dim)
         return torch.cat([u, self.log_beta.exp() * raw], dim=-1)
 

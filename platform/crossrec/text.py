@@ -140,7 +140,7 @@ def truncate_by_tokens(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
             if fast:
                 cut = text[:enc["offset_mapping"][i][keep - 1][1]].rstrip()
             else:
-                cut = tokenizer.decode(ids[:keep], skip_special_tokens=True).rstrip()
+                cut = str(tokenizer.decode(ids[:keep], skip_special_tokens=True)).rstrip()
             if keep == 1 or len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= max_tokens:
                 break
             keep -= 1

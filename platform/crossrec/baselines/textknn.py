@@ -82,7 +82,8 @@ def fit_textknn(splits: Splits, vectors: np.ndarray, decays: tuple[float, ...] =
     from crossrec.evaluation import evaluate
 
     domains = list(domains or splits.domains)
-    best, best_score = None, -1.0
+    best: TextKNN | None = None
+    best_score = -1.0
     for decay in decays:
         for cw in cross_weights:
             knn = TextKNN(splits, vectors, decay, cw)
@@ -90,5 +91,7 @@ def fit_textknn(splits: Splits, vectors: np.ndarray, decays: tuple[float, ...] =
             score = float(np.mean([m[d]["ndcg@10"] or 0.0 for d in domains]))
             if score > best_score:
                 best, best_score = knn, score
+    if best is None:
+        raise ValueError("fit_textknn: empty grid (`decays` and `cross_weights` need a value each)")
     best.valid_ndcg10 = best_score
     return best
