@@ -250,9 +250,8 @@ def resolved_init(cfg: TrainConfig) -> TrainConfig:
     driver's); fails naming the field when it is not a bundle."""
     if not cfg.init_from:
         return cfg
-    path = Path(cfg.init_from).expanduser().resolve()
-    bundle_meta(path, "`init_from`")
-    return replace(cfg, init_from=str(path))
+    bundle_meta(Path(cfg.init_from).expanduser(), "`init_from`")  # the message names the path as given
+    return replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
 
 
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
