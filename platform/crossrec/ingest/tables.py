@@ -30,13 +30,21 @@ JSONL_CHUNK_ROWS = 1 << 17  # JSON objects turned into Arrow at a time
 def _csv_header(path: Path) -> list[str]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (no header, no rows)")
+    # The header record alone (it may span lines inside quotes), decoded by itself: a bad byte further down is
+    # reported with its row by the data reader, not blamed on the header.
+    raw = b""
+    with open(path, "rb") as f:
+        for line in f:
+            raw += line
+            if raw.count(b'"') % 2 == 0:
+                break
     try:
         # utf-8-sig: a byte-order mark must not become part of the first column's name (Arrow drops it too, and
         # the name must match for that column to be read as text: `0001` would become the integer 1).
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: header: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    header = next(csv.reader([text]), None)
     if not header:
         raise DataError(f"{path}: file is empty (no header, no rows)")
     return header
