@@ -22,12 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import crossrec
-from crossrec.atomic import building
+from crossrec.atomic import publishing
 from crossrec.config import TrainConfig, config_from_dict, config_to_dict
 from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
+from crossrec.schema import check_domain
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "is_bundle", "bundle_meta", "BUNDLE_FORMAT"]
+__all__ = ["Bundle", "save_bundle", "load_bundle", "is_bundle", "bundle_meta", "verify_bundle", "bundle_content_hash",
+           "BUNDLE_FORMAT"]
 
 BUNDLE_FORMAT = 1
 
@@ -44,6 +46,11 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.meta["version"]
+
+    @property
+    def content_hash(self) -> str | None:
+        """sha256 over the files `save_bundle` wrote (see `verify_bundle`); None for bundles older than it."""
+        return self.meta.get("content_hash")
 
     @property
     def has_ranker(self) -> bool:
@@ -77,9 +84,14 @@ def bundle_meta(path: str | Path, field: str | None = None) -> dict:
 def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domains: list[str], in_dim: int | None,
                 n_items: int | None, items: dict[str, tuple[list[str], list[str], np.ndarray]], metrics: dict,
                 data_hash: str, extra: dict | None = None, adapter_dir: Path | None = None) -> Path:
-    """Writes a bundle atomically (temp folder, then rename). items[domain] = (ids, titles, vectors (n, D))."""
+    """Writes a bundle with `crossrec.atomic.publishing` (lock, temporary sibling, fsync, atomic swap: a reader
+    sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)). bundle.json records the
+    sha256 of every file and their `content_hash` (`verify_bundle` checks them)."""
     path = Path(path)
-    with building(path) as tmp:
+    bad = [why for d in domains if (why := check_domain(d)) is not None]
+    if bad:  # domain names become file names (items/DOMAIN.parquet)
+        raise ValueError(f"`domains`: {bad[0]}")
+    with publishing(path, replace=True) as tmp:
         (tmp / "items").mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -95,12 +107,61 @@ def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domain
                 "version": f"{path.name}-{h[:12]}", "config": config_to_dict(cfg), "domains": domains,
                 "in_dim": in_dim, "n_items": n_items, "data_hash": data_hash, "metrics": metrics,
                 **(extra or {})}
+        meta["files"] = _file_hashes(tmp)
+        meta["content_hash"] = bundle_content_hash(meta["files"])
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file `save_bundle` wrote (bundle.json itself excluded)."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "bundle.json"}
+
+
+def bundle_content_hash(files: dict[str, str]) -> str:
+    """One sha256 over (path, sha256) of each file: equal for equal bundle contents, wherever they lie."""
+    return hashlib.sha256("".join(f"{k}\0{files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+
+
+def verify_bundle(path: str | Path) -> str:
+    """Checks every file recorded in bundle.json against its sha256 and returns the bundle's content hash;
+    raises ValueError naming the first file that is missing or changed. `ranker/` is not covered: it is
+    written into the bundle later, by its own publish (`crossrec.ranker.save_ranker`)."""
     path = Path(path)
+    meta = bundle_meta(path)
+    meta_file = path / "bundle.json"
+    files = meta.get("files")
+    if not isinstance(files, dict) or "content_hash" not in meta:
+        raise ValueError(f"{meta_file}: no content hash (written before crossrec recorded one); export the "
+                         "bundle again to verify it")
+    if bundle_content_hash(files) != meta["content_hash"]:
+        raise ValueError(f"{meta_file}: `files` do not match `content_hash` (bundle.json was edited)")
+    for rel, want in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            raise ValueError(f"{path}: {rel} is missing (recorded in bundle.json)")
+        got = _sha256(f)
+        if got != want:
+            raise ValueError(f"{path}: {rel} changed since the bundle was written (sha256 {got[:12]}, "
+                             f"bundle.json records {want[:12]})")
+    return meta["content_hash"]
+
+
+def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
+    """Loads a bundle; with `verify`, first checks its files against the hashes in bundle.json
+    (`verify_bundle`), so a bundle changed under its reader is refused."""
+    path = Path(path)
+    if verify:
+        verify_bundle(path)
     meta = bundle_meta(path)
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path / 'bundle.json'}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")

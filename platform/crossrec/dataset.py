@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import crossrec
-from crossrec.atomic import building
+from crossrec.atomic import publishing
 from crossrec.ingest import read_source
 from crossrec.ingest.tables import CSV, JSONL, PARQUET
 from crossrec.schema import (SCHEMA_VERSION, DataError, SourceTable, validate_identity, validate_interactions,
@@ -86,24 +86,21 @@ def _apply_identity(inters: pa.Table, identity: pa.Table) -> tuple[pa.Table, dic
 
 
 def _sort_interactions(inters: pa.Table) -> pa.Table:
-    # Stable: equal timestamps keep input order (the protocol's tie rule; see splits.py).
-    users, ucode = np.unique(inters.column("user_id").to_numpy(zero_copy_only=False).astype(str),
-                             return_inverse=True)
-    ts = inters.column("timestamp").to_numpy()
-    order = np.lexsort((np.arange(inters.num_rows), ts, ucode.reshape(-1)))
-    return inters.take(pa.array(order))
+    # Arrow's sort is stable: equal timestamps keep input order (the protocol's tie rule; see splits.py). Strings
+    # compare by UTF-8 bytes, which is code-point order, as before; no Python string per row is ever made.
+    order = pc.sort_indices(inters, [("user_id", "ascending"), ("timestamp", "ascending")])
+    return inters.take(order)
 
 
 def _counts(items: pa.Table, inters: pa.Table) -> dict:
-    per = {}
-    idom = items.column("domain").to_numpy(zero_copy_only=False)
-    dom = inters.column("domain").to_numpy(zero_copy_only=False)
-    users = inters.column("user_id").to_numpy(zero_copy_only=False)
-    for d in sorted(set(idom.tolist())):
-        m = dom == d
-        per[d] = {"items": int((idom == d).sum()), "interactions": int(m.sum()),
-                  "users": int(len(np.unique(users[m])))}
-    return {"users": int(len(np.unique(users))), "items": items.num_rows,
+    item_n = dict(zip(*(items.group_by("domain").aggregate([("item_id", "count")]).column(c).to_pylist()
+                        for c in ("domain", "item_id_count"))))
+    per_dom = inters.group_by("domain").aggregate([("user_id", "count"), ("user_id", "count_distinct")])
+    inter_n = dict(zip(per_dom.column("domain").to_pylist(), per_dom.column("user_id_count").to_pylist()))
+    user_n = dict(zip(per_dom.column("domain").to_pylist(), per_dom.column("user_id_count_distinct").to_pylist()))
+    per = {d: {"items": int(item_n[d]), "interactions": int(inter_n.get(d, 0)), "users": int(user_n.get(d, 0))}
+           for d in sorted(item_n)}
+    return {"users": int(pc.count_distinct(inters.column("user_id")).as_py()), "items": items.num_rows,
             "interactions": inters.num_rows, "domains": per}
 
 
@@ -119,71 +116,77 @@ def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", d
             identity: str | Path | None = None, force: bool = False, progress: bool = True) -> dict:
     """Reads, validates and writes a dataset; returns its manifest.
 
-    Nothing is half-written: the dataset is built in a sibling temporary folder and renamed into place
-    only when complete; on any failure the temporary folder is removed and `out` is left as it was.
+    Published with `crossrec.atomic.publishing`: the writer lock is taken first (a concurrent `prepare` of the
+    same `out` is refused at once), the dataset is built in a temporary sibling and swapped into place only when
+    complete and on disk; on any failure, or a kill at any moment, `out` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:
         raise DataError(f"{out}: already exists; pass --force to replace it")
     if not sources:
         raise DataError("no source given")
     steps = ["read"] * len(sources) + ["validate", "sort", "write"]
     bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=not progress)
     try:
-        read = []
-        for src in sources:
-            bar.set_postfix_str(f"read {src}")
-            read.append(read_source(src, fmt, domain))
-            bar.update()
-        bar.set_postfix_str("validate")
-        items, report = validate_items([t for s in read for t in s.items])
-        inters = validate_interactions([t for s in read for t in s.interactions], items)
-        ident_src = [s.identity for s in read if s.identity is not None]
-        if identity is not None:
-            ident_src.append(_read_identity(Path(identity)))
-        ident = None
-        if ident_src:
-            ident = pa.concat_tables([validate_identity(s) for s in ident_src])
-            inters, report["identity"] = _apply_identity(inters, ident)
-        skipped: dict[str, int] = {}
-        for s in read:
-            for k, v in s.skipped.items():
-                skipped[k] = skipped.get(k, 0) + v
-        bar.update()
-        bar.set_postfix_str("sort")
-        items = items.take(pc.sort_indices(items, [("domain", "ascending"), ("item_id", "ascending")]))
-        inters = _sort_interactions(inters)
-        bar.update()
-        bar.set_postfix_str(f"write {out}")
-        with building(out) as tmp:
-            tables = {"items": items, "interactions": inters, "identity": ident}
-            hashes = {}
-            for name in _FILES:
-                if tables[name] is None:
-                    continue
-                pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
-                hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
-            manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "created_by": f"crossrec {crossrec.__version__}",
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": [{"path": str(src), "format": fmt, "read_as": s.description}
-                           for src, s in zip(sources, read)],
-                "counts": _counts(items, inters),
-                "report": report,
-                "skipped": skipped,
-                "files": hashes,
-                "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        with publishing(out, replace=force, exists_hint="pass --force to replace it") as tmp:
+            manifest = _prepare_into(tmp, sources, fmt, domain, identity, bar)
         bar.update()
         return manifest
     finally:
         bar.close()
 
 
+def _prepare_into(tmp: Path, sources: Sequence[str | Path], fmt: str, domain: str | None,
+                  identity: str | Path | None, bar: tqdm) -> dict:
+    read = []
+    for src in sources:
+        bar.set_postfix_str(f"read {src}")
+        read.append(read_source(src, fmt, domain))
+        bar.update()
+    bar.set_postfix_str("validate")
+    items, report = validate_items([t for s in read for t in s.items])
+    inters = validate_interactions([t for s in read for t in s.interactions], items)
+    ident_src = [s.identity for s in read if s.identity is not None]
+    if identity is not None:
+        ident_src.append(_read_identity(Path(identity)))
+    ident = None
+    if ident_src:
+        ident = pa.concat_tables([validate_identity(s) for s in ident_src])
+        inters, report["identity"] = _apply_identity(inters, ident)
+    skipped: dict[str, int] = {}
+    for s in read:
+        for k, v in s.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    bar.update()
+    bar.set_postfix_str("sort")
+    items = items.take(pc.sort_indices(items, [("domain", "ascending"), ("item_id", "ascending")]))
+    inters = _sort_interactions(inters)
+    bar.update()
+    bar.set_postfix_str("write")
+    tables = {"items": items, "interactions": inters, "identity": ident}
+    hashes = {}
+    for name in _FILES:
+        if tables[name] is None:
+            continue
+        pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
+        hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"crossrec {crossrec.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": [{"path": str(src), "format": fmt, "read_as": s.description} for src, s in zip(sources, read)],
+        "counts": _counts(items, inters),
+        "report": report,
+        "skipped": skipped,
+        "files": hashes,
+        "content_hash": hashlib.sha256("".join(hashes[k] for k in sorted(hashes)).encode()).hexdigest(),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
 def _read_identity(path: Path) -> SourceTable:
     for fmt in (CSV, PARQUET, JSONL):
         if path.suffix == fmt.suffix:
-            return SourceTable(fmt.reader(path), str(path))
+            return fmt.reader(path)
     raise DataError(f"{path}: identity table must be .csv, .parquet or .jsonl")

@@ -6,7 +6,9 @@ Every ingest adapter turns its format into `SourceTable`s with these columns; `v
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +17,7 @@ import pyarrow.compute as pc
 __all__ = [
     "DataError", "SourceTable", "ITEM_REQUIRED", "INTERACTION_REQUIRED", "IDENTITY_REQUIRED",
     "SCHEMA_VERSION", "validate_items", "validate_interactions", "validate_identity",
+    "DOMAIN_PATTERN", "check_domain",
 ]
 
 SCHEMA_VERSION = 1
@@ -25,30 +28,71 @@ IDENTITY_REQUIRED = ("platform", "platform_user_id", "user_id")
 _STRING_INTERACTION_OPTIONAL = ("event", "platform")
 
 
+# Domain names become file names (a bundle's `items/DOMAIN.parquet`, adapter folders), so they are refused unless
+# they are plain names: no separator, no `..`, no leading dot or dash, and short enough for any file system.
+DOMAIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_DOMAIN_RE = re.compile(DOMAIN_PATTERN)
+
+
 class DataError(ValueError):
     """Input that does not fit the schema. The message names the file, column and row."""
 
 
+def check_domain(name: object) -> str | None:
+    """Why `name` cannot be a domain name (it becomes part of file paths), or None when it can."""
+    if not isinstance(name, str) or not _DOMAIN_RE.match(name) or ".." in name:
+        return f"domain {name!r} must match {DOMAIN_PATTERN} without '..'"
+    return None
+
+
 @dataclass
 class SourceTable:
-    """A table read from one file; row r of `table` is record r + 1 of `path`."""
+    """A table read from one file; row r of the table is record `offset` + r + 1 of `path`.
 
-    table: pa.Table
+    Either whole (`table`) or streamed: `chunks()` returns a fresh iterator over consecutive pieces of the file,
+    so a big file is read piece by piece and never held whole as text or Python objects. A stream yields at least
+    one table (an empty one with the file's columns when it has no rows)."""
+
+    table: pa.Table | None
     path: str
+    chunks: Callable[[], Iterator[pa.Table]] | None = None
+    offset: int = 0
 
     def where(self, row: int, column: str | None = None) -> str:
         col = f" column '{column}'" if column else ""
-        return f"{self.path}:{col} row {row + 1}"
+        return f"{self.path}:{col} row {self.offset + row + 1}"
+
+    def pieces(self) -> Iterator["SourceTable"]:
+        """Whole SourceTables of consecutive pieces, each with its row offset in the file."""
+        if self.chunks is None:
+            assert self.table is not None
+            yield self
+            return
+        offset = self.offset
+        for table in self.chunks():
+            yield SourceTable(table, self.path, offset=offset)
+            offset += table.num_rows
+
+    def read_all(self) -> "SourceTable":
+        """The whole file as one table (for the small tables: items, identity)."""
+        if self.chunks is None:
+            return self
+        return SourceTable(pa.concat_tables([p.table for p in self.pieces()], promote_options="default"),
+                           self.path, offset=self.offset)
 
 
-def _require_columns(src: SourceTable, required: tuple[str, ...]) -> None:
-    if src.table.num_rows == 0:
+def _require_columns(src: SourceTable, required: tuple[str, ...], first: bool = True) -> None:
+    """The first piece of a file must hold every required column and at least one row. A later piece of a
+    stream (JSONL: a key can be absent from a whole chunk) lacking one has an empty value at its first row."""
+    if first and src.table.num_rows == 0:
         raise DataError(f"{src.path}: file is empty (no rows)")
     have = src.table.column_names
     missing = [c for c in required if c not in have]
-    if missing:
+    if missing and first:
         raise DataError(f"{src.path}: missing column '{missing[0]}' (required: {', '.join(required)}; "
                         f"found: {', '.join(have)})")
+    if missing:
+        raise DataError(f"{src.where(0, missing[0])}: empty value")
 
 
 def _as_string(src: SourceTable, name: str, allow_null: bool = False) -> pa.ChunkedArray:
@@ -92,14 +136,18 @@ def _as_timestamp(src: SourceTable) -> pa.ChunkedArray:
     elif pa.types.is_timestamp(t):
         out = col.cast(pa.timestamp("s")).cast(pa.int64())
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
-        vals = col.to_pylist()
-        parsed = np.empty(len(vals), dtype=np.int64)
-        for r, v in enumerate(vals):
-            try:
-                parsed[r] = int(v)
-            except (TypeError, ValueError):
-                raise DataError(f"{src.where(r, name)}: expected an integer, got {v!r}") from None
-        out = pa.chunked_array([pa.array(parsed)])
+        try:
+            # Arrow's parser accepts a strict subset of what int() does (plain [-]digits), with the same values.
+            out = col.cast(pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            vals = col.to_pylist()  # the slow path, only for what Arrow refuses: int() decides and names the row
+            parsed = np.empty(len(vals), dtype=np.int64)
+            for r, v in enumerate(vals):
+                try:
+                    parsed[r] = int(v)
+                except (TypeError, ValueError, OverflowError):
+                    raise DataError(f"{src.where(r, name)}: expected an integer, got {v!r}") from None
+            out = pa.chunked_array([pa.array(parsed)])
     else:
         raise DataError(f"{src.path}: column '{name}' has type {t}, expected int64")
     if out.null_count:
@@ -108,100 +156,166 @@ def _as_timestamp(src: SourceTable) -> pa.ChunkedArray:
     return out
 
 
+def _check_domains(src: SourceTable, dom: pa.ChunkedArray) -> None:
+    """Every distinct domain of a piece is checked once; the first bad one is named with its first row."""
+    for name in pc.unique(dom).to_pylist():
+        why = check_domain(name)
+        if why is not None:
+            row = int(np.flatnonzero(pc.equal(dom, name).to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{src.where(row, 'domain')}: {why}")
+
+
+def _item_columns(src: SourceTable) -> pa.Table:
+    """One piece of an item file in canonical types: ids and domain non-empty strings, text columns strings
+    ("" for missing), list columns float32 feature vectors."""
+    cols = {c: _as_string(src, c) for c in ("item_id", "domain")}
+    _check_domains(src, cols["domain"])
+    cols["title"] = pc.fill_null(_as_string(src, "title", allow_null=True), "")
+    for name in src.table.column_names:
+        if name in cols:
+            continue
+        col = src.table.column(name)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            if not pa.types.is_floating(col.type.value_type) and not pa.types.is_integer(col.type.value_type):
+                raise DataError(f"{src.path}: column '{name}' is a list of {col.type.value_type}, "
+                                "expected a list of floats (feature vector)")
+            cols[name] = col.cast(pa.list_(pa.float32()))
+        else:
+            cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
+    return pa.table(cols)
+
+
+def _fill_strings(table: pa.Table) -> pa.Table:
+    """Pieces or files without an optional text column leave nulls after concatenation: they mean ""."""
+    for name in table.column_names:
+        if table.column(name).null_count and pa.types.is_string(table.column(name).type):
+            table = table.set_column(table.column_names.index(name), name, pc.fill_null(table.column(name), ""))
+    return table
+
+
 def validate_items(sources: list[SourceTable]) -> tuple[pa.Table, dict]:
     """Checks and concatenates item tables. Exact duplicate rows are merged and counted;
-    the same item_id with different text is an error naming both rows."""
-    tables, report = [], {"duplicate_item_rows_merged": 0}
-    seen: dict[str, tuple[SourceTable, int, tuple]] = {}
+    the same item_id with different text is an error naming both rows.
+
+    Duplicates are found with Arrow hashing; only the rows whose id occurs more than once are compared in
+    Python, so a catalog of millions of items is never turned into Python objects."""
+    report = {"duplicate_item_rows_merged": 0}
+    kept: list[pa.Table] = []  # kept rows of earlier pieces
+    where: list[tuple[SourceTable, np.ndarray]] = []  # their piece and rows in it, to name the first occurrence
     for src in sources:
-        _require_columns(src, ITEM_REQUIRED)
-        cols = {c: _as_string(src, c) for c in ("item_id", "domain")}
-        cols["title"] = pc.fill_null(_as_string(src, "title", allow_null=True), "")
-        for name in src.table.column_names:
-            if name in cols:
-                continue
-            col = src.table.column(name)
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                if not pa.types.is_floating(col.type.value_type) and not pa.types.is_integer(col.type.value_type):
-                    raise DataError(f"{src.path}: column '{name}' is a list of {col.type.value_type}, "
-                                    "expected a list of floats (feature vector)")
-                cols[name] = col.cast(pa.list_(pa.float32()))
-            else:
-                cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
-        table = pa.table(cols)
-        text_cols = [c for c in table.column_names if c != "item_id"]
-        ids = table.column("item_id").to_pylist()
-        rows = list(zip(*[table.column(c).to_pylist() for c in text_cols]))
-        keep = np.ones(len(ids), dtype=bool)
-        for r, (iid, content) in enumerate(zip(ids, rows)):
-            prev = seen.get(iid)
-            if prev is None:
-                seen[iid] = (src, r, content)
-            elif prev[2] == content:
-                keep[r] = False
-                report["duplicate_item_rows_merged"] += 1
-            else:
-                other = prev[0].where(prev[1])
-                diff = next(c for c, a, b in zip(text_cols, prev[2], content) if a != b)
-                raise DataError(f"{src.where(r, 'item_id')}: item_id {iid!r} appears again with different "
-                                f"{diff} than at {other}")
-        tables.append(table.filter(pa.array(keep)))
-    items = pa.concat_tables(tables, promote_options="default")
-    for name in items.column_names:
-        if items.column(name).null_count and pa.types.is_string(items.column(name).type):
-            items = items.set_column(items.column_names.index(name), name, pc.fill_null(items.column(name), ""))
-    return items, report
+        for i, piece in enumerate(src.pieces()):
+            _require_columns(piece, ITEM_REQUIRED, first=i == 0)
+            table = _item_columns(piece)
+            keep = _merge_duplicates(piece, table, kept, where, report)
+            rows = np.flatnonzero(keep)
+            kept.append(table if len(rows) == table.num_rows else table.take(pa.array(rows)))
+            where.append((piece, rows))
+    return _fill_strings(pa.concat_tables(kept, promote_options="default")), report
+
+
+def _merge_duplicates(src: SourceTable, table: pa.Table, kept: list[pa.Table],
+                      where: list[tuple[SourceTable, np.ndarray]], report: dict) -> np.ndarray:
+    """Which rows of `table` to keep: all but exact repeats of an item seen before (in it or in `kept`)."""
+    ids = table.column("item_id")
+    keep = np.ones(table.num_rows, dtype=bool)
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    prev_ids = pa.chunked_array([t.column("item_id") for t in kept], pa.string()).combine_chunks() if kept \
+        else pa.array([], pa.string())
+    candidate = pc.or_(pc.is_in(ids, value_set=prev_ids), pc.is_in(ids, value_set=repeated))
+    rows = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return keep
+    text_cols = [c for c in table.column_names if c != "item_id"]
+    prev_at = pc.index_in(pc.take(ids, pa.array(rows)), value_set=prev_ids).to_pylist()
+    starts = np.cumsum([0] + [t.num_rows for t in kept])
+    seen: dict[str, tuple[str, dict]] = {}  # item_id -> (where it was first seen, its row)
+    for r, content, at in zip(rows.tolist(), table.take(pa.array(rows)).to_pylist(), prev_at):
+        iid = content["item_id"]
+        if iid not in seen and at is not None:
+            k = int(np.searchsorted(starts, at, side="right") - 1)
+            first_src, first_rows = where[k]
+            seen[iid] = (first_src.where(int(first_rows[at - starts[k]])),
+                         kept[k].slice(at - starts[k], 1).to_pylist()[0])
+        if iid not in seen:
+            seen[iid] = (src.where(r), content)
+            continue
+        other, prev = seen[iid]
+        diff = next((c for c in text_cols + [c for c in prev if c not in content]
+                     if content.get(c, "") != prev.get(c, "")), None)
+        if diff is not None:
+            raise DataError(f"{src.where(r, 'item_id')}: item_id {iid!r} appears again with different "
+                            f"{diff} than at {other}")
+        keep[r] = False
+        report["duplicate_item_rows_merged"] += 1
+    return keep
 
 
 def validate_interactions(sources: list[SourceTable], items: pa.Table) -> pa.Table:
-    """Checks interaction tables against the items: known domain, known item, same domain as the item."""
-    item_ids = items.column("item_id")
-    item_dom = items.column("domain").to_numpy(zero_copy_only=False)
-    domains = sorted(set(item_dom.tolist()))
+    """Checks interaction tables against the items: known domain, known item, same domain as the item.
+    Streamed sources are checked piece by piece: only the validated columns are kept, never the raw text."""
+    item_ids = items.column("item_id").combine_chunks()
+    item_dom = items.column("domain").combine_chunks()
+    domains = sorted(set(item_dom.to_pylist()))
+    domain_set = pa.array(domains, pa.string())
     tables = []
     for src in sources:
-        _require_columns(src, INTERACTION_REQUIRED)
-        cols = {"user_id": _as_string(src, "user_id"), "item_id": _as_string(src, "item_id"),
-                "domain": _as_string(src, "domain"), "timestamp": _as_timestamp(src)}
-        if "rating" in src.table.column_names:
-            try:
-                cols["rating"] = src.table.column("rating").cast(pa.float32())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DataError(f"{src.path}: column 'rating' is not numeric") from None
-        for name in _STRING_INTERACTION_OPTIONAL:
-            if name in src.table.column_names:
-                cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
-        dom = cols["domain"]
-        unknown = pc.invert(pc.is_in(dom, value_set=pa.array(domains)))
-        if pc.any(unknown).as_py():
-            row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{src.where(row, 'domain')}: unknown domain {dom[row].as_py()!r} "
-                            f"(domains in items: {', '.join(domains)})")
-        idx_arr = pc.index_in(cols["item_id"], value_set=item_ids)
-        if idx_arr.null_count:
-            row = int(np.flatnonzero(pc.is_null(idx_arr).to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{src.where(row, 'item_id')}: item_id {cols['item_id'][row].as_py()!r} "
-                            "is not in the items")
-        idx = idx_arr.to_numpy(zero_copy_only=False).astype(np.int64)
-        wrong = item_dom[idx] != dom.to_numpy(zero_copy_only=False)
-        if wrong.any():
-            row = int(np.flatnonzero(wrong)[0])
-            iid = cols["item_id"][row].as_py()
-            raise DataError(f"{src.where(row, 'domain')}: domain {dom[row].as_py()!r} differs from item "
-                            f"{iid!r}'s domain {item_dom[int(idx[row])]!r} in the items")
-        tables.append(pa.table(cols))
-    return pa.concat_tables(tables, promote_options="default")
+        for i, piece in enumerate(src.pieces()):
+            _require_columns(piece, INTERACTION_REQUIRED, first=i == 0)
+            tables.append(_interaction_columns(piece, item_ids, item_dom, domains, domain_set))
+    inters = pa.concat_tables(tables, promote_options="default")
+    for name in _STRING_INTERACTION_OPTIONAL:  # absent from some pieces or files: ""
+        if name in inters.column_names and inters.column(name).null_count:
+            inters = inters.set_column(inters.column_names.index(name), name, pc.fill_null(inters.column(name), ""))
+    return inters
+
+
+def _interaction_columns(src: SourceTable, item_ids: pa.Array, item_dom: pa.Array, domains: list[str],
+                         domain_set: pa.Array) -> pa.Table:
+    cols = {"user_id": _as_string(src, "user_id"), "item_id": _as_string(src, "item_id"),
+            "domain": _as_string(src, "domain"), "timestamp": _as_timestamp(src)}
+    if "rating" in src.table.column_names:
+        try:
+            cols["rating"] = src.table.column("rating").cast(pa.float32())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataError(f"{src.path}: column 'rating' is not numeric") from None
+    for name in _STRING_INTERACTION_OPTIONAL:
+        if name in src.table.column_names:
+            cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
+    dom = cols["domain"]
+    unknown = pc.invert(pc.is_in(dom, value_set=domain_set))
+    if pc.any(unknown).as_py():
+        row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{src.where(row, 'domain')}: unknown domain {dom[row].as_py()!r} "
+                        f"(domains in items: {', '.join(domains)})")
+    idx = pc.index_in(cols["item_id"], value_set=item_ids)
+    if idx.null_count:
+        row = int(np.flatnonzero(pc.is_null(idx).to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{src.where(row, 'item_id')}: item_id {cols['item_id'][row].as_py()!r} "
+                        "is not in the items")
+    wrong = pc.not_equal(pc.take(item_dom, idx), dom)
+    if pc.any(wrong).as_py():
+        row = int(np.flatnonzero(wrong.to_numpy(zero_copy_only=False))[0])
+        iid = cols["item_id"][row].as_py()
+        raise DataError(f"{src.where(row, 'domain')}: domain {dom[row].as_py()!r} differs from item "
+                        f"{iid!r}'s domain {item_dom[idx[row].as_py()].as_py()!r} in the items")
+    return pa.table(cols)
 
 
 def validate_identity(src: SourceTable) -> pa.Table:
     """(platform, platform_user_id) -> user_id; a key mapped to two different users is an error."""
-    _require_columns(src, IDENTITY_REQUIRED)
-    cols = {c: _as_string(src, c) for c in IDENTITY_REQUIRED}
+    pieces = []
+    for i, piece in enumerate(src.pieces()):
+        _require_columns(piece, IDENTITY_REQUIRED, first=i == 0)
+        pieces.append(SourceTable(pa.table({c: _as_string(piece, c) for c in IDENTITY_REQUIRED}), src.path,
+                                  offset=piece.offset))
+    cols = pa.concat_tables([p.table for p in pieces])
     seen: dict[tuple[str, str], tuple[int, str]] = {}
-    for r, key in enumerate(zip(cols["platform"].to_pylist(), cols["platform_user_id"].to_pylist())):
-        user = cols["user_id"][r].as_py()
+    users = cols.column("user_id").to_pylist()
+    for r, key in enumerate(zip(cols.column("platform").to_pylist(), cols.column("platform_user_id").to_pylist())):
+        user = users[r]
         if key in seen and seen[key][1] != user:
             raise DataError(f"{src.where(r, 'user_id')}: {key[0]}/{key[1]} is mapped to {user!r} here "
                             f"and to {seen[key][1]!r} at row {seen[key][0] + 1}")
         seen[key] = (r, user)
-    return pa.table(cols)
+    return cols

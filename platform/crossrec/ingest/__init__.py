@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crossrec.ingest import amazon2023, recbole, tables
 from crossrec.ingest.base import Source
-from crossrec.schema import DataError
+from crossrec.schema import DataError, check_domain
 
 __all__ = ["FORMATS", "Source", "read_source", "detect_format"]
 
@@ -38,6 +38,8 @@ def read_source(path: str | Path, fmt: str = "auto", domain: str | None = None) 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if domain is not None and (why := check_domain(domain)) is not None:
+        raise DataError(f"--domain: {why}")
     if fmt == "auto":
         fmt = detect_format(path)
     elif fmt not in FORMATS:

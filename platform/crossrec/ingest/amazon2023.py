@@ -10,20 +10,20 @@ naming the line, because skipped reviews shift the table's rows.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
 from crossrec.ingest.base import Source
+from crossrec.ingest.jsonl import records as _records
 from crossrec.schema import DataError, SourceTable
 
-__all__ = ["detect", "read", "DESCRIPTION_CHARS"]
+__all__ = ["detect", "read", "DESCRIPTION_CHARS", "CHUNK_ROWS"]
 
 # Long descriptions add little for a text encoder that truncates anyway, and bloat the items table.
 DESCRIPTION_CHARS = 1000
+CHUNK_ROWS = 1 << 18  # reviews converted to Arrow at a time
 _EXTS = (".jsonl", ".jsonl.gz")
 _META = "meta_"
 
@@ -100,32 +100,6 @@ def _pairs(path: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def _open(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line."""
-    try:
-        with _open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}: row {n}: expected a JSON object, got {type(rec).__name__}")
-                yield n, rec
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile, truncated archives
-        raise DataError(f"{path}: cannot read: {e}") from None
-
-
 def _id(path: Path, n: int, rec: dict[str, Any], key: str) -> str:
     v = rec.get(key)
     if isinstance(v, int) and not isinstance(v, bool):
@@ -171,8 +145,20 @@ def _read_meta(path: Path, domain: str) -> SourceTable:
 
 
 def _read_reviews(path: Path, domain: str, known: set[str]) -> tuple[SourceTable, int]:
+    """Reviews in Arrow pieces of `CHUNK_ROWS`: a full category (tens of millions of reviews) is never held as
+    Python objects, only as compact columns."""
     users, item_ids, ts, ratings = [], [], [], []
-    skipped = 0
+    parts: list[pa.Table] = []
+    skipped, rated = 0, False
+
+    def flush() -> None:
+        parts.append(pa.table({
+            "user_id": pa.array(users, pa.string()), "item_id": pa.array(item_ids, pa.string()),
+            "domain": pa.array([domain] * len(users), pa.string()), "timestamp": pa.array(ts, pa.int64()),
+            "rating": pa.array(ratings, pa.float64())}))
+        for col in (users, item_ids, ts, ratings):
+            col.clear()
+
     for n, rec in _records(path):
         user, item = _id(path, n, rec, "user_id"), _id(path, n, rec, "parent_asin")
         t = rec.get("timestamp")
@@ -190,12 +176,13 @@ def _read_reviews(path: Path, domain: str, known: set[str]) -> tuple[SourceTable
         item_ids.append(item)
         ts.append(t)
         ratings.append(rating)
-    if not users and not skipped:
+        rated = rated or rating is not None
+        if len(users) >= CHUNK_ROWS:
+            flush()
+    if not parts and not users and not skipped:
         raise DataError(f"{path}: file is empty (no rows)")
-    cols: dict[str, pa.Array] = {
-        "user_id": pa.array(users, pa.string()), "item_id": pa.array(item_ids, pa.string()),
-        "domain": pa.array([domain] * len(users), pa.string()), "timestamp": pa.array(ts, pa.int64()),
-    }
-    if any(r is not None for r in ratings):
-        cols["rating"] = pa.array(ratings, pa.float64())
-    return SourceTable(pa.table(cols), str(path)), skipped
+    flush()
+    table = pa.concat_tables(parts)
+    if not rated:
+        table = table.drop_columns(["rating"])
+    return SourceTable(table, str(path)), skipped
