@@ -74,7 +74,7 @@ class ItemLog:
         return out, offset + end
 
     def read_all(self) -> list[LogItem]:
-        """Every item of the log, the last line of each (domain, item_id) only, in first-accepted order."""
+        """Every item of the log, the last line of each (domain, item_id) only, in the order of those lines."""
         items, self.offset = self._read_from(0)
         latest: dict[tuple[str, str], LogItem] = {}
         for it in items:
@@ -92,9 +92,14 @@ class ItemLog:
     def append(self, items: list[LogItem]) -> None:
         """Durably appends `items` (one write, fsync'ed) before the caller acknowledges them."""
         data = b"".join(it.line() for it in items)
-        with open(self.path, "ab") as f:
+        with open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # replicas sharing the log never interleave their lines
             try:
+                end = f.seek(0, os.SEEK_END)
+                if end:
+                    f.seek(end - 1)
+                    if f.read(1) != b"\n":  # a line torn by a crash: end it, so it does not swallow ours
+                        data = b"\n" + data
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
