@@ -304,7 +304,9 @@ class Recommender:
             while len(self.cache) > self.settings.text_cache:
                 self.cache.popitem(last=False)
         for i in set(range(len(texts))) - set(missing):
-            self.cache.move_to_end((*texts[i], st.version))
+            key = (*texts[i], st.version)
+            if key in self.cache:  # another request may have evicted it while this one awaited the Encoder
+                self.cache.move_to_end(key)
         return out
 
     async def _until_consistent(self, attempt):
