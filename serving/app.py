@@ -1,14 +1,18 @@
-"""The app builder that binds the serving graph to one bundle, and deploying it on a local or remote Ray.
+"""The app builder that binds the serving graph to one bundle, and deploying it on a connected Ray.
 
     serve run serving.app:build_app bundle=out/bundle          # import path + typed args
     serve run serving/serve_config.yaml                         # the shipped config (edit its user_config)
-    crossrec serve --bundle out/bundle [--config FILE.yaml]     # deploy() below, on an embedded Ray
+    crossrec serve --bundle out/bundle [--config FILE.yaml] [--state DIR]   # serve_until_stopped() below
 
 The bundle reaches the deployments as `user_config` ({"bundle": PATH}), never as an app argument: Serve
 derives an app's code version from its import path and args, so a new bundle in `user_config` alone keeps
 every replica alive and hands it the bundle through `reconfigure` (loaded beside the old one, swapped at
 once; deployments.py). `deploy(new_bundle)` is therefore a rollout in place: no replica stops, no request
 is dropped. (A new bundle passed as an arg would restart every replica, stop first, then start.)
+
+Nothing here starts Ray: the caller connects first (`crossrec serve` runs its own Ray start-up, tests and the
+bench call `ray.init`). Serve's throughput-optimised mode is read from the environment of the processes Ray
+starts, so `FAST_PATH_ENV` must be in `os.environ` before Ray starts (README "Serve").
 """
 from __future__ import annotations
 
@@ -24,12 +28,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
-from serving.deployments import Encoder, Ranker, Recommender, Retriever
+from crossrec.recommender import EXPLAIN_HISTORY
+from serving.deployments import Encoder, Recommender
 
-__all__ = ["AppArgs", "build_app", "APP_NAME", "default_config", "deploy", "wait_ready", "shutdown", "example_body",
-           "curl_line", "serve_until_stopped", "serve_once"]
+__all__ = ["AppArgs", "build_app", "APP_NAME", "DEFAULT_STATE_DIR", "FAST_PATH_ENV", "default_config", "deploy",
+           "wait_ready", "shutdown", "example_body", "curl_line", "serve_until_stopped", "serve_once"]
 
 APP_NAME = "crossrec"
+DEFAULT_STATE_DIR = "out/serve-state"  # relative to the working folder of whoever deploys (made absolute there)
+
+# Serve's throughput-optimised mode (Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED: direct ingress, gRPC between
+# replicas, user code and router on the replica's one event loop, buffered request logs, GC frozen after start)
+# with HAProxy in front of the ingress replicas instead of the Python proxy: the fastest setting measured here
+# (README "Serve"). Ray reads these when its processes start: set them before `ray.init`. An ingress replica
+# that stops waits out a draining period meant for an external load balancer to deregister it (30 s by
+# default, which every shutdown then takes); HAProxy here is Serve's own and is told at once.
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 class AppArgs(BaseModel):
@@ -39,13 +54,27 @@ class AppArgs(BaseModel):
 
     bundle: str | None = Field(None, description="a bundle folder written by `crossrec train`; leave it out "
                                                  "when a Serve config gives each deployment user_config.bundle")
-    candidates: int = Field(50, ge=1, le=1000, description="retrieval's top-N handed to the ranker (a bundle "
-                                                                  "with a ranker uses the N it was trained on)")
+    state_dir: str | None = Field(None, description="folder of the log of items added online (replayed when a "
+                                                    f"replica starts); default: {DEFAULT_STATE_DIR} in the "
+                                                    "working folder")
+    max_online_items: int = Field(10_000, ge=0, le=1_000_000,
+                                  description="items POST /v1/items may add beyond the bundle's catalog; past it "
+                                              "the API answers 409")
+    explain_history: int = Field(EXPLAIN_HISTORY, ge=1, le=500,
+                                 description="most recent history entries that `explain` weighs (each costs a "
+                                             "pass of the user tower and of the ranker)")
+    text_cache: int = Field(2048, ge=0, le=1_000_000,
+                            description="texts whose vectors each Recommender replica keeps (no Encoder call)")
 
     @field_validator("bundle")
     @classmethod
     def _is_bundle(cls, value: str | None) -> str | None:
         return None if value is None else bundle_path(value, "bundle")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else state_path(value)
 
 
 def bundle_path(value: str | Path, field: str) -> str:
@@ -56,18 +85,29 @@ def bundle_path(value: str | Path, field: str) -> str:
     return str(path)
 
 
-DEPLOYMENTS = ("Encoder", "Retriever", "Ranker", "Recommender")
+def state_path(value: str | Path, field: str = "state_dir") -> str:
+    """The absolute path of a state folder, created now so that a path that cannot be one fails here."""
+    path = Path(value).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"`{field}`: cannot create {value} ({e.strerror})") from None
+    return str(path)
+
+
+DEPLOYMENTS = ("Encoder", "Recommender")
 
 
 def build_app(args: AppArgs) -> Application:
-    """Encoder, Retriever and Ranker bound once, their handles passed to the ingress."""
+    """The Encoder bound once, its handle passed to the Recommender (ingress, retrieval, ranker, explanations)."""
     if isinstance(args, dict):  # `serve run ... bundle=X` passes a dict when the annotation is not resolved
         args = AppArgs(**args)
     opts = {} if args.bundle is None else {"user_config": {"bundle": args.bundle}}
+    settings = {"state_dir": args.state_dir or state_path(DEFAULT_STATE_DIR),
+                "max_online_items": args.max_online_items, "explain_history": args.explain_history,
+                "text_cache": args.text_cache}
     encoder = Encoder.options(**opts).bind()
-    retriever = Retriever.options(**opts).bind()
-    ranker = Ranker.options(**opts).bind()
-    return Recommender.options(**opts).bind(encoder, retriever, ranker, candidates=args.candidates)
+    return Recommender.options(**opts).bind(encoder, settings)
 
 
 def default_config() -> Path:
@@ -75,7 +115,7 @@ def default_config() -> Path:
     return Path(str(resources.files("serving") / "serve_config.yaml"))
 
 
-def _schema(config: str | Path, bundle: str, host: str, port: int):
+def _schema(config: str | Path, bundle: str, host: str, port: int, state_dir: str | Path | None = None):
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
     raw = yaml.safe_load(Path(config).read_text())
@@ -87,6 +127,8 @@ def _schema(config: str | Path, bundle: str, host: str, port: int):
     app = apps[0]
     # The bundle goes to every deployment's user_config and never into args (see the module docstring).
     app.args = {k: v for k, v in (app.args or {}).items() if k != "bundle"}
+    # Made absolute here, in the caller's working folder: the app is built in a Ray task that has another one.
+    app.args["state_dir"] = state_path(state_dir or app.args.get("state_dir") or DEFAULT_STATE_DIR)
     AppArgs(**app.args)  # unknown or bad args fail here, naming the field, not inside a Ray task
     user_config = {"bundle": bundle_path(bundle, "bundle")}
     given = {d.name: d for d in app.deployments}
@@ -101,12 +143,14 @@ def _schema(config: str | Path, bundle: str, host: str, port: int):
 
 
 def deploy(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, config: str | Path | None = None,
-           timeout_s: float = 180.0) -> str:
+           timeout_s: float = 180.0, state_dir: str | Path | None = None) -> str:
     """Deploys (or rolls out) the app from a Serve config on the connected Ray; returns the base URL once the
-    given bundle answers. The same call with another bundle is a rollout without downtime."""
+    given bundle answers. The same call with another bundle is a rollout without downtime. `state_dir`: the
+    item log's folder (default: the config's `state_dir` arg, else DEFAULT_STATE_DIR in the working folder)."""
     from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml` deploys through
 
-    schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port)
+    _require_ray()
+    schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port, state_dir)
     version = json.loads((Path(path) / "bundle.json").read_text())["version"]
     serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
                 logging_config=schema.logging_config)  # only a first start applies these (Serve's rule)
@@ -157,31 +201,28 @@ def curl_line(url: str, body: dict) -> str:
 
 
 def _require_ray() -> None:
-    """Serving joins the Ray its caller connected to (`crossrec serve` starts it with `trainers.runtime.init_ray`):
-    Serve would otherwise start a default local Ray of its own, with the dashboard and a large object store."""
     import ray
 
     if not ray.is_initialized():
-        raise RuntimeError("connect to Ray first (ray.init or trainers.runtime.init_ray): serving joins the "
-                           "caller's Ray")
+        raise RuntimeError("Ray is not initialized: connect first (ray.init(...), or crossrec's Ray start-up), "
+                           "with serving.app.FAST_PATH_ENV in the environment before Ray starts")
 
 
 def serve_until_stopped(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                        config: str | Path | None = None) -> None:
-    """`crossrec serve`: the app on the connected Ray until Ctrl-C or SIGTERM, then Serve and Ray shut down."""
+                        config: str | Path | None = None, state_dir: str | Path | None = None) -> None:
+    """`crossrec serve`: the app on the connected Ray until Ctrl-C or SIGTERM, then Serve shuts down (Ray is
+    the caller's to shut down). `state_dir`: `crossrec serve --state DIR`, the item log's folder."""
     import signal
     import threading
-
-    import ray
 
     _require_ray()
     bundle = Path(bundle)
     stop = threading.Event()
     # SIGTERM shuts down as cleanly as Ctrl-C. Installed after ray.init, which sets its own crash handler for
     # SIGTERM (it logs a "crash" and the process later aborts).
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        url = deploy(bundle, host, port, config)
+        url = deploy(bundle, host, port, config, state_dir=state_dir)
         version = json.loads((bundle / "bundle.json").read_text())["version"]
         print(f"serving bundle {version} at {url}  (OpenAPI: {url}/docs; Ctrl-C or SIGTERM stops)")
         print(f"try: {curl_line(url, example_body(bundle))}", flush=True)
@@ -190,14 +231,14 @@ def serve_until_stopped(bundle: str | Path, host: str = "127.0.0.1", port: int =
     except KeyboardInterrupt:
         pass
     finally:
-        print("shutting down Serve and Ray", flush=True)
+        signal.signal(signal.SIGTERM, previous)
+        print("shutting down Serve", flush=True)
         serve.shutdown()
-        ray.shutdown()
 
 
-def serve_once(bundle: str | Path, body: dict) -> tuple[str, dict]:
-    """Deploys the app for `bundle` on a free port, answers `body` over HTTP, shuts Serve down (the demo).
-    Returns (the app's URL, the answer)."""
+def serve_once(bundle: str | Path, body: dict, state_dir: str | Path | None = None) -> tuple[str, dict]:
+    """Deploys the app for `bundle` on a free port of the connected Ray, answers `body` over HTTP, shuts Serve
+    down (the demo). Returns (the app's URL, the answer)."""
     import socket
 
     _require_ray()
@@ -205,7 +246,7 @@ def serve_once(bundle: str | Path, body: dict) -> tuple[str, dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        url = deploy(bundle, port=port)
+        url = deploy(bundle, port=port, state_dir=state_dir)
         req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:

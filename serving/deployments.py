@@ -1,16 +1,34 @@
-"""The serving graph, one deployment per stage: Encoder -> Retriever -> Ranker, behind the FastAPI ingress.
+"""The serving graph: the FastAPI ingress `Recommender` (retrieval, ranking, explanation, online items) and the
+`Encoder` it calls only for requests that carry text.
 
-Every deployment takes its bundle from `user_config` (`{"bundle": PATH}`) and loads it in `reconfigure`,
-off the event loop, swapping the new state in at once: a new bundle reaches running replicas in place and
-they keep answering with the old one while the new one loads. Each stage answers with the bundle version it
-used, and the ingress retries a request whose stages disagreed (the seconds of a rollout).
+Why two deployments and not four (encoder, retriever, ranker, ingress): retrieval is the stateful stage (it holds
+the index and the items added online), and the ranker and the explanations read exactly what retrieval has in
+hand (the user vector, the candidates' and the history's vectors). Split into deployments, a plain request
+crossed three replica boundaries behind the proxy and ~200 KB of candidate vectors crossed the object store
+twice; that cost more than the ~10 ms of compute it carried. Merged, the common request crosses one boundary
+(client or proxy -> Recommender) and only the final k rows leave the replica. The Encoder (a 90 MB backbone that
+takes seconds to load and scales on its own) stays separate: a request with text pays one more hop, once, with
+all its texts, and repeated texts hit a small cache.
 
-The Retriever holds the only copy of the online catalog (`POST /v1/items`), so it runs one replica: a second
-replica would not see the items added through the first. Items added online live until the next bundle.
+Every deployment takes its bundle from `user_config` (`{"bundle": PATH}`) and loads it in `reconfigure`, off the
+event loop, swapping the new state in at once: a new bundle reaches running replicas in place and they keep
+answering with the old one while the new one loads. Vectors carry the bundle version of the Encoder that made
+them, and the Recommender retries a request whose Encoder answered from another bundle (the seconds of a
+rollout).
+
+Items added online are appended (fsync'ed) to the item log in the app's `state_dir` before the API answers
+(serving/item_log.py); every Recommender replica replays the log when it starts or rolls out a bundle and reads
+what others appended before each request, so replicas agree, a killed replica loses nothing, and the stage can
+run (and autoscale) several replicas.
 """
+
 import asyncio
 import json
+import logging
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,40 +43,51 @@ from crossrec.bundle import load_bundle
 from crossrec.embedding import template_of
 from crossrec.inference import bundle_backbone, has_domain_adapters
 from crossrec.text import render_items
-from serving.schemas import (MAX_BODY_BYTES, Item, ItemsRequest, ItemsResponse, Reason, RecommendRequest,
+from serving.item_log import ItemLog, LogItem
+from serving.schemas import (MAX_BODY_BYTES, MAX_TEXTS, Item, ItemsRequest, ItemsResponse, Reason, RecommendRequest,
                              RecommendResponse)
 
-__all__ = ["Encoder", "Retriever", "Ranker", "Recommender", "BadRequest"]
+__all__ = ["Encoder", "Recommender", "BadRequest", "ServeSettings"]
 
-# Small on purpose: everything (4 deployments, autoscaled replicas, the proxy and the controller) must fit 2
-# CPUs, and `max_ongoing_requests` well above Serve's default of 5, which caps `@serve.batch` batches at 5 and
-# throttles the ingress (../shared/RAY_NOTES.md). The Serve config YAML can override each of these.
-AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "look_back_period_s": 12.0,
-             "upscale_delay_s": 2.0, "downscale_delay_s": 10.0}
-ROLLOUT_WAIT_S = 10.0  # how long a request waits for the stages to agree on one bundle
+log = logging.getLogger("ray.serve")
+
+ROLLOUT_WAIT_S = 10.0  # how long a request waits for the Encoder to serve the Recommender's bundle
+REEMBED_WAIT_S = 180.0  # how long a rollout waits for the Encoder to re-embed the log's items
+ENCODE_CHUNK = 64  # texts per Encoder call when replaying the log
+RETRY_AFTER_S = "1"  # what a 503 asks the client to wait
 
 
 class BadRequest(ValueError):
-    """Bad input that only the catalog can tell: answered 422 by the ingress."""
+    """Bad input that only the catalog can tell: answered 422."""
 
 
 class _Stale(Exception):
-    """Stages answered with different bundles (a rollout is under way): the request is retried."""
+    """The Encoder answered from another bundle than the Recommender's (a rollout is under way): retried."""
 
 
-def _reloading(load):
-    """Runs a blocking loader in a thread, so the replica keeps serving its previous state meanwhile."""
-    return asyncio.get_running_loop().run_in_executor(None, load)
+@dataclass(frozen=True)
+class ServeSettings:
+    """The app's runtime settings (serving.app.AppArgs, validated there), handed to every Recommender replica."""
+    state_dir: str  # folder of the item log (absolute)
+    max_online_items: int = 10_000  # items added online beyond the bundle's catalog, per app
+    explain_history: int = core.EXPLAIN_HISTORY  # most recent history entries `explain` weighs
+    text_cache: int = 2048  # (text, domain, bundle) -> vector entries kept by each replica
+
+
+def _in_thread(fn):
+    """Runs a blocking loader in its own thread, so the replica keeps serving its previous state meanwhile."""
+    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 # -- Encoder ---------------------------------------------------------------------------------------------
-@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.4}, max_ongoing_requests=64,
-                  autoscaling_config=AUTOSCALE)
+@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.3}, max_ongoing_requests=16)
 class Encoder:
-    """Text -> the model's item vector (backbone, then the bundle's adaptor), batched across requests."""
+    """Texts -> the model's item vectors (backbone, then the bundle's adaptor), batched across requests."""
 
     def __init__(self) -> None:
+        torch.set_num_threads(1)  # one core's worth per replica: replicas, not threads, share the machine
         self.state: tuple | None = None  # (version, {domain or None: backbone} or None, model, max_tokens)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
     async def reconfigure(self, config: dict) -> None:
         def load():
@@ -72,11 +101,9 @@ class Encoder:
                 backbones = {None: bundle_backbone(b)}
             return b.version, backbones, b.model, b.config.max_tokens
 
-        self.state = await _reloading(load)
+        self.state = await _in_thread(load)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode(self, texts: list[tuple[str, str]]) -> list[tuple[str, np.ndarray]]:
-        """(text, its domain) pairs -> (bundle version, item vector) each."""
+    def _encode(self, texts: list[tuple[str, str]]) -> tuple[str, np.ndarray]:
         version, backbones, model, max_tokens = self.state
         if backbones is None:
             raise BadRequest(f"bundle {version} has item_encoder 'id' and cannot embed text")
@@ -84,130 +111,29 @@ class Encoder:
         x = [None] * len(texts)
         for key in set(keys):
             at = [i for i, k in enumerate(keys) if k == key]
-            out = backbones[key].encode([texts[i][0] for i in at], batch_size=len(at), max_length=max_tokens)
+            out = backbones[key].encode([texts[i][0] for i in at], batch_size=32, max_length=max_tokens)
             for i, row in zip(at, out):
                 x[i] = row
         with torch.inference_mode():
-            v = model.item_vectors(torch.from_numpy(np.stack(x))).numpy()  # (B, V)
-        return [(version, row) for row in v]
+            return version, model.item_vectors(torch.from_numpy(np.stack(x))).numpy()  # (T, V)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def encode(self, calls: list[list[tuple[str, str]]]) -> list[tuple[str, np.ndarray]]:
+        """Each call: every (text, domain) of one request -> (bundle version, (T, V) vectors). The backbone runs
+        in a worker thread: the replica's event loop keeps taking (and batching) calls meanwhile."""
+        flat = [t for c in calls for t in c]
+        version, v = await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, flat)
+        out, at = [], 0
+        for c in calls:
+            out.append((version, v[at:at + len(c)]))
+            at += len(c)
+        return out
 
 
-# -- Retriever -------------------------------------------------------------------------------------------
-def _history(entries: list[dict]) -> list[core.HistoryItem]:
-    return [core.HistoryItem(domain=e["domain"], item_id=e.get("item_id"),
-                             vector=torch.tensor(e["vector"]) if e.get("vector") is not None else None)
-            for e in entries]
-
-
-@serve.deployment(name="Retriever", num_replicas=1, ray_actor_options={"num_cpus": 0.3}, max_ongoing_requests=128)
-class Retriever:
-    """Per-domain exact inner-product index of the bundle's item vectors, plus items added online.
-
-    Methods are async on purpose: they run one at a time on the replica's event loop, so an upsert never
-    interleaves with a search (each call is a few milliseconds of numpy/torch)."""
-
-    def __init__(self) -> None:
-        self.index: core.Recommender | None = None
-
-    async def reconfigure(self, config: dict) -> None:
-        self.index = await _reloading(lambda: core.Recommender(load_bundle(config["bundle"])))
-
-    def _check(self, version: str | None) -> core.Recommender:
-        index = self.index
-        if version is not None and version != index.bundle.version:
-            raise _Stale(index.bundle.version)
-        return index
-
-    async def candidates(self, history: list[dict], domain: str, n: int, k: int, exclude_seen: bool,
-                         vectors_from: str | None) -> dict:
-        """Top-n of `domain` for the history. `vectors_from`: the bundle that encoded the history's text."""
-        index = self._check(vectors_from)
-        try:
-            index.check_domain(domain)
-            size = len(index.ids[domain])
-            if k > size:
-                raise BadRequest(f"`k`: {k} is more than the {size} items of domain {domain!r}")
-            c = index.candidates(_history(history), domain, max(n, k), exclude_seen)
-        except (core.UnknownItem, core.UnknownDomain) as e:
-            raise BadRequest(str(e)) from None
-        pos = index.pos[domain]
-        return {"version": index.bundle.version, "item_ids": c.item_ids, "scores": c.scores, "user": c.user,
-                "history_vectors": c.history_vectors, "candidate_vectors": c.candidate_vectors,
-                "titles": [index.titles[domain][pos[i]] for i in c.item_ids]}
-
-    async def reasons(self, history: list[dict], domain: str, item_ids: list[str], exclude_seen: bool,
-                      version: str) -> dict[str, list[dict]]:
-        """Occlusion reasons of `item_ids` (core.Recommender.recommend explains any candidate set)."""
-        index = self._check(version)
-        recs = index.recommend(_history(history), domain, k=len(item_ids), exclude_seen=exclude_seen,
-                               explain=True, candidates=item_ids)
-        return {r.item_id: r.reasons or [] for r in recs}
-
-    async def upsert(self, items: list[dict], vectors_from: str) -> tuple[list[str], list[str]]:
-        index = self._check(vectors_from)
-        for i, it in enumerate(items):
-            try:
-                index.check_domain(it["domain"], f"items[{i}].domain")  # before any change: all or nothing
-            except core.UnknownDomain as e:
-                raise BadRequest(str(e)) from None
-        added, updated = [], []
-        for it in items:
-            new = index.upsert(it["domain"], it["item_id"], it["title"], torch.tensor(it["vector"]))
-            (added if new else updated).append(it["item_id"])
-        return added, updated
-
-
-# -- Ranker ----------------------------------------------------------------------------------------------
-def _load_ranker(bundle):
-    """The bundle's second stage, or None when crossrec has no ranker module or the bundle no ranker."""
-    try:
-        from crossrec.ranker import load_ranker
-    except ModuleNotFoundError as e:
-        if e.name != "crossrec.ranker":
-            raise  # a dependency of the ranker is missing: say so instead of serving without it
-        return None
-    return load_ranker(bundle)
-
-
-@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64,
-                  autoscaling_config=AUTOSCALE)
-class Ranker:
-    """Rescores retrieval's top-N with the bundle's trained ranker; keeps retrieval's order without one.
-
-    Items added online reach only the Retriever: the ranker scores them from its fallback features (the
-    ranker contract), so its replicas need no online state and can autoscale."""
-
-    def __init__(self) -> None:
-        self.state: tuple | None = None  # (version, ranker or None)
-
-    async def reconfigure(self, config: dict) -> None:
-        def load():
-            b = load_bundle(config["bundle"])
-            return b.version, _load_ranker(b)
-
-        self.state = await _reloading(load)
-
-    async def describe(self) -> tuple[str, dict | None]:
-        """(bundle version, what the ranker is, or None when the bundle has none)."""
-        version, ranker = self.state
-        return version, None if ranker is None else {"class": type(ranker).__name__, "bundle": version}
-
-    async def score(self, request: dict, version: str) -> np.ndarray | None:
-        """(N,) new scores of the candidates, or None when the bundle has no ranker."""
-        own, ranker = self.state
-        if own != version:
-            raise _Stale(own)
-        if ranker is None:
-            return None
-        from crossrec.ranker import RankRequest
-
-        return np.asarray(ranker.score(RankRequest(**request)), dtype=np.float32)
-
-
-# -- Ingress ---------------------------------------------------------------------------------------------
+# -- Recommender: ingress + retrieval + ranker + explanations --------------------------------------------
 api = FastAPI(title="crossrec", version="1",
-              description="Cross-domain recommendations from a crossrec bundle (Ray Serve graph: encoder, "
-                          "retriever, ranker).")
+              description="Cross-domain recommendations from a crossrec bundle (Ray Serve graph: recommender "
+                          "(retrieval, ranker, explanations, online items) and text encoder).")
 
 
 def _field(loc) -> str:
@@ -223,13 +149,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     # One line per problem, each starting with the field: `history[2].domain`: Field required.
     lines = []
     for err in exc.errors():
-        field, msg = _field(err.get("loc", ())), err.get("msg", "invalid").removeprefix("Value error, ")
+        name, msg = _field(err.get("loc", ())), err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
-            field, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})"
-        if field == "body" and msg.startswith("`"):  # a model validator that names its fields itself
+            name, msg = "body", f"malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})"
+        if name == "body" and msg.startswith("`"):  # a model validator that names its fields itself
             lines.append(msg)
         else:
-            lines.append(f"`{field}`: {msg}")
+            lines.append(f"`{name}`: {msg}")
     return JSONResponse(status_code=422, content={"detail": "; ".join(lines)})
 
 
@@ -245,86 +171,173 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
-def _bad(error: str | Exception) -> JSONResponse:
+def _bad(error: str | Exception, status: int = 422) -> JSONResponse:
     # An error raised in another deployment arrives wrapped (a RayTaskError that is also an instance of the
     # original class); its text is the remote traceback, the original's text is the message.
-    return JSONResponse(status_code=422, content={"detail": str(getattr(error, "cause", None) or error)})
+    return JSONResponse(status_code=status, content={"detail": str(getattr(error, "cause", None) or error)})
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": RETRY_AFTER_S})
 
 
 # A deployment bound without `user_config` (e.g. `serve run serving.app:build_app` with no bundle=) has nothing
 # to serve: say how to fix it instead of failing every request with a 500.
-_NO_BUNDLE = JSONResponse(status_code=503, content={
-    "detail": "no bundle: deploy with user_config {\"bundle\": PATH} (or `bundle=` as an app argument)"})
+_NO_BUNDLE = "no bundle: deploy with user_config {\"bundle\": PATH} (or `bundle=` as an app argument)"
 
 
-@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=128)
-@serve.ingress(api)
-class Recommender:
-    """Validates, routes through encoder -> retriever -> ranker, and shapes the responses."""
-
-    def __init__(self, encoder, retriever, ranker, candidates: int = 50) -> None:
-        self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
-        self.default_candidates = self.n_candidates = candidates
-        self.meta: dict | None = None
-        self.ranker_of: dict[str, bool] = {}
-
-    async def reconfigure(self, config: dict) -> None:
-        path = Path(config["bundle"])
-        self.meta = {**json.loads((path / "bundle.json").read_text()), "path": str(path)}
-        ranker = path / "ranker" / "ranker.json"
-        self.n_candidates = self.default_candidates
-        if ranker.is_file():
-            # The ranker's features (rank, score z-scores) depend on the list length it was trained on.
-            self.n_candidates = json.loads(ranker.read_text())["config"]["top_n"]
+@dataclass
+class _State:
+    """One bundle's serving state; replaced whole when another bundle rolls out."""
+    version: str
+    meta: dict
+    rec: core.Recommender
+    log: ItemLog
+    replay: dict = field(default_factory=dict)  # what the last replay did (GET /v1/model)
+    foreign: list[LogItem] = field(default_factory=list)  # replayed lines of another bundle, to re-embed
 
     @property
     def can_encode(self) -> bool:
         return self.meta["config"]["item_encoder"] == "text"
 
-    async def _encode(self, texts: list[tuple[str, str]]) -> tuple[str | None, list[np.ndarray]]:
-        """(text, domain) pairs -> (the encoder's bundle version, vectors)."""
-        if not texts:
-            return None, []
-        out = await asyncio.gather(*[self.encoder.encode.remote(t) for t in texts])
-        versions = {v for v, _ in out}
-        if len(versions) > 1:
-            raise _Stale(versions)
-        return versions.pop(), [vec for _, vec in out]
+
+def _apply(st: _State, items: list[LogItem], replay: bool = False) -> tuple[int, int]:
+    """Upserts log items whose vectors come from st's bundle; in a replay the others wait in st.foreign to be
+    embedded again. Returns (applied, over the limit)."""
+    applied = full = 0
+    for it in items:
+        if it.bundle != st.version:
+            # Tailed lines of another bundle come from a replica that has not rolled out yet (or re-embeds for
+            # one that has): this replica's replay covered what the log held when it loaded.
+            if replay:
+                st.foreign.append(it)
+            continue
+        if it.domain not in st.rec.ids:
+            continue  # a domain this bundle lacks: the line stays in the log for a bundle that has it
+        try:
+            st.rec.upsert(it.domain, it.item_id, it.title, torch.from_numpy(it.vector))
+            applied += 1
+        except core.CatalogFull:
+            full += 1  # the bound was lowered below what the log holds
+    return applied, full
+
+
+@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.4}, max_ongoing_requests=8,
+                  max_queued_requests=16)
+@serve.ingress(api)
+class Recommender:
+    """Validates, retrieves, ranks and explains in one pass (crossrec.recommender.Recommender.recommend) on a
+    one-thread executor, and takes items added online; calls the Encoder only for text."""
+
+    def __init__(self, encoder, settings: dict) -> None:
+        torch.set_num_threads(1)  # one core per replica: on 2 cores, threads of two replicas thrash each other
+        self.encoder = encoder
+        self.settings = ServeSettings(**settings)
+        # One thread runs every compute step and every upsert, in arrival order: the event loop stays free to
+        # parse, shed and answer, and an upsert never interleaves with a search.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+        self.state: _State | None = None
+        self.cache: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+
+    # -- bundle and item log --------------------------------------------------------------------------------
+    async def reconfigure(self, config: dict) -> None:
+        path = Path(config["bundle"])
+
+        def load() -> _State:
+            b = load_bundle(path)
+            meta = {**json.loads((path / "bundle.json").read_text()), "path": str(path)}
+            rec = core.Recommender.load(b, max_online_items=self.settings.max_online_items,
+                                        explain_history=self.settings.explain_history)
+            st = _State(version=b.version, meta=meta, rec=rec, log=ItemLog(self.settings.state_dir))
+            items = st.log.read_all()
+            applied, full = _apply(st, items, replay=True)
+            st.replay = {"log_items": len(items), "applied": applied, "over_limit": full}
+            return st
+
+        st = await _in_thread(load)
+        if st.foreign:
+            await self._reembed(st, deadline=time.monotonic() + REEMBED_WAIT_S)
+        self.state = st  # the new bundle serves from here on, with every item the log holds
+
+    async def _reembed(self, st: _State, deadline: float) -> None:
+        """Embeds again, with st's bundle, the log items whose vectors another bundle made; appends them to the
+        log under st's version (a later start replays them without the Encoder)."""
+        pending, st.foreign = st.foreign, []
+        latest = {(it.domain, it.item_id): it for it in pending if it.domain in st.rec.ids}
+        todo = list(latest.values())
+        if not st.can_encode:
+            st.replay["not_embeddable"] = len(todo)  # an id bundle: the lines wait in the log for a text bundle
+            return
+        done = []
+        for s in range(0, len(todo), ENCODE_CHUNK):
+            chunk = todo[s:s + ENCODE_CHUNK]
+            while True:
+                version, vecs = await self.encoder.encode.remote([(it.text, it.domain) for it in chunk])
+                if version == st.version:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Encoder still serves bundle {version}, not {st.version}, after "
+                                       f"{REEMBED_WAIT_S:.0f} s: cannot re-embed the item log")
+                await asyncio.sleep(0.5)
+            done += [LogItem(it.domain, it.item_id, it.title, it.text, st.version, v) for it, v in zip(chunk, vecs)]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.pool, st.log.append, done)
+        st.replay["reembedded"] = st.replay.get("reembedded", 0) + len(done)
+        await loop.run_in_executor(self.pool, lambda: _apply(st, st.log.tail()))
+
+    def _catch_up(self, st: _State) -> None:
+        """Items other replicas appended since this one last looked (on the compute thread, before a search)."""
+        _apply(st, st.log.tail())
+
+    # -- text ------------------------------------------------------------------------------------------------
+    async def _vectors(self, st: _State, texts: list[tuple[str, str]]) -> list[np.ndarray]:
+        """(text, domain) pairs -> vectors of st's bundle: from the cache, else one Encoder call for all."""
+        out: list[np.ndarray | None] = [self.cache.get((t, d, st.version)) for t, d in texts]
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing:
+            version, vecs = await self.encoder.encode.remote([texts[i] for i in missing])
+            if version != st.version:
+                raise _Stale(version)
+            for i, v in zip(missing, vecs):
+                out[i] = v
+                self.cache[(*texts[i], st.version)] = v
+            while len(self.cache) > self.settings.text_cache:
+                self.cache.popitem(last=False)
+        for i in set(range(len(texts))) - set(missing):
+            key = (*texts[i], st.version)
+            if key in self.cache:  # another request may have evicted it while this one awaited the Encoder
+                self.cache.move_to_end(key)
+        return out
 
     async def _until_consistent(self, attempt):
-        """Runs `attempt` again while a rollout has the stages on different bundles."""
+        """Runs `attempt` again while a rollout has the Encoder on another bundle."""
         deadline = time.monotonic() + ROLLOUT_WAIT_S
         while True:
             try:
                 return await attempt()
             except _Stale:
                 if time.monotonic() > deadline:
-                    return JSONResponse(status_code=503, content={"detail": "a new bundle is rolling out; retry"})
+                    return _unavailable("a new bundle is rolling out; retry")
                 await asyncio.sleep(0.05)
 
-    async def _has_ranker(self, version: str) -> bool:
-        """Whether bundle `version` has a ranker; asked once per bundle, so a bundle without one costs no hop."""
-        if version not in self.ranker_of:
-            own, info = await self.ranker.describe.remote()
-            if own != version:
-                raise _Stale(own)
-            self.ranker_of = {version: info is not None}  # only the serving bundle's answer is kept
-        return self.ranker_of[version]
-
+    # -- HTTP ------------------------------------------------------------------------------------------------
     @api.post("/v1/recommend", response_model=RecommendResponse, response_model_exclude_none=True)
     async def recommend(self, req: RecommendRequest):
-        if self.meta is None:
-            return _NO_BUNDLE
+        if self.state is None:
+            return _unavailable(_NO_BUNDLE)
+        known = self.state.meta["domains"]
+        for name, domain in [("domain", req.domain), *((f"history[{i}].domain", h.domain)
+                                                      for i, h in enumerate(req.history))]:
+            if domain not in known:
+                return _bad(f"`{name}`: unknown domain {domain!r} (known: {', '.join(known)})")
         texts = [(f"history[{i}].text", (h.text, h.domain)) for i, h in enumerate(req.history) if h.text is not None]
         if req.query is not None:
             texts.append(("query", (req.query, req.domain)))
-        known = self.meta["domains"]
-        for field, domain in [("domain", req.domain), *((f"history[{i}].domain", h.domain)
-                                                        for i, h in enumerate(req.history))]:
-            if domain not in known:
-                return _bad(f"`{field}`: unknown domain {domain!r} (known: {', '.join(known)})")
-        if texts and not self.can_encode:
-            return _bad(f"`{texts[0][0]}`: bundle {self.meta['version']} has item_encoder 'id' and cannot embed "
+        if len(texts) > MAX_TEXTS:
+            return _bad(f"`history`: {len(texts)} texts (history entries with `text`, and `query`) is more than "
+                        f"the limit of {MAX_TEXTS} per request; give catalog item ids")
+        if texts and not self.state.can_encode:
+            return _bad(f"`{texts[0][0]}`: bundle {self.state.version} has item_encoder 'id' and cannot embed "
                         "text; give catalog item ids")
         try:
             return await self._until_consistent(lambda: self._recommend(req, [t for _, t in texts]))
@@ -332,51 +345,47 @@ class Recommender:
             return _bad(e)
 
     async def _recommend(self, req: RecommendRequest, texts: list[tuple[str, str]]) -> RecommendResponse:
-        version, vecs = await self._encode(texts)
-        vecs = iter(vecs)
-        history = [{"domain": h.domain, "item_id": h.item_id} if h.item_id is not None
-                   else {"domain": h.domain, "vector": next(vecs)} for h in req.history]
+        st = self.state
+        vecs = iter(await self._vectors(st, texts) if texts else [])
+        history = [core.HistoryItem(h.domain, item_id=h.item_id) if h.item_id is not None
+                   else core.HistoryItem(h.domain, vector=torch.tensor(next(vecs))) for h in req.history]
         if req.query is not None:  # the intent, read as the newest entry of the target domain
-            history.append({"domain": req.domain, "vector": next(vecs)})
-        c = await self.retriever.candidates.remote(history, req.domain, self.n_candidates, req.k,
-                                                   req.exclude_seen, version)
-        pairs = [(h["domain"], h.get("item_id")) for h in history]
-        ranked = None
-        if await self._has_ranker(c["version"]):
-            ranked = await self.ranker.score.remote(
-                {"domain": req.domain, "candidates": c["item_ids"], "retrieval_scores": c["scores"],
-                 "user": c["user"], "history": pairs, "history_vectors": c["history_vectors"],
-                 "candidate_vectors": c["candidate_vectors"]}, c["version"])
-        scores = c["scores"] if ranked is None else ranked
-        order = np.argsort(-scores, kind="stable")[:req.k]
-        top = [c["item_ids"][j] for j in order]
-        reasons = {}
-        if req.explain:
-            reasons = await self.retriever.reasons.remote(history, req.domain, top, req.exclude_seen, c["version"])
-        items = []
-        for j, iid in zip(order, top):
-            why = None
-            if req.explain:
-                why = [Reason(item_id="query" if r["item_id"] == f"history[{len(req.history)}]" else r["item_id"],
-                              domain=r["domain"], weight=r["weight"]) for r in reasons.get(iid, [])]
-            items.append(Item(item_id=iid, domain=req.domain, title=c["titles"][j], score=float(scores[j]),
-                              reasons=why))
-        return RecommendResponse(items=items, model=c["version"])
+            history.append(core.HistoryItem(req.domain, vector=torch.tensor(next(vecs))))
+
+        def run() -> list[core.Recommendation]:
+            self._catch_up(st)
+            size = len(st.rec.ids[req.domain])
+            if req.k > size:
+                raise BadRequest(f"`k`: {req.k} is more than the {size} items of domain {req.domain!r}")
+            try:
+                return st.rec.recommend(history, req.domain, k=req.k, exclude_seen=req.exclude_seen,
+                                        explain=req.explain)
+            except (core.UnknownItem, core.UnknownDomain) as e:
+                raise BadRequest(str(e)) from None
+
+        recs = await asyncio.get_running_loop().run_in_executor(self.pool, run)
+        query = f"history[{len(req.history)}]"  # how the core names the query entry
+        return RecommendResponse(model=st.version, items=[Item(
+            item_id=r.item_id, domain=r.domain, title=r.title, score=r.score,
+            reasons=None if r.reasons is None else [Reason(item_id="query" if x["item_id"] == query else x["item_id"],
+                                                           domain=x["domain"], weight=x["weight"])
+                                                    for x in r.reasons]) for r in recs])
 
     @api.post("/v1/items", response_model=ItemsResponse)
     async def items(self, req: ItemsRequest):
-        """Adds or updates items of the bundle's domains; they are recommendable at once."""
-        if self.meta is None:
-            return _NO_BUNDLE
-        if not self.can_encode:
-            return _bad(f"`items`: bundle {self.meta['version']} has item_encoder 'id' and cannot embed new items")
-        cfg = self.meta["config"]
+        """Adds or updates items of the bundle's domains: durable (the item log) and recommendable at once."""
+        st = self.state
+        if st is None:
+            return _unavailable(_NO_BUNDLE)
+        if not st.can_encode:
+            return _bad(f"`items`: bundle {st.version} has item_encoder 'id' and cannot embed new items")
+        cfg = st.meta["config"]
         template = template_of(cfg.get("text_template", ""), cfg.get("max_tokens", 64))
         texts = []
         for i, it in enumerate(req.items):
-            if it.domain not in self.meta["domains"]:
+            if it.domain not in st.meta["domains"]:
                 return _bad(f"`items[{i}].domain`: unknown domain {it.domain!r} "
-                            f"(known: {', '.join(self.meta['domains'])})")
+                            f"(known: {', '.join(st.meta['domains'])})")
             if it.text is not None:
                 texts.append((it.text, it.domain))
                 continue
@@ -384,31 +393,55 @@ class Recommender:
                 texts.append((render_items({"title": [it.title]}, template)[0], it.domain))
             except ValueError as e:
                 return _bad(f"`items[{i}].text`: required by this bundle's text template ({e})")
+        keys = [(it.domain, it.item_id) for it in req.items]
+        try:
+            st.rec.room(keys)  # before the Encoder works for nothing; checked again on the compute thread
+        except core.CatalogFull as e:
+            return _bad(e, 409)
 
         async def attempt():
-            version, vecs = await self._encode(texts)
-            rows = [{"domain": it.domain, "item_id": it.item_id, "title": it.title, "vector": v}
-                    for it, v in zip(req.items, vecs)]
-            added, updated = await self.retriever.upsert.remote(rows, version)
-            return ItemsResponse(added=added, updated=updated, model=version)
+            st = self.state
+            version, vecs = await self.encoder.encode.remote(texts)
+            if version != st.version:
+                raise _Stale(version)
+            rows = [LogItem(it.domain, it.item_id, it.title, text, version, v)
+                    for it, (text, _), v in zip(req.items, texts, vecs)]
+
+            def run() -> ItemsResponse:
+                self._catch_up(st)
+                st.rec.room(keys)
+                new = [k[1] not in st.rec.pos[k[0]] for k in keys]
+                st.log.append(rows)  # durable before it is visible or acknowledged
+                self._catch_up(st)  # applies them, in log order with other replicas' lines
+                return ItemsResponse(added=[k[1] for k, n in zip(keys, new) if n],
+                                     updated=[k[1] for k, n in zip(keys, new) if not n], model=version)
+
+            return await asyncio.get_running_loop().run_in_executor(self.pool, run)
 
         try:
             return await self._until_consistent(attempt)
+        except core.CatalogFull as e:
+            return _bad(e, 409)
         except BadRequest as e:
             return _bad(e)
 
     @api.get("/v1/health")
     async def health(self):
-        if self.meta is None:
-            return _NO_BUNDLE
-        return {"status": "ok", "model": self.meta["version"]}
+        if self.state is None:
+            return _unavailable(_NO_BUNDLE)
+        return {"status": "ok", "model": self.state.version}
 
     @api.get("/v1/model")
     async def model(self):
-        if self.meta is None:
-            return _NO_BUNDLE
-        m = self.meta
-        return {"model": m["version"], "bundle": m["path"], "created_at": m.get("created_at"),
+        st = self.state
+        if st is None:
+            return _unavailable(_NO_BUNDLE)
+        m, rec = st.meta, st.rec
+        return {"model": st.version, "bundle": m["path"], "created_at": m.get("created_at"),
                 "backbone": m["config"].get("backbone"), "item_encoder": m["config"]["item_encoder"],
-                "domains": m["domains"], "ranker": (await self.ranker.describe.remote())[1],
+                "domains": m["domains"],
+                "ranker": None if rec.ranker is None else {"class": type(rec.ranker).__name__, "bundle": st.version,
+                                                           "top_n": rec.n_candidates},
+                "online": {"items": len(rec.online), "max_online_items": rec.max_online_items,
+                           "log": str(st.log.path), "replay": st.replay},
                 "test_metrics": m.get("metrics", {}).get("test")}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["MAX_BODY_BYTES", "MAX_HISTORY", "MAX_K", "HistoryEntry", "RecommendRequest", "Reason", "Item",
+__all__ = ["MAX_BODY_BYTES", "MAX_HISTORY", "MAX_K", "MAX_TEXTS", "HistoryEntry", "RecommendRequest", "Reason", "Item",
            "RecommendResponse", "NewItem", "ItemsRequest", "ItemsResponse"]
 
 MAX_BODY_BYTES = 1024 * 1024  # larger bodies get 413 before they are parsed
@@ -15,6 +15,9 @@ MAX_HISTORY = 500  # the user tower reads the last `max_len` entries anyway; mor
 MAX_K = 100
 MAX_TEXT = 4000  # characters of one text (the backbone keeps `max_tokens` tokens of it)
 MAX_ITEMS = 256  # items per POST /v1/items
+# Texts (history entries with `text`, and `query`) per recommend request: each costs a backbone pass on the
+# Encoder (~5 ms of a core), so an unbounded list is an easy way to stall every other request.
+MAX_TEXTS = 16
 
 
 class _Strict(BaseModel):

@@ -387,10 +387,35 @@ class Ranker:
     @torch.inference_mode()
     def score(self, req: RankRequest) -> np.ndarray:
         """(N,) new scores of `req.candidates`, higher is better."""
+        if len(req.candidates) == 0:
+            return np.zeros(0, np.float32)
+        return self.score_lists(self._request_list(req))[0].numpy()
+
+    @torch.inference_mode()
+    def score_without(self, req: RankRequest, users: np.ndarray, drop: list[int]) -> np.ndarray:
+        """(B, N) scores of `req.candidates` with history entry `drop[b]` left out and `users[b]` (V,) as the user
+        vector (retrieval scores re-read from it): explanations by occlusion of the ranked order, in one batch.
+        Leaving an entry out is masking it: every feature reads the history through `hist_valid`."""
+        one = self._request_list(req)
+        b, n = len(drop), len(req.candidates)
+        users_t = torch.from_numpy(np.asarray(users, dtype=np.float32)).reshape(b, -1)
+        width = one.hist.shape[1]
+        shown = min(len(req.history), self.max_len)  # the entries inside the ranker's window
+        valid, rows, same = (t.expand(b, -1).clone() for t in (one.hist_valid, one.hist_rows, one.hist_same))
+        for r, i in enumerate(drop):
+            p = width - len(req.history) + i  # its slot; an entry older than the window has none
+            if p >= width - shown:
+                valid[r, p], rows[r, p], same[r, p] = False, -1, False
+        lists = ListBatch(user=users_t, cand=one.cand.expand(b, -1, -1), scores=users_t @ one.cand[0].T,
+                          cand_valid=one.cand_valid.expand(b, -1), cand_rows=one.cand_rows.expand(b, -1),
+                          hist=one.hist.expand(b, -1, -1), hist_valid=valid, hist_same=same, hist_rows=rows,
+                          domain=one.domain.expand(b))
+        return self.score_lists(lists).numpy().reshape(b, n)
+
+    def _request_list(self, req: RankRequest) -> ListBatch:
+        """One request as a batch of one list."""
         n = len(req.candidates)
         cand = torch.from_numpy(np.array(req.candidate_vectors, dtype=np.float32)).reshape(n, -1)
-        if n == 0:
-            return np.zeros(0, np.float32)
         hist_keys = list(req.history)[-self.max_len:]
         hvec = np.array(req.history_vectors, dtype=np.float32).reshape(len(req.history), cand.shape[1])[-self.max_len:]
         h = len(hist_keys)
@@ -404,14 +429,13 @@ class Ranker:
             valid[0, width - h:] = True
             rows[0, width - h:] = self.items.rows([(d, i) for d, i in hist_keys])
             same[0, width - h:] = torch.tensor([d == req.domain for d, _ in hist_keys])
-        lists = ListBatch(
+        return ListBatch(
             user=torch.from_numpy(np.array(req.user, dtype=np.float32)).reshape(1, -1), cand=cand[None],
             scores=torch.from_numpy(np.array(req.retrieval_scores, dtype=np.float32)).reshape(1, n),
             cand_valid=torch.ones(1, n, dtype=torch.bool),
             cand_rows=self.items.rows([(req.domain, c) for c in req.candidates])[None],
             hist=hist, hist_valid=valid, hist_same=same, hist_rows=rows,
             domain=torch.tensor([self.domain_id(req.domain)]))
-        return self.score_lists(lists)[0].numpy()
 
     def online_item(self, domain: str, item_id: str, text_vector: np.ndarray | None = None) -> None:
         """An item added through POST /v1/items: scored with zero popularity and no graph links."""

@@ -1,21 +1,32 @@
-"""The in-process recommender over a bundle: `crossrec recommend` and the serving graph both use it.
+"""The in-process recommender over a bundle: `crossrec recommend` and the serving replica both call
+`Recommender.recommend`, the one definition of retrieve -> rank -> explain.
 
-Per domain it holds the catalog's item vectors (a dense index: exact inner-product top-k), takes a history
-of known item ids (or precomputed item vectors for text-only entries), and returns the top-k items of the
-target domain with, on request, the history items that contributed most (occlusion: how much the item's
-score drops when that history item is left out).
+Per domain it holds the catalog's item vectors (a dense index: exact inner-product top-k) plus the items added
+online, takes a history of known item ids (or precomputed item vectors for text-only entries), and returns the
+top-k items of the target domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered
+by it. On request each item names the history entries that contributed most to the score it is ranked by
+(occlusion: how much that score drops when the entry is left out), computed in the same pass from the vectors
+already in hand.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from crossrec.bundle import Bundle
-from crossrec.training import encode_users
+from crossrec.training import _prior_query, history_arrays
 
-__all__ = ["HistoryItem", "Recommendation", "Candidates", "Recommender", "UnknownItem", "UnknownDomain"]
+if TYPE_CHECKING:  # the ranker is optional: only its type is needed here
+    from crossrec.ranker import Ranker
+
+__all__ = ["HistoryItem", "Recommendation", "Candidates", "Recommender", "UnknownItem", "UnknownDomain",
+           "CatalogFull", "EXPLAIN_HISTORY", "N_REASONS"]
+
+EXPLAIN_HISTORY = 20  # most recent history entries weighed by `explain` (one tower pass per entry)
+N_REASONS = 3  # reasons per item, strongest first
 
 
 class UnknownItem(KeyError):
@@ -26,6 +37,10 @@ class UnknownItem(KeyError):
 class UnknownDomain(KeyError):
     def __str__(self) -> str:
         return self.args[0]
+
+
+class CatalogFull(ValueError):
+    """More items added online than `max_online_items` allows; the message names the limit."""
 
 
 @dataclass
@@ -40,8 +55,8 @@ class Recommendation:
     item_id: str
     domain: str
     title: str
-    score: float
-    reasons: list[dict] | None = None  # [{"item_id", "weight"}], strongest first
+    score: float  # what the list is ordered by: the ranker's score with a ranker, else retrieval's
+    reasons: list[dict] | None = None  # [{"item_id", "domain", "weight"}], strongest first
 
 
 @dataclass
@@ -55,22 +70,53 @@ class Candidates:
 
 
 class Recommender:
-    def __init__(self, bundle: Bundle):
+    """Index of one bundle (+ items added online) and its optional ranker.
+
+    ranker: the bundle's second stage (`crossrec.ranker.load_ranker`), or None for retrieval's order.
+    max_online_items: how many items not in the bundle `upsert` may add (None: no limit).
+    explain_history: the most recent history entries that `explain` weighs; older ones are never named.
+    """
+
+    def __init__(self, bundle: Bundle, ranker: Ranker | None = None, *, max_online_items: int | None = None,
+                 explain_history: int = EXPLAIN_HISTORY):
+        if max_online_items is not None and max_online_items < 0:
+            raise ValueError(f"`max_online_items` must be >= 0, got {max_online_items}")
+        if explain_history < 1:
+            raise ValueError(f"`explain_history` must be >= 1, got {explain_history}")
         self.bundle = bundle
         self.model = bundle.model.eval()
+        self.ranker = ranker
+        self.max_online_items = max_online_items
+        self.explain_history = explain_history
         self.ids: dict[str, list[str]] = {}
         self.titles: dict[str, list[str]] = {}
+        # vecs[d] is a view of the first rows of _block[d], whose spare rows take items added online: an insert
+        # writes one row (amortised O(1)) instead of copying the matrix.
         self.vecs: dict[str, torch.Tensor] = {}
+        self._block: dict[str, torch.Tensor] = {}
         self.pos: dict[str, dict[str, int]] = {}
+        self.online: set[tuple[str, str]] = set()  # (domain, item_id) of items added that the bundle lacks
         for d in bundle.items:
             ids, vecs = bundle.item_matrix(d)
-            self.ids[d], self.vecs[d] = ids, vecs
+            self.ids[d], self.vecs[d], self._block[d] = ids, vecs, vecs
             self.titles[d] = bundle.items[d].column("title").to_pylist()
             self.pos[d] = {iid: k for k, iid in enumerate(ids)}
+
+    @classmethod
+    def load(cls, bundle: Bundle, **kwargs) -> "Recommender":
+        """The bundle's recommender with its ranker when it has one (what `crossrec recommend` and Serve answer)."""
+        from crossrec.ranker import load_ranker
+
+        return cls(bundle, load_ranker(bundle), **kwargs)
 
     @property
     def domains(self) -> list[str]:
         return sorted(self.ids)
+
+    @property
+    def n_candidates(self) -> int | None:
+        """Retrieval's N handed to the ranker: the list length it was trained on (its features depend on it)."""
+        return None if self.ranker is None else self.ranker.cfg.top_n
 
     def check_domain(self, domain: str, field: str = "domain") -> None:
         if domain not in self.ids:
@@ -83,27 +129,44 @@ class Recommender:
             raise UnknownItem(f"`{field}`: unknown item_id {item_id!r} in domain {domain!r}")
         return self.vecs[domain][k]
 
+    # -- items added online -------------------------------------------------------------------------------
+    def room(self, keys: list[tuple[str, str]], field: str = "items") -> None:
+        """Raises CatalogFull unless the new ones among (domain, item_id) `keys` fit under max_online_items."""
+        if self.max_online_items is None:
+            return
+        new = {k for k in keys if k[1] not in self.pos.get(k[0], {})}
+        if len(self.online) + len(new) > self.max_online_items:
+            raise CatalogFull(f"`{field}`: {len(new)} new items do not fit: {len(self.online)} of max_online_items="
+                              f"{self.max_online_items} items added online are in use")
+
     def upsert(self, domain: str, item_id: str, title: str, vector: torch.Tensor) -> bool:
         """Adds or replaces an item (recommendable at once). Returns True if it was new."""
-        if domain not in self.ids:
-            self.ids[domain], self.titles[domain], self.pos[domain] = [], [], {}
-            self.vecs[domain] = torch.zeros(0, self.model.vector_dim)
+        self.check_domain(domain, "items.domain")
         k = self.pos[domain].get(item_id)
-        if k is not None:
-            self.vecs[domain][k] = vector
+        if k is not None:  # an update replaces the row in place
+            self.vecs[domain][k] = vector.reshape(-1)
             self.titles[domain][k] = title
             return False
-        self.pos[domain][item_id] = len(self.ids[domain])
+        self.room([(domain, item_id)])
+        n, block = len(self.ids[domain]), self._block[domain]
+        if n == len(block):  # grow geometrically: the copy is paid once per n/4 inserts
+            grown = torch.empty(n + max(256, n // 4), block.shape[1], dtype=block.dtype)
+            grown[:n] = block[:n]
+            self._block[domain] = block = grown
+        block[n] = vector.reshape(-1)
+        self.vecs[domain] = block[:n + 1]
+        self.pos[domain][item_id] = n
         self.ids[domain].append(item_id)
         self.titles[domain].append(title)
-        self.vecs[domain] = torch.cat([self.vecs[domain], vector.reshape(1, -1)])
+        self.online.add((domain, item_id))
         return True
 
+    # -- scoring ------------------------------------------------------------------------------------------
     def _history(self, history: list[HistoryItem]) -> tuple[torch.Tensor, np.ndarray]:
         vecs, doms = [], []
         for k, h in enumerate(history):
             if h.vector is not None:
-                vecs.append(h.vector.reshape(-1))
+                vecs.append(torch.as_tensor(h.vector, dtype=torch.float32).reshape(-1))
             else:
                 vecs.append(self.item_vector(h.domain, h.item_id, f"history[{k}]"))
             doms.append(self.bundle.domain_id(h.domain))
@@ -113,28 +176,30 @@ class Recommender:
     @torch.inference_mode()
     def _users(self, hvecs: torch.Tensor, hdoms: np.ndarray, hnames: list[str], domain: str,
                drop: list[int | None]) -> torch.Tensor:
-        """User vectors for the history with each `drop` position left out (None: the full history).
-        hnames: the history's domain names (two domains the bundle never saw share one model id, not a name)."""
+        """(B, V) user vectors for the history with each `drop` position left out (None: the full history).
+        hnames: the history's domain names (two domains the bundle never saw share one model id, not a name).
+
+        crossrec.training.encode_users, with the tower's input trimmed to the longest real history of the batch
+        instead of max_len: the tower reads left-padded histories whose padded slots only ever see themselves,
+        so the last position's output is the same, at a fraction of the cost for the usual short history."""
+        model = self.model
         tid = self.bundle.domain_id(domain)
         n = len(hdoms)
         code = {name: k for k, name in enumerate(sorted({domain, *hnames}))}
         hcodes = np.array([code[name] for name in hnames], dtype=np.int64)
-        hists, hds, codes = [], [], []
-        for d in drop:
-            keep = np.array([i for i in range(n) if i != d], dtype=np.int64)
-            hists.append(keep)
-            hds.append(hdoms[keep])
-            codes.append(hcodes[keep])
-        return encode_users(self.model, hvecs, hists, hds, np.full(len(drop), tid),
-                            prior_domains=(codes, np.full(len(drop), code[domain])))
-
-    def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
-        """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
-        hvecs, _, user, scores = self._score(history, domain, exclude_seen)
-        top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
-        return Candidates(item_ids=[self.ids[domain][j] for j in top.indices.tolist()], scores=top.values.numpy(),
-                          user=user.numpy(), history_vectors=hvecs.numpy(),
-                          candidate_vectors=self.vecs[domain][top.indices].numpy())
+        keeps = [np.array([i for i in range(n) if i != d], dtype=np.int64) for d in drop]
+        length = min(model.cfg.max_len, max(1, max(len(k) for k in keeps)))
+        items, doms, nxt, valid = history_arrays(keeps, [hdoms[k] for k in keeps], np.full(len(drop), tid), length)
+        if len(hvecs) == 0:  # no history: one zero row for the padded slot to read
+            hvecs = torch.zeros(1, model.vector_dim)
+        d = model.cfg.dim
+        hv = hvecs[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
+        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
+                                       torch.from_numpy(valid))[:, -1]
+        if model.text_prior:  # over the whole history, as encode_users does
+            u = torch.cat([u, model.log_beta.exp() * _prior_query(
+                model, hvecs[:, d:], keeps, [hcodes[k] for k in keeps], np.full(len(drop), code[domain]))], dim=-1)
+        return u
 
     def _score(self, history: list[HistoryItem], domain: str, exclude_seen: bool,
                candidates: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
@@ -156,21 +221,60 @@ class Recommender:
             scores = scores + mask
         return hvecs, hdoms, user, scores
 
+    def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
+        """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
+        hvecs, _, user, scores = self._score(history, domain, exclude_seen)
+        top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
+        return Candidates(item_ids=[self.ids[domain][j] for j in top.indices.tolist()], scores=top.values.numpy(),
+                          user=user.numpy(), history_vectors=hvecs.numpy(),
+                          candidate_vectors=self.vecs[domain][top.indices].numpy())
+
     def recommend(self, history: list[HistoryItem], domain: str, k: int = 10, exclude_seen: bool = True,
-                  explain: bool = False, candidates: list[str] | None = None) -> list[Recommendation]:
+                  explain: bool = False, candidates: list[str] | None = None,
+                  n_candidates: int | None = None) -> list[Recommendation]:
+        """Top-k of `domain` for `history` (oldest first), in one pass: retrieval over every item (or only over
+        `candidates`), then, with a ranker, retrieval's top `n_candidates` (default: the ranker's top_n)
+        re-ordered by it; `explain` adds to each returned item the history entries whose removal lowers the
+        score it is ranked by the most (among the last `explain_history` entries)."""
         hvecs, hdoms, user, scores = self._score(history, domain, exclude_seen, candidates)
-        k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
+        finite = int(torch.isfinite(scores).sum())
+        if self.ranker is None:
+            top = torch.topk(scores, min(k, finite))
+            rows, final = top.indices, top.values  # (k,)
+            req = None
+        else:
+            from crossrec.ranker import RankRequest
+
+            top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
+            cand = self.vecs[domain][top.indices]  # (N, V)
+            req = RankRequest(domain=domain, candidates=[self.ids[domain][j] for j in top.indices.tolist()],
+                              retrieval_scores=top.values.numpy(), user=user.numpy(),
+                              history=[(h.domain, h.item_id) for h in history], history_vectors=hvecs.numpy(),
+                              candidate_vectors=cand.numpy())
+            ranked = torch.from_numpy(self.ranker.score(req))  # (N,)
+            order = torch.from_numpy(np.argsort(-ranked.numpy(), kind="stable")[:k])
+            rows, final = top.indices[order], ranked[order]
         recs = [Recommendation(item_id=self.ids[domain][j], domain=domain, title=self.titles[domain][j],
-                               score=float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist())]
-        if explain and len(history):
-            # Occlusion: one forward for all leave-one-out histories at once.
-            loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(len(history))))  # (H, D)
-            items = self.vecs[domain][top.indices]  # (k, D)
-            drop = (user @ items.T).unsqueeze(0) - loo @ items.T  # (H, k): score lost without history item h
+                               score=float(s)) for s, j in zip(final.tolist(), rows.tolist())]
+        if explain and len(history) and len(recs):
+            drop = self._explain(hvecs, hdoms, history, domain, user, rows, final,
+                                 None if req is None else (req, order))  # (E, k)
+            first = len(history) - drop.shape[0]
             for c, rec in enumerate(recs):
                 w = drop[:, c]
-                order = torch.argsort(w, descending=True)[:3].tolist()
-                rec.reasons = [{"item_id": history[i].item_id or f"history[{i}]", "domain": history[i].domain,
-                                "weight": round(float(w[i]), 4)} for i in order]
+                best = torch.argsort(w, descending=True, stable=True)[:N_REASONS].tolist()
+                rec.reasons = [{"item_id": history[first + i].item_id or f"history[{first + i}]",
+                                "domain": history[first + i].domain, "weight": round(float(w[i]), 4)} for i in best]
         return recs
+
+    def _explain(self, hvecs: torch.Tensor, hdoms: np.ndarray, history: list[HistoryItem], domain: str,
+                 user: torch.Tensor, rows: torch.Tensor, final: torch.Tensor, ranked) -> torch.Tensor:
+        """(E, k) score lost by each returned item when each of the last E history entries is left out: the
+        ranker's score with a ranker (the order the user sees), else retrieval's."""
+        first = max(0, len(history) - self.explain_history)
+        loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(first, len(history))))
+        if ranked is None:
+            return final.unsqueeze(0) - loo @ self.vecs[domain][rows].T  # (E, k)
+        req, order = ranked
+        without = torch.from_numpy(self.ranker.score_without(req, loo.numpy(), list(range(first, len(history)))))
+        return final.unsqueeze(0) - without[:, order]  # (E, N) -> (E, k)
