@@ -81,7 +81,7 @@ def generate(folder: Path, rows: int, n_items: int, n_users: int, fmt: str) -> P
 
 def measure(src: Path, out: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one `crossrec prepare SRC --out OUT --force --quiet`."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "crossrec.cli", "prepare", str(src), "--out", str(out),
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "crossrec_cli", "prepare", str(src), "--out", str(out),
            "--force", "--quiet"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -20,7 +20,7 @@ AO, FK = DATA / "amazon-art-office-mini", DATA / "amazon-food-kitchen-mini"
 
 def _prepare(src: Path, out: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
     env = {**os.environ, PAUSE_ENV: pause} if pause else {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
-    return subprocess.Popen([sys.executable, "-m", "crossrec.cli", "prepare", str(src), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "crossrec_cli", "prepare", str(src), "--out", str(out),
                              "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
