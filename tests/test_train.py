@@ -138,7 +138,7 @@ def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny
     for k in frozen:
         assert torch.equal(after[k], src[k]), k
     assert any(not torch.equal(after[k], src[k]) for k in after if k.startswith("adaptor."))  # it did train
-    with pytest.raises(ValueError, match="`init_from`: nowhere is not a crossrec bundle"):
+    with pytest.raises(ValueError, match="`init_from`: .*nowhere is not a crossrec bundle"):
         train_bundle(tiny_fk, tmp_path / "bad", load_config(overrides=[*FAST, "init_from=nowhere"]),
                      RunSettings(workers=1), progress=False)
 
