@@ -45,14 +45,19 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"embedding {m['time_s']['embed']:.0f}s")
     print(f"  {'test':<10}{'targets':>9}{'R@10':>9}{'N@10':>9}{'MRR@10':>9}")
     for d, v in m["test"].items():
-        print(f"  {d:<10}{m['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+        print(f"  {d:<10}{m['n_targets'][d]:>9}{_row(v)}")
     if "ranker" in meta:
         r = meta["ranker"]
         print(f"  with the ranker (top-{cfg.ranker.top_n} re-ranked; fit {r['time_s']['fit']:.0f}s):")
         for d, v in r["test"].items():
-            print(f"  {d:<10}{r['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+            print(f"  {d:<10}{r['n_targets'][d]:>9}{_row(v)}")
     print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
     return 0
+
+
+def _row(v: dict) -> str:
+    """R@10, N@10, MRR@10 columns; '-' for a domain without targets (cold-user: the domain users start in)."""
+    return "".join(f"{v[k]:>9.4f}" if v[k] is not None else f"{'-':>9}" for k in ("recall@10", "ndcg@10", "mrr@10"))
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
