@@ -10,7 +10,8 @@ from crossrec_cli.options import UsageError, add_bundle, add_data, add_quiet, ad
 __all__ = ["register"]
 
 
-def _baseline_scorers(names: list[str], splits, data, text_cfg, backbone: str, args) -> dict:
+def _baseline_scorers(names: list[str], splits, data, text_cfg, backbone: str, args,
+                      domains: list[str] | None = None) -> dict:
     from crossrec.baselines import BASELINES
 
     out = {}
@@ -22,7 +23,7 @@ def _baseline_scorers(names: list[str], splits, data, text_cfg, backbone: str, a
                                       progress=not args.quiet)
         else:
             out[name] = BASELINES[name](splits, data, backbone, text_cfg.text_template, text_cfg.max_tokens,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet, domains=domains)
     return out
 
 
@@ -31,7 +32,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from crossrec.config import TrainConfig
     from crossrec.dataset import Dataset
     from crossrec.evaluation import evaluate, format_table
-    from crossrec.splits import Splits
 
     accepted = [*BASELINES, "sasrec"]
     baselines = csv_list(args.baselines)
@@ -48,7 +48,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         bundle = load_bundle(args.bundle)
     data = Dataset.load(args.data)
-    splits = Splits(data, min_per_domain=args.min_per_domain)
+    splits = _protocol_splits(data, bundle, args)
     domains = csv_list(args.domains)
     for d in domains or []:
         if d not in splits.domains:
@@ -65,17 +65,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   f"text with {bundle.config.backbone}")
         scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
         if unseen == evaluated and not args.as_trained:  # a whole new dataset: calibrated on its validation split
+            import copy
+
+            as_trained = scorers["crossrec"]
+            scorers["crossrec"] = copy.copy(as_trained)
+            scorers["crossrec"].model = copy.deepcopy(as_trained.model)  # calibration changes the model's config
             calibrate_zero_shot(scorers["crossrec"], evaluated)
+            scorers["crossrec-as-trained"] = as_trained  # both reported: calibration is fitted on validation
         if bundle.has_ranker:  # the full pipeline is `crossrec`; retrieval alone is reported beside it
             from crossrec.ranker import RankedScorer, load_ranker
 
             scorers["crossrec-retrieval"] = scorers["crossrec"]
             scorers["crossrec"] = RankedScorer(scorers["crossrec-retrieval"], load_ranker(bundle))
+            if "crossrec-as-trained" in scorers:
+                scorers["crossrec-as-trained"] = RankedScorer(scorers["crossrec-as-trained"], load_ranker(bundle))
     # Text baselines (textknn) use the bundle's backbone, template and truncation, else the training defaults;
     # --backbone overrides the backbone.
     text_cfg = bundle.config if bundle is not None else TrainConfig()
     backbone = args.backbone or text_cfg.backbone
-    scorers.update(_baseline_scorers(baselines, splits, data, text_cfg, backbone, args))
+    # Baselines are fitted on the validation targets of the evaluated domains, as the model is calibrated.
+    scorers.update(_baseline_scorers(baselines, splits, data, text_cfg, backbone, args, domains))
     params = {name: s.params for name, s in scorers.items() if hasattr(s, "params")}
     for name, p in params.items():
         print(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())} (chosen on the validation split)")
@@ -84,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json:
         out = {"bundle": args.bundle, "dataset": str(args.data), "data_hash": data.content_hash,
-               "protocol": {"split": args.split, "min_per_domain": args.min_per_domain,
+               "protocol": {**splits.protocol_info, "split": args.split, "min_per_domain": args.min_per_domain,
                             "mask_history": not args.no_mask, "full_ranking": True,
                             "ties": "item id order"},
                "metrics": {m: r.metrics for m, r in results.items()}, "params": params,
@@ -97,6 +106,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _protocol_splits(data, bundle, args):
+    """The evaluation splits: `--protocol` (default: the bundle's, else leave-one-out). A bundle is refused under
+    another protocol than the one it trained under: it has seen that protocol's targets in training."""
+    from crossrec.splits import Splits, protocol_info
+
+    trained = bundle.config if bundle is not None else None
+    protocol = args.protocol or (trained.protocol if trained else "leave-one-out")
+    fraction = args.cold_fraction if args.cold_fraction is not None else (trained.cold_fraction if trained else 0.2)
+    seed = args.cold_seed if args.cold_seed is not None else (trained.cold_seed if trained else 0)
+    try:
+        splits = Splits(data, min_per_domain=args.min_per_domain, protocol=protocol, cold_fraction=fraction,
+                        cold_seed=seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if trained is not None:
+        want = protocol_info(trained.protocol, trained.min_per_domain, trained.cold_fraction, trained.cold_seed)
+        if want != splits.protocol_info:
+            def show(p: dict) -> str:
+                return ", ".join(f"{k}={v}" for k, v in p.items())
+
+            raise UsageError(f"--protocol: the bundle was trained under {show(want)} and would be evaluated under "
+                             f"{show(splits.protocol_info)}, whose targets it has seen in training; train a bundle "
+                             f"with that protocol (crossrec train --protocol {protocol})")
+    return splits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +152,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--min-per-domain", type=int, default=3,
                     help="interactions a user needs in a domain to get targets there (default: 3)")
     sp.add_argument("--no-mask", action="store_true", help="keep history items as candidates")
+    sp.add_argument("--protocol", choices=["leave-one-out", "cold-user"],
+                    help="leave-one-out: the last interaction per (user, domain) is test; cold-user: held-out "
+                         "multi-domain users' first interaction in each domain but their first one, with only "
+                         "other domains as history (default: the bundle's protocol, else leave-one-out; a bundle "
+                         "trained under another protocol is refused)")
+    sp.add_argument("--cold-fraction", type=float, help="cold-user: share of multi-domain users held out "
+                                                        "(default: the bundle's, else 0.2)")
+    sp.add_argument("--cold-seed", type=int, help="cold-user: seed of the held-out users' hash (default: the "
+                                                  "bundle's, else 0)")
     sp.add_argument("--as-trained", action="store_true",
                     help="zero-shot (no evaluated domain in the bundle): keep the bundle as trained instead of "
                          "choosing its text-prior decay, cross-domain weight and learned-part weight on this "

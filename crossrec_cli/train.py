@@ -19,6 +19,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train_domains=[{args.train_domains}]")
     if args.init:
         overrides.append(f"init_from={args.init}")
+    if args.protocol:
+        overrides.append(f"protocol={args.protocol}")
+    if args.cold_fraction is not None:
+        overrides.append(f"cold_fraction={args.cold_fraction}")
     cfg = load_config(args.config, overrides)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
@@ -41,14 +45,19 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"embedding {m['time_s']['embed']:.0f}s")
     print(f"  {'test':<10}{'targets':>9}{'R@10':>9}{'N@10':>9}{'MRR@10':>9}")
     for d, v in m["test"].items():
-        print(f"  {d:<10}{m['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+        print(f"  {d:<10}{m['n_targets'][d]:>9}{_row(v)}")
     if "ranker" in meta:
         r = meta["ranker"]
         print(f"  with the ranker (top-{cfg.ranker.top_n} re-ranked; fit {r['time_s']['fit']:.0f}s):")
         for d, v in r["test"].items():
-            print(f"  {d:<10}{r['n_targets'][d]:>9}{v['recall@10']:>9.4f}{v['ndcg@10']:>9.4f}{v['mrr@10']:>9.4f}")
+            print(f"  {d:<10}{r['n_targets'][d]:>9}{_row(v)}")
     print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
     return 0
+
+
+def _row(v: dict) -> str:
+    """R@10, N@10, MRR@10 columns; '-' for a domain without targets (cold-user: the domain users start in)."""
+    return "".join(f"{v[k]:>9.4f}" if v[k] is not None else f"{'-':>9}" for k in ("recall@10", "ndcg@10", "mrr@10"))
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -96,7 +105,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a config key, dotted for sections (lr=3e-4, lora.rank=16); repeatable")
-    sp.add_argument("--train-domains", metavar="A,B", help="train on these domains only (transfer pre-training)")
+    sp.add_argument("--train-domains", metavar="A,B",
+                    help="train on these domains only: the other domains' items and interactions never reach "
+                         "training, neither as targets nor inside histories, nor in the catalog, graph, text-prior "
+                         "fit, validation or ranker (true zero-shot for them; transfer pre-training)")
+    sp.add_argument("--protocol", choices=["leave-one-out", "cold-user"],
+                    help="split protocol (default: leave-one-out): cold-user holds out a seeded share of the "
+                         "multi-domain users and hides all their interactions in every domain but their first "
+                         "one; evaluate such a bundle with `crossrec evaluate --protocol cold-user`")
+    sp.add_argument("--cold-fraction", type=float, help="cold-user: share of multi-domain users held out "
+                                                        "(default: 0.2)")
     sp.add_argument("--init", metavar="BUNDLE", help="start from a bundle (fine-tuning after pre-training); "
                                                       "with --set finetune=adaptor only the adaptor trains")
     sp.add_argument("--mode", choices=["cached", "end-to-end"], help="cached: frozen backbone (default)")

@@ -139,3 +139,14 @@ def vector_cache(tmp_path_factory):
         del os.environ["CROSSREC_CACHE_DIR"]
     else:
         os.environ["CROSSREC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def cross_fk(tmp_path_factory, food_kitchen_csv) -> Path:
+    """The real food-kitchen slice's users with both domains (73), prepared: the cold-user protocol's population."""
+    from crossrec.dataset import prepare
+
+    root = tmp_path_factory.mktemp("cross")
+    out = root / "fk"
+    prepare([_subset(food_kitchen_csv, root / "fk-src", 200, extra_items=10, cross_domain=True)], out, progress=False)
+    return out

@@ -16,7 +16,9 @@ def test_evaluate_popularity_writes_design_json(art_office, tmp_path, capsys):
     assert set(res["metrics"]["popularity"]) == {"arts", "office", "all"}
     assert set(res["metrics"]["popularity"]["all"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr")
                                                         for k in (10, 20, 50)}
-    assert res["slices"]["popularity"]["arts"]["cold_user"]["n"] == 0
+    # Leave-one-out never has a user new to the domain (they have their own protocol): no empty slice for them.
+    assert set(res["slices"]["popularity"]["arts"]) == {"cold_item"}
+    assert res["protocol"]["protocol"] == "leave-one-out" and res["protocol"]["min_per_domain"] == 3
 
 
 def test_evaluate_bad_arguments_exit_nonzero_with_one_line(art_office, capsys):

@@ -102,6 +102,38 @@ def test_zero_shot_items_are_embedded_by_the_adapted_backbone(e2e_bundle, tiny_a
     assert (vecs[rows] - frozen).abs().max() > 1e-4
 
 
+def test_init_from_an_end_to_end_bundle_loads_its_lora_adapter(e2e_bundle, micro_fk):
+    """--init BUNDLE in end-to-end mode: at step 0 the backbone's LoRA weights and the recommender's are the
+    source bundle's (before, a fresh adapter - B = 0 - was trained instead)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from crossrec.dataset import Dataset
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import splits_for
+    from trainers.train import initial_model, resolved_init
+
+    out, meta = e2e_bundle
+    cfg = resolved_init(load_config(overrides=[*E2E, f"init_from={out}", "text_prior_decay=0.6",
+                                               "text_prior_cross=0.1"]))
+    data = Dataset.load(micro_fk)
+    sp = splits_for(data, cfg, training=True)
+    model = initial_model(cfg, data, sp, sp.domains, CrossRecModel(cfg, len(sp.domains), in_dim=384), None)
+    want = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    have = get_peft_model_state_dict(model.encoder.backbone.model)
+    assert set(want) == set(have) and len(want) == 36
+    for k in want:
+        assert torch.equal(have[k].float(), want[k].float()), k
+    assert any(v.abs().max() > 0 for k, v in have.items() if "lora_B" in k)
+    rec = load_file(str(out / "model.safetensors"))
+    for k, v in model.recommender.state_dict().items():
+        assert torch.equal(v, rec[k]), k
+    with pytest.raises(ValueError, match="`init_from`: the bundle's adapter has lora.rank=4"):
+        bad = resolved_init(load_config(overrides=[*E2E, f"init_from={out}", "lora.rank=8",
+                                                   "text_prior_decay=0.6", "text_prior_cross=0.1"]))
+        initial_model(bad, data, sp, sp.domains, CrossRecModel(bad, len(sp.domains), in_dim=384), None)
+
+
 def test_bad_lora_config_fails_naming_the_field(micro_fk, tmp_path, capsys):
     from crossrec.backbones import load_backbone
     from crossrec_cli import main

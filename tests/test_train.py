@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from crossrec.bundle import load_bundle
 from crossrec_cli import main
@@ -109,7 +110,35 @@ def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny
                                              "finetune=adaptor"]),
                       RunSettings(workers=1, name="ft"), progress=False)
     assert ft["domains"] == ["kitchen"] and ft["config"]["init_from"] == str(tmp_path / "pre")
-    with pytest.raises(ValueError, match="`init_from`: nowhere is not a crossrec bundle"):
+    # The pre-training never saw a kitchen item: not in its catalog, not in its bundle.
+    assert list(load_bundle(tmp_path / "pre").items) == ["food"]
+    # Step 0 of the fine-tune is the pre-trained model (its kitchen domain id = pre's "unknown" row), and what
+    # `finetune: adaptor` freezes is unchanged after training.
+    from safetensors.torch import load_file
+
+    from crossrec.config import config_from_dict
+    from crossrec.inference import backbone_vectors
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import splits_for
+    from trainers.train import initial_model
+
+    src = load_file(str(tmp_path / "pre" / "model.safetensors"))
+    for key in ("tower.domain.weight", "tower.next_domain.weight"):
+        src[key] = src[key][[1, 1]]  # kitchen and unknown both start from pre's unknown row
+    cfg = config_from_dict(ft["config"])
+    data = Dataset.load(tiny_fk)
+    sp = splits_for(data, cfg, training=True)
+    vecs = torch.from_numpy(backbone_vectors(data, sp, cfg.backbone, cfg.text_template, cfg.max_tokens))
+    start = initial_model(cfg, data, sp, ["kitchen"], CrossRecModel(cfg, 1, in_dim=vecs.shape[1]), vecs)
+    for k, v in start.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    after = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    frozen = [k for k in after if not k.startswith("adaptor.")]
+    assert len(frozen) > 10
+    for k in frozen:
+        assert torch.equal(after[k], src[k]), k
+    assert any(not torch.equal(after[k], src[k]) for k in after if k.startswith("adaptor."))  # it did train
+    with pytest.raises(ValueError, match="`init_from`: .*nowhere is not a crossrec bundle"):
         train_bundle(tiny_fk, tmp_path / "bad", load_config(overrides=[*FAST, "init_from=nowhere"]),
                      RunSettings(workers=1), progress=False)
 
@@ -128,3 +157,31 @@ def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsy
     assert "not a prepared crossrec dataset" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_fk), "--out", str(tmp_path / "b"), "--set", "mode=fast"]) == 2
     assert "`mode` must be one of cached, end-to-end, got 'fast'" in capsys.readouterr().err
+
+
+def test_cold_user_bundle_is_evaluated_under_its_protocol_only(ray_cluster, vector_cache, cross_fk, tmp_path,
+                                                               capsys, first_run, tiny_fk):
+    from crossrec.baselines import Popularity
+    from trainers.pipeline import train_bundle
+
+    out = tmp_path / "cold"
+    meta = train_bundle(cross_fk, out, load_config(overrides=[*FAST, "protocol=cold-user", "cold_fraction=0.5"]),
+                        RunSettings(workers=1, name="cold"), progress=False)
+    sp = Splits(Dataset.load(cross_fk), protocol="cold-user", cold_fraction=0.5)
+    assert meta["metrics"]["n_targets"]["all"] == len(sp.targets("test")) > 0
+    js = tmp_path / "cold.json"
+    assert main(["evaluate", "--bundle", str(out), "--data", str(cross_fk), "--protocol", "cold-user",
+                 "--baselines", "popularity,textknn", "--json", str(js), "--quiet"]) == 0
+    res = json.loads(js.read_text())
+    assert res["protocol"]["protocol"] == "cold-user" and res["protocol"]["cold_fraction"] == 0.5
+    assert res["n_targets"]["all"] == len(sp.targets("test"))
+    assert res["metrics"]["popularity"] == evaluate(sp, Popularity(sp)).metrics
+    assert set(res["metrics"]) == {"crossrec", "popularity", "textknn"}
+    capsys.readouterr()
+    for argv in (["--protocol", "leave-one-out"], ["--cold-fraction", "0.3"]):
+        assert main(["evaluate", "--bundle", str(out), "--data", str(cross_fk), *argv, "--quiet"]) == 2
+        assert "the bundle was trained under protocol=cold-user" in capsys.readouterr().err
+    # And the other way round: a leave-one-out bundle has trained on every cold-user target.
+    assert main(["evaluate", "--bundle", str(first_run[0]), "--data", str(tiny_fk), "--protocol", "cold-user",
+                 "--quiet"]) == 2
+    assert "the bundle was trained under protocol=leave-one-out, min_per_domain=3" in capsys.readouterr().err

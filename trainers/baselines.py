@@ -28,7 +28,8 @@ def sasrec_scorer(data_path: str | Path, data: Dataset, splits: Splits, address:
                   progress: bool = True, overrides: dict | None = None):
     from trainers.pipeline import train_bundle
 
-    cfg = TrainConfig(**{**SASREC, "min_per_domain": splits.min_per_domain, **(overrides or {})})
+    proto = {k: v for k, v in splits.protocol_info.items() if k != "min_per_domain"}  # trained on the same split
+    cfg = TrainConfig(**{**SASREC, "min_per_domain": splits.min_per_domain, **proto, **(overrides or {})})
     key = hashlib.sha256(json.dumps([data.content_hash, config_to_dict(cfg)], sort_keys=True).encode())
     out = cache_dir() / "baselines" / f"sasrec-{key.hexdigest()[:16]}"
     if not is_bundle(out):

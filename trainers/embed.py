@@ -21,8 +21,8 @@ import ray.data  # ray
 from crossrec.backbones import BackboneSpec, prepare_backbone
 from crossrec.config import TrainConfig
 from crossrec.dataset import Dataset
-from crossrec.embedding import (catalog_texts, load_cached_vectors, save_cached_vectors, template_of,
-                                vector_cache_path)
+from crossrec.embedding import (cached_text_vectors, catalog_texts, load_cached_vectors, save_cached_vectors,
+                                template_of, vector_cache_path)
 from crossrec.splits import Splits
 from trainers.runtime import init_ray
 
@@ -146,7 +146,11 @@ def embed_catalog(dataset: Dataset, splits: Splits, cfg: TrainConfig, progress: 
     path = vector_cache_path(splits.item_ids.tolist(), texts, cfg.backbone, template)
     if load_cached_vectors(path, len(texts)) is not None:
         return path
-    init_ray(address)
-    vectors = embed_texts_ray(texts, cfg.backbone, cfg.max_tokens, progress=progress)
+
+    def embed(new: list[str]) -> np.ndarray:  # only texts the per-text store lacks reach Ray
+        init_ray(address)
+        return embed_texts_ray(new, cfg.backbone, cfg.max_tokens, progress=progress)
+
+    vectors, _ = cached_text_vectors(texts, cfg.backbone, cfg.max_tokens, embed, progress)
     save_cached_vectors(path, vectors)
     return path

@@ -21,7 +21,7 @@ from crossrec.dataset import Dataset
 from crossrec.domains import domain_ids
 from crossrec.evaluation import evaluate
 from crossrec.model import CrossRecModel
-from crossrec.splits import Splits
+from crossrec.splits import Splits, splits_for
 from crossrec.training import ModelScorer
 from trainers.runtime import best_checkpoint, init_ray
 from trainers.train import fit, make_item_input, model_domains, resolved_init, resolved_prior
@@ -35,7 +35,7 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
 
     cfg = resolved_init(cfg)  # before any work, and recorded absolute in the bundle
     dataset = Dataset.load(data)
-    splits = Splits(dataset, cfg.min_per_domain)
+    splits = splits_for(dataset, cfg, training=True)  # held-out domains never reach training
     model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
     out = Path(out)
     vec_path = None
@@ -76,7 +76,7 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     from crossrec.bundle import load_bundle, save_bundle
 
     dataset = dataset or Dataset.load(data)
-    splits = splits or Splits(dataset, cfg.min_per_domain)
+    splits = splits or splits_for(dataset, cfg, training=True)
     cfg = resolved_prior(cfg, dataset, vec_path, splits)  # as the run's fit() did (a tune trial's config)
     domains = model_domains(cfg, splits)
     dmap = domain_ids(domains, splits.domains)

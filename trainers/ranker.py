@@ -99,13 +99,13 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
     from crossrec.evaluation import evaluate
     from crossrec.graph import build_graph
     from crossrec.inference import bundle_scorer
-    from crossrec.splits import Splits
+    from crossrec.splits import splits_for
 
     run = run or RunSettings()
     bundle = load_bundle(bundle_path)
     cfg = cfg or bundle.config.ranker
     dataset = Dataset.load(data)
-    splits = Splits(dataset, bundle.config.min_per_domain)
+    splits = splits_for(dataset, bundle.config, training=True)  # what the retriever trained on
     t0 = time.time()
     retrieval = bundle_scorer(bundle, dataset, splits)
     graph = None

@@ -33,12 +33,12 @@ from crossrec.early_stopping import VALID_METRIC, new_state, record_epoch
 from crossrec.evaluation import evaluate
 from crossrec.metrics import metrics_from_ranks
 from crossrec.model import CrossRecModel
-from crossrec.splits import Splits
+from crossrec.splits import Splits, splits_for
 from crossrec.training import ModelScorer, SequenceData, loss_inputs, resolve_text_prior, text_prior_unset
 from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 from trainers.strategies import DS_ENV, make_strategy
 
-__all__ = ["train_func", "fit", "model_domains", "make_item_input", "resolved_prior", "resolved_init", "CRASH_ENV"]
+__all__ = ["train_func", "fit", "initial_model", "model_domains", "make_item_input", "resolved_prior", "resolved_init", "CRASH_ENV"]
 
 # Fault injection for tests of FailureConfig: with CROSSREC_CRASH_AFTER_EPOCH=N every worker of a run that
 # started without a checkpoint raises right after reporting epoch N; Ray Train restarts the worker group from
@@ -124,6 +124,29 @@ def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | No
     return lambda idx: (source(idx), id_of[idx])
 
 
+def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: list[str], model: CrossRecModel,
+                  vectors: torch.Tensor | None) -> torch.nn.Module:
+    """The module training starts from (step 0): `model` initialised from `init_from` (its recommender weights, and
+    in end-to-end mode its LoRA adapter(s) or fine-tuned backbone) or from the catalog's vectors, with only the
+    adaptor trainable under `finetune: adaptor`; end-to-end wraps it with the (adapted) backbone."""
+    if cfg.init_from:
+        init_from_bundle(model, cfg, domains, cfg.init_from)
+    elif cfg.item_encoder == "text":
+        model.adaptor.init_from_vectors(vectors[:, :model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
+    if cfg.finetune == "adaptor":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("adaptor."))
+    if cfg.mode == "end-to-end":  # the backbone (LoRA or all weights) trains with the recommender, at backbone_lr
+        from crossrec.embedding import catalog_texts, template_of
+        from crossrec.finetune import build_end_to_end, init_backbone_from_bundle
+
+        texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
+        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain])
+        if cfg.init_from:
+            init_backbone_from_bundle(model.encoder.backbone, cfg, cfg.init_from)
+    return model
+
+
 def train_func(config: dict) -> None:
     """One Ray Train worker. config: {"train": TrainConfig dict, "data": path, "vectors": .npy path or None
     (end-to-end: the frozen backbone's, to initialise the adaptor), "resume_from": checkpoint folder or None,
@@ -134,7 +157,7 @@ def train_func(config: dict) -> None:
     rank, world = setup_worker(config.get("threads", 1), cfg.seed)  # ray: rank and world from Train's context
 
     dataset = Dataset.load(config["data"])
-    splits = Splits(dataset, cfg.min_per_domain)
+    splits = splits_for(dataset, cfg, training=True)  # held-out domains never reach training
     domains = model_domains(cfg, splits)
     dmap = domain_ids(domains, splits.domains)
     seqs = SequenceData(splits, cfg.max_len, cfg.train_domains, dmap)
@@ -147,20 +170,7 @@ def train_func(config: dict) -> None:
     def new_recommender() -> CrossRecModel:
         return CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
 
-    model = new_recommender()
-    if cfg.init_from:
-        init_from_bundle(model, cfg, domains, cfg.init_from)
-    elif cfg.item_encoder == "text":
-        model.adaptor.init_from_vectors(vectors[:, :model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
-    if cfg.finetune == "adaptor":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("adaptor."))
-    if end_to_end:  # the backbone (LoRA or all weights) trains with the recommender, at backbone_lr
-        from crossrec.embedding import catalog_texts, template_of
-        from crossrec.finetune import build_end_to_end
-
-        texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
-        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain])
+    model = initial_model(cfg, dataset, splits, domains, new_recommender(), vectors)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
     if end_to_end:
@@ -196,7 +206,7 @@ def train_func(config: dict) -> None:
         losses, tokens, t_train = [], 0, time.time()
         for batch in seqs.batches(per_worker, order_rng, rank, world):
             inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
-                                 len(domains), cfg.domain_dropout)
+                                 len(domains), cfg.domain_dropout, cfg.ssl_mask if cfg.ssl_weight else None)
             if end_to_end:  # backbone tokens this step encodes (throughput metric)
                 idx = inputs["item_x"][0] if isinstance(inputs["item_x"], tuple) else inputs["item_x"]
                 tokens += int(model.encoder.lengths[idx].sum())
@@ -241,7 +251,7 @@ def resolved_prior(cfg: TrainConfig, data: str | Path | Dataset, vectors: str | 
     x = np.load(vectors)
     x = x[:, :x.shape[1] - sum(cfg.side_dims or [])]
     if splits is None:
-        splits = Splits(data if isinstance(data, Dataset) else Dataset.load(data), cfg.min_per_domain)
+        splits = splits_for(data if isinstance(data, Dataset) else Dataset.load(data), cfg, training=True)
     return resolve_text_prior(cfg, splits, x)
 
 

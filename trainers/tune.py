@@ -21,7 +21,7 @@ from ray import tune  # ray
 
 from crossrec.config import RunSettings
 from crossrec.dataset import Dataset
-from crossrec.splits import Splits
+from crossrec.splits import splits_for
 from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
                             write_trial_csv)
 from crossrec.early_stopping import out_of_patience
@@ -309,7 +309,7 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     elif experiment.exists():
         raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
     dataset = Dataset.load(data)
-    splits = Splits(dataset, base.min_per_domain)
+    splits = splits_for(dataset, base, training=True)  # what train_func trains on (protocol, train_domains)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
 
     init_ray(address)

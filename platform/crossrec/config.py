@@ -172,6 +172,19 @@ class TrainConfig:
     side_dropout: float = 0.0
     side_dims: list[int] | None = None  # set by training: sizes of the graph/feature blocks after the text vector
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    # Split protocol (crossrec.splits): leave-one-out per (user, domain), or cold-user (a seeded fraction of the
+    # multi-domain users held out; their first interaction in each later domain is the target). A bundle is only
+    # evaluated under the protocol it was trained under (it has seen the other protocol's targets).
+    protocol: str = "leave-one-out"
+    cold_fraction: float = 0.2  # cold-user: share of the multi-domain users held out (half validation, half test)
+    cold_seed: int = 0  # cold-user: seed of the hash that picks the held-out users
+    # Domain alignment (DESIGN.md "Loss"): weight of an RBF-kernel MMD between the learned user vectors of each pair
+    # of target domains in a batch, pulling the domains' user distributions together (0: off).
+    align_weight: float = 0.0
+    # Self-supervised sequence objective (CL4SRec, Xie et al. ICDE 2022): weight of an InfoNCE between two views of
+    # each training window, each with `ssl_mask` of its history items masked out and a random prefix cropped (0: off).
+    ssl_weight: float = 0.0
+    ssl_mask: float = 0.3
 
     def __post_init__(self):
         if not isinstance(self.lora, LoraConfig):
@@ -218,6 +231,13 @@ class TrainConfig:
             raise ValueError("`item_encoder` id (SASRec) has no backbone: use `mode` cached")
         if isinstance(self.train_domains, str):
             self.train_domains = [d for d in self.train_domains.split(",") if d]
+        _check_choice("protocol", self.protocol, ("leave-one-out", "cold-user"))
+        if not 0 < self.cold_fraction < 1:
+            raise ValueError(f"`cold_fraction` must be in (0, 1), got {self.cold_fraction!r}")
+        for name in ("align_weight", "ssl_weight"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if not 0 <= self.ssl_mask < 1:
+            raise ValueError(f"`ssl_mask` must be in [0, 1), got {self.ssl_mask!r}")
 
 
 @dataclass

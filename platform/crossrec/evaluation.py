@@ -22,7 +22,9 @@ Scorer = Callable[[TargetBatch], np.ndarray]
 
 @dataclass
 class EvalResult:
-    """metrics[domain or 'all'][metric@k]; slices[domain or 'all'][slice] = metrics + `n`."""
+    """metrics[domain or 'all'][metric@k]; slices[domain or 'all'][slice] = metrics + `n`. Slice: `cold_item`
+    (target items never seen in training). Users new to a domain have their own protocol (`Splits(protocol=
+    "cold-user")`): leave-one-out never produces them, so it has no such slice."""
 
     metrics: dict[str, dict[str, float | None]]
     n_targets: dict[str, int]
@@ -39,7 +41,7 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
     domains = list(splits.domains if domains is None else domains)
     for d in domains:
         splits.check_domain(d)
-    ranks, cold_user, cold_item = {}, {}, {}
+    ranks, cold_item = {}, {}
     def rows_of(d: str) -> np.ndarray:
         rows = splits.targets(split, d)
         if max_targets and len(rows) > max_targets:
@@ -54,7 +56,6 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
         # Keep a score block near 32M floats whatever the catalog size.
         bs = batch_size or max(64, min(4096, int(3.2e7 // max(n, 1))))
         r_out = np.empty(len(rows))
-        cu = np.zeros(len(rows), dtype=bool)
         for s in range(0, len(rows), bs):
             batch = splits.batch(rows[s:s + bs], d)
             scores = np.asarray(scorer(batch))
@@ -64,12 +65,10 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
                 raise ValueError(f"scorer returned shape {scores.shape} for domain {d!r}, "
                                  f"expected {(len(batch), n)}")
             in_dom = [h[(h >= off) & (h < off + n)] - off for h in batch.histories]
-            cu[s:s + len(batch)] = [len(h) == 0 for h in in_dom]
             tcol = splits.row_item[batch.rows] - off
             r_out[s:s + len(batch)] = rank_targets(scores, tcol, in_dom if mask_history else None)
             bar.update(len(batch))
         ranks[d] = r_out
-        cold_user[d] = cu
         cold_item[d] = splits.train_count[splits.row_item[rows]] == 0
     bar.close()
     metrics = {d: metrics_from_ranks(ranks[d], ks) for d in domains}
@@ -79,10 +78,9 @@ def evaluate(splits: Splits, scorer: Scorer, split: str = "test", domains: list[
     slices = {}
     for d in domains + ["all"]:
         r = all_r if d == "all" else ranks[d]
-        cu = np.concatenate([cold_user[x] for x in domains]) if d == "all" else cold_user[d]
         ci = np.concatenate([cold_item[x] for x in domains]) if d == "all" else cold_item[d]
         slices[d] = {name: {**metrics_from_ranks(r[m], ks), "n": int(m.sum())}
-                     for name, m in (("cold_user", cu), ("cold_item", ci))}
+                     for name, m in (("cold_item", ci),)}
     return EvalResult(metrics=metrics, n_targets=n_targets, slices=slices, ranks=ranks)
 
 

@@ -27,7 +27,7 @@ from crossrec.model import CrossRecModel
 
 __all__ = ["build_end_to_end", "apply_lora", "ItemTextEncoder", "EndToEndModel", "trainable_backbone_state", "load_backbone_state",
            "save_adapter", "load_adapted_backbone", "merge_adapter", "write_merged", "is_adapter_dir",
-           "domain_adapters", "adapter_names", "activate_adapter"]
+           "domain_adapters", "adapter_names", "activate_adapter", "init_backbone_from_bundle"]
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file name: marks a LoRA adapter folder
 
@@ -279,3 +279,50 @@ def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequen
     return EndToEndModel(recommender, ItemTextEncoder(backbone, texts, cfg.max_tokens,
                                                       item_domains if cfg.lora.per_domain else None))
 
+
+
+def init_backbone_from_bundle(backbone: Backbone, cfg: TrainConfig, bundle_path: str | os.PathLike) -> list[str]:
+    """Warm start of an end-to-end run: the source bundle's `adapter/` loaded into `backbone` (already prepared by
+    `apply_lora` for this run). One adapter -> this run's adapter, or every per-domain adapter of this run;
+    per-domain adapters -> the same-named adapters of this run (a domain the source lacks keeps its fresh, zero-B
+    adapter: the base backbone, as zero-shot uses); a full fine-tune -> every weight. Returns what was loaded
+    ("default", domain names, or "full"); [] when the source has no adapter (a cached-mode bundle)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(bundle_path) / "adapter"
+    if not folder.is_dir():
+        return []
+    mine = adapter_names(backbone) or (["default"] if isinstance(backbone.model, PeftModel) else [])
+    if not is_adapter_dir(folder) and not domain_adapters(folder):  # a full fine-tune: a whole model directory
+        if mine:
+            raise ValueError("`init_from`: the bundle fine-tuned every backbone weight; this run trains LoRA "
+                             "adapters (set `lora.enabled: false` to continue a full fine-tune)")
+        src = load_backbone(folder).model.state_dict()
+        backbone.model.load_state_dict(src)
+        return ["full"]
+    if not mine:
+        raise ValueError("`init_from`: the bundle has LoRA adapters; this run fine-tunes every weight "
+                         "(`lora.enabled: false`): set `lora.enabled: true` to continue from them")
+    src = {d: folder / d for d in domain_adapters(folder)} or {"default": folder}
+    loaded = []
+    for name in mine:
+        source = src.get(name) if len(src) > 1 or "default" not in src else src["default"]
+        if source is None:
+            continue
+        import json
+
+        conf = json.loads((source / ADAPTER_CONFIG).read_text())
+        want = {"r": int(cfg.lora.rank), "lora_alpha": float(cfg.lora.alpha)}
+        have = {"r": int(conf.get("r")), "lora_alpha": float(conf.get("lora_alpha"))}
+        if want != have:
+            raise ValueError(f"`init_from`: the bundle's adapter has lora.rank={have['r']}, lora.alpha="
+                             f"{have['lora_alpha']:g}; this run lora.rank={want['r']}, lora.alpha="
+                             f"{want['lora_alpha']:g}: they must match")
+        result = set_peft_model_state_dict(backbone.model, load_file(str(source / "adapter_model.safetensors")),
+                                           adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"`init_from`: the bundle's adapter does not fit this backbone (unexpected "
+                             f"{result.unexpected_keys[:3]}; different lora.target_modules?)")
+        loaded.append(name)
+    return loaded

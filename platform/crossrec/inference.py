@@ -13,8 +13,8 @@ from crossrec.backbones import Backbone, load_backbone
 from crossrec.bundle import Bundle
 from crossrec.dataset import Dataset
 from crossrec.domains import domain_ids
-from crossrec.embedding import (catalog_texts, embed_texts, load_cached_vectors, save_cached_vectors,
-                                template_of, vector_cache_path)
+from crossrec.embedding import (cached_text_vectors, catalog_texts, embed_texts, load_cached_vectors,
+                                save_cached_vectors, template_of, vector_cache_path)
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
@@ -56,8 +56,9 @@ def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template
     texts = catalog_texts(items, template)
     path = vector_cache_path(splits.item_ids.tolist(), texts, backbone, template)
     vecs = load_cached_vectors(path, len(texts))
-    if vecs is None:
-        vecs = embed_texts(texts, backbone, max_tokens, progress=progress)
+    if vecs is None:  # assembled from the per-text store: only texts never embedded before are encoded
+        vecs, _ = cached_text_vectors(texts, backbone, max_tokens,
+                                      lambda new: embed_texts(new, backbone, max_tokens, progress=progress), progress)
         save_cached_vectors(path, vecs)
     return vecs
 

@@ -21,7 +21,7 @@ from torch import nn
 from crossrec.config import TrainConfig
 from crossrec.fusion import Fusion, split_sides
 
-__all__ = ["ItemAdaptor", "UserTower", "CrossRecModel"]
+__all__ = ["ItemAdaptor", "UserTower", "CrossRecModel", "domain_mmd", "view_infonce"]
 
 
 class ItemAdaptor(nn.Module):
@@ -233,14 +233,60 @@ class CrossRecModel(nn.Module):
 
     def forward(self, item_x: torch.Tensor, hist_index: torch.Tensor, domains: torch.Tensor,
                 next_domains: torch.Tensor, valid: torch.Tensor, target_valid: torch.Tensor,
-                cand_index: torch.Tensor, wrong_domain: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The InfoNCE training loss in one forward pass (so DDP/DeepSpeed see every parameter once).
+                cand_index: torch.Tensor, wrong_domain: torch.Tensor, labels: torch.Tensor,
+                target_domain: torch.Tensor | None = None, ssl_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss in one forward pass (so DDP/DeepSpeed see every parameter once): InfoNCE, plus
+        `align_weight` * MMD between target domains' user vectors and `ssl_weight` * a contrastive loss between
+        two views of each history, when those are on.
 
         item_x: encoder input of the U unique items of the batch; hist_index (B, L) and cand_index (C,)
         index into them; labels (P,) is each valid position's target column in the C candidates; logits
-        of candidates from another domain than the target's are masked (wrong_domain (P, C))."""
+        of candidates from another domain than the target's are masked (wrong_domain (P, C)). target_domain (P,):
+        the dataset domain of each target (alignment); ssl_valid (2, B, L): the two views' kept positions."""
         vecs = self.item_vectors(item_x)  # (U, V)
         hist = vecs[hist_index] * valid.unsqueeze(-1)  # (B, L, V)
         users = self.user_vectors(hist, domains, next_domains, valid)[target_valid]  # (P, V)
         logits = (users @ vecs[cand_index].T).masked_fill(wrong_domain, float("-inf"))  # (P, C)
-        return F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels)
+        d = self.cfg.dim
+        if self.cfg.align_weight and target_domain is not None:
+            loss = loss + self.cfg.align_weight * domain_mmd(users[:, :d] * self.tau, target_domain)
+        if self.cfg.ssl_weight and ssl_valid is not None:
+            views = [self.tower(hist[..., :d] * v.unsqueeze(-1), domains, next_domains, v)[:, -1] for v in ssl_valid]
+            loss = loss + self.cfg.ssl_weight * view_infonce(*views)  # (B, dim) each: the last position
+        return loss
+
+
+SSL_TAU = 0.2  # temperature of the two-view InfoNCE (CL4SRec uses 0.1-1; unit vectors)
+
+
+def view_infonce(a: torch.Tensor, b: torch.Tensor, tau: float = SSL_TAU) -> torch.Tensor:
+    """Symmetric InfoNCE between two views (B, D) of the same B sequences: row k of `a` should find row k of `b`
+    among the batch (CL4SRec, Xie et al., ICDE 2022, eq. 4)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / tau  # (B, B)
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def domain_mmd(users: torch.Tensor, domain: torch.Tensor, max_per_domain: int = 256,
+               bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0)) -> torch.Tensor:
+    """Mean over pairs of domains present in the batch of the squared MMD (Gretton et al., JMLR 2012, eq. 5,
+    biased estimate) between their users' vectors (P, D), with a sum of RBF kernels exp(-|x - y|^2 / (2 s^2)).
+    Zero when the batch holds one domain only. Each domain is capped at `max_per_domain` vectors (its first
+    ones: the batch order is random)."""
+    groups = [users[domain == k][:max_per_domain] for k in torch.unique(domain)]
+    if len(groups) < 2:
+        return users.sum() * 0.0  # keeps every parameter in the graph (DDP)
+
+    def k(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d2 = torch.cdist(x, y).pow(2)
+        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths).mean()
+
+    total, n = users.new_zeros(()), 0
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            x, y = groups[i], groups[j]
+            total = total + k(x, x) + k(y, y) - 2 * k(x, y)
+            n += 1
+    return total / n

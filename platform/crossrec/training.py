@@ -17,7 +17,7 @@ from crossrec.config import TrainConfig
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, TargetBatch
 
-__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ModelScorer", "history_arrays", "encode_users",
+__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ssl_views", "ModelScorer", "history_arrays", "encode_users",
            "resolve_text_prior", "text_prior_unset"]
 
 
@@ -102,12 +102,30 @@ def _drop_domains(batch: SeqBatch, p: float, unknown: int, rng: np.random.Genera
     return doms, nxt
 
 
+def ssl_views(valid: np.ndarray, mask: float, rng: np.random.Generator) -> np.ndarray:
+    """(2, B, L) two augmented views of left-padded histories (CL4SRec's crop and mask): each view drops a random
+    prefix of up to half the items, then hides each remaining item with probability `mask`; the most recent item
+    (the last position, which the view's user vector is read from) always stays."""
+    views = np.zeros((2, *valid.shape), bool)
+    n = valid.sum(1)
+    length = valid.shape[1]
+    for v in range(2):
+        keep = valid & (rng.random(valid.shape) >= mask)
+        crop = (rng.random(len(n)) * (n // 2 + 1)).astype(np.int64)  # items dropped from the oldest end
+        first = length - n + crop  # first kept position
+        keep &= np.arange(length)[None, :] >= first[:, None]
+        keep[:, -1] = valid[:, -1]
+        views[v] = keep
+    return views
+
+
 def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_items: list[torch.Tensor],
                 n_negatives: int, rng: np.random.Generator, unknown_domain: int,
-                domain_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+                domain_dropout: float = 0.0, ssl_mask: float | None = None) -> dict[str, torch.Tensor]:
     """Arguments of `CrossRecModel.forward` (the InfoNCE loss) for a batch: each position's target is scored
     against the batch's targets plus `n_negatives` uniform samples per domain, within the target's domain
-    (the model ranks within a domain). item_input(idx) is the item encoder's input for global indices."""
+    (the model ranks within a domain). item_input(idx) is the item encoder's input for global indices.
+    ssl_mask: not None adds two augmented views of each history (`ssl_views`) for the self-supervised term."""
     doms, nxt = batch.domains, batch.next_domains
     if domain_dropout:
         doms, nxt = _drop_domains(batch, domain_dropout, unknown_domain, rng)
@@ -120,7 +138,12 @@ def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_i
     # One item-encoder pass over every item the batch touches: history, targets, negatives.
     uniq = torch.unique(torch.cat([hist[valid], targets, *negs]))
     cand = torch.unique(torch.cat([targets, *negs]))
+    extra = {}
+    if ssl_mask is not None:
+        extra["ssl_valid"] = torch.from_numpy(ssl_views(batch.valid, ssl_mask, rng))
     return {
+        **extra,
+        "target_domain": item_domain[targets],
         "item_x": item_input(uniq),
         "hist_index": torch.searchsorted(uniq, hist).clamp(max=len(uniq) - 1),  # pads: any row, zeroed later
         "domains": torch.from_numpy(doms), "next_domains": torch.from_numpy(nxt),
