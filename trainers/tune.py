@@ -26,16 +26,13 @@ from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_s
                             write_trial_csv)
 from crossrec.early_stopping import out_of_patience
 from trainers.pipeline import export_bundle
-from trainers.runtime import init_ray
+from trainers.runtime import check_end_to_end_memory, init_ray
 from trainers.train import fit, model_domains, resolved_prior
 
-__all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
+__all__ = ["run_sweep", "SweepResult", "tune_trial"]
 
 log = logging.getLogger(__name__)
 
-# The same refusal `crossrec train` gives: end-to-end (LoRA) training lands with the LoRA issue.
-END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
-                      "use mode cached")
 # Keys the text prior's validation choice depends on: a sweep varying one leaves the choice to each trial.
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
@@ -294,9 +291,6 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     data = Path(data).resolve()
     experiment = out / "experiment"
     base = sweep.base_config()
-    if base.mode == "end-to-end" or any(v == "end-to-end" for v in getattr(sweep.space.get("mode"), "values", None)
-                                        or []):
-        raise ValueError(END_TO_END_REFUSED)
     state = {"sweep": sweep_to_dict(sweep), "data": str(data)}
     if resume:
         if not _state_file(out).is_file() or not experiment.is_dir():
@@ -311,6 +305,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     dataset = Dataset.load(data)
     splits = Splits(dataset, base.min_per_domain)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
+    # Trials in turn: max_concurrent_trials x workers_per_trial workers at once (a remote cluster is not checked).
+    check_end_to_end_memory(base, sweep.max_concurrent_trials * sweep.workers_per_trial, address, progress)
 
     init_ray(address)
     _check_fits_cluster(sweep, remote=bool(address))
