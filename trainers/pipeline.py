@@ -23,7 +23,7 @@ from crossrec.evaluation import evaluate
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer
-from trainers.runtime import best_checkpoint, init_ray
+from trainers.runtime import best_checkpoint, check_end_to_end_memory, init_ray
 from trainers.train import fit, make_item_input, model_domains, resolved_init, resolved_prior
 
 __all__ = ["train_bundle", "export_bundle"]
@@ -37,6 +37,7 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
     dataset = Dataset.load(data)
     splits = Splits(dataset, cfg.min_per_domain)
     model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
+    check_end_to_end_memory(cfg, run.workers, run.address, progress)  # refuses before Ray starts
     out = Path(out)
     vec_path = None
     t0 = time.time()

@@ -160,7 +160,7 @@ def train_func(config: dict) -> None:
         from crossrec.finetune import build_end_to_end
 
         texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
-        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain])
+        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain], workers=world)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
     if end_to_end:
