@@ -15,13 +15,21 @@ from typing import Any
 import yaml
 
 __all__ = ["LoraConfig", "DeepSpeedConfig", "RankerConfig", "GraphConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types"]
+           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types", "config_help", "DERIVED",
+           "check_settable"]
 
 MODES = ("cached", "end-to-end")
 ADAPTORS = ("moe", "mlp", "linear")
 ITEM_ENCODERS = ("text", "id")
 STRATEGIES = ("ddp", "deepspeed")
 FUSIONS = ("concat", "gate", "attention")
+# TrainConfig fields that training computes and saves in the bundle: not settable (--set, --config, sweep files).
+DERIVED = ("side_dims",)
+
+
+def _doc(default: Any, doc: str):
+    """A config field with its one-line doc in the field's metadata (`crossrec train --help-config` lists it)."""
+    return field(default=default, metadata={"doc": doc})
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -151,6 +159,10 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops after this many optimizer steps (overrides epochs)
     lr: float = 1e-3
     backbone_lr: float = 1e-4  # end-to-end: learning rate of the backbone's trainable weights
+    # End-to-end: at most this many distinct items per step and worker go through the backbone with gradients
+    # (targets first, then history items); the rest (sampled negatives, overflow) are encoded without gradients.
+    # Bounds the backbone's activation memory (see crossrec.finetune.memory_estimate); 0: every item with gradients.
+    backbone_grad_items: int = 32
     weight_decay: float = 0.01
     batch_size: int = 256  # sequences per optimizer step, over all workers
     seed: int = 0
@@ -199,7 +211,8 @@ class TrainConfig:
         for name in ("dim", "layers", "heads", "max_len", "n_experts", "epochs", "batch_size", "max_tokens",
                      "lr", "backbone_lr", "temperature", "text_prior_weight"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience"):
+        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience",
+                     "backbone_grad_items"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
@@ -330,8 +343,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def check_settable(data: dict, where: str = "") -> None:
+    """Refuses the derived keys (DERIVED) in what a user wrote: training sets them."""
+    for key in DERIVED:
+        if key in data:
+            raise ValueError(f"`{where}{key}` is set by training (derived from the data), not a setting")
+
+
+def config_help(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, one-line doc) of every settable TrainConfig key, sections expanded, in field order:
+    read from the fields' metadata, so the docs live beside the fields."""
+    cls = cls or TrainConfig
+    out = []
+    for f in fields(cls):
+        if not prefix and f.name in DERIVED:
+            continue
+        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            out += config_help(f.default_factory, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((prefix + f.name, "null" if default is None else str(default).lower() if isinstance(default, bool)
+                    else str(default), f.metadata.get("doc", "")))
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A YAML file (data only) plus `--set` overrides, validated."""
+    """A YAML file (data only) plus `--set` overrides, validated; derived keys are refused."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -340,4 +378,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected a mapping of config keys")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    check_settable(data)
+    return config_from_dict(data)
