@@ -42,3 +42,34 @@ def test_recommended_config_loads_the_measured_pipeline():
     cfg = load_config(RECOMMENDED)
     assert cfg.graph.enabled and cfg.fusion == "attention" and cfg.ranker.enabled and cfg.mode == "cached"
     assert cfg.text_prior_decay is None  # chosen on each dataset's validation split
+
+
+def test_help_config_lists_every_settable_key_with_default_and_doc(capsys):
+    import dataclasses
+
+    import pytest
+
+    from crossrec.config import TrainConfig, load_config
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help-config"])  # before --data/--out are required
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    listed = {line.split(" = ")[0].strip(): line for line in lines}
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                yield from keys(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, f
+
+    expected = dict(keys(TrainConfig))
+    assert set(listed) == set(expected) - {"side_dims"}  # derived: not listed, not settable
+    for key, f in expected.items():
+        assert f.metadata.get("doc"), f"{key} has no doc"
+        if key in listed:
+            assert f.metadata["doc"] in listed[key]
+    assert "lora.rank = 8" in listed["lora.rank"] and "backbone_grad_items = 32" in listed["backbone_grad_items"]
+    with pytest.raises(ValueError, match=r"`side_dims` is set by training \(derived from the data\), not a setting"):
+        load_config(overrides=["side_dims=[8]"])
