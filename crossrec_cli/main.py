@@ -7,12 +7,12 @@ import sys
 
 import crossrec
 from crossrec.schema import DataError
-from crossrec_cli import cluster, data, demo, evaluate, recommend, serve, train
+from crossrec_cli import bundles, cluster, data, demo, evaluate, recommend, serve, train
 from crossrec_cli.options import UsageError
 
 __all__ = ["build_parser", "main"]
 
-GROUPS = (data, evaluate, train, recommend, cluster, serve, demo)  # order of `crossrec --help`
+GROUPS = (data, evaluate, train, recommend, bundles, cluster, serve, demo)  # order of `crossrec --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
