@@ -107,9 +107,26 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
                 n_items if cfg.item_encoder == "id" or cfg.item_ids else None, items, metrics, dataset.content_hash,
                 extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-                       "checkpoint": best.path, **(extra or {})}, adapter_dir=adapter_dir)
+                       "checkpoint": best.path, "libraries": _libraries(), **(extra or {})}, adapter_dir=adapter_dir)
     shutil.rmtree(work, ignore_errors=True)
+    if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose
+        from crossrec.plots import plot_curves
+
+        plot_curves(history, Path(out) / "curves.png", f"{Path(out).name}: {cfg.mode}, backbone {cfg.backbone}")
     return load_bundle(out).meta
+
+
+def _libraries() -> dict[str, str]:
+    """Versions of the libraries a bundle's weights depend on (`crossrec inspect` shows them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("crossrec", "torch", "transformers", "peft", "ray", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Splits, work: Path,
