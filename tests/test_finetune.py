@@ -271,3 +271,22 @@ def test_end_to_end_memory_is_estimated_and_a_run_that_cannot_fit_is_refused(mic
     err = capsys.readouterr().err
     assert "end-to-end training needs about" in err and "set `backbone_grad_items`" in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_with_the_default_memory_bound_trains_within_its_estimate(ray_cluster, vector_cache,
+                                                                                       micro_fk, tmp_path):
+    """The defaults (batch 256, 128 negatives per domain, 64-token texts) sent every item of a step through
+    SmolLM2 with gradients and were killed by Ray's memory monitor; `backbone_grad_items` bounds it, and each
+    worker's peak stays under the estimate checked before the run."""
+    from crossrec.backbones import prepare_backbone
+    from crossrec.finetune import backbone_size, memory_estimate
+    from trainers.pipeline import train_bundle
+
+    cfg = load_config(overrides=["mode=end-to-end", "backbone=smollm2-135m", "epochs=1", "valid_max_targets=0"])
+    assert cfg.backbone_grad_items == 32 and cfg.batch_size == 256 and cfg.n_negatives == 128
+    meta = train_bundle(micro_fk, tmp_path / "b", cfg, RunSettings(workers=2, name="smollm2-e2e"), progress=False)
+    est = memory_estimate(cfg, *backbone_size(prepare_backbone("smollm2-135m").path), workers=2)
+    (epoch,) = meta["metrics"]["history"]
+    assert epoch["worker/peak_rss_mb"] / 1024 < est["total"]
+    assert (tmp_path / "b" / "adapter" / "adapter_config.json").is_file()
