@@ -112,12 +112,28 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     # Reasons name text entries `history[i]` (the recommender knows no id for them): back to what the user gave.
     entry = {f"history[{i}]": e for i, e in enumerate(shown)}
     entry.update({e["item_id"]: e for e in shown if "item_id" in e})
+    words = None
+    if args.explain_text:  # one batched generation for the k items, from the titles behind each
+        from crossrec.explain import Explainer
+
+        def title(e: dict) -> str:
+            return rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]] if "item_id" in e else \
+                e.get("query") or e["text"]
+
+        words = Explainer(max_new_tokens=args.explain_tokens).explain(
+            [(r.title, [title(entry[x["item_id"]]) for x in (r.reasons or [])[:2]]) for r in recs])
     if args.json:
         items = [{"item_id": r.item_id, "domain": r.domain, "title": r.title, "score": round(float(r.score), 6),
                   "reasons": [{"item_id": "query" if "query" in entry[x["item_id"]] else x["item_id"],
                                "domain": x["domain"], "weight": x["weight"]} for x in r.reasons or []]}
                  for r in recs]
-        print(json.dumps({"items": items, "model": rec.bundle.meta["version"], "history": shown}, indent=1))
+        if words is not None:
+            for it, text in zip(items, words.texts):
+                it["explanation"] = text
+        answer = {"items": items, "model": rec.bundle.meta["version"], "history": shown}
+        if words is not None:
+            answer["explain_s"] = round(words.seconds, 3)
+        print(json.dumps(answer, indent=1))
         return 0
     print(f"history ({len(shown)} entries, oldest first):")
     for e in shown:
@@ -127,12 +143,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     print(f"top {len(recs)} in {args.domain}:")
     for i, r in enumerate(recs, 1):
         print(f"{i:>3}. {r.item_id}  {r.score:7.2f}  {r.title[:80]}")
+        if words is not None:
+            print(f"       \"{words.texts[i - 1]}\"")
         for reason in r.reasons or []:
             e = entry[reason["item_id"]]
             text = rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]] if "item_id" in e else \
                 e.get("query") or e["text"]
             what = e.get("item_id") or ("query" if "query" in e else "text")
             print(f"       because of [{reason['domain']}] {what} ({reason['weight']:+.2f})  {text[:60]}")
+    if words is not None:
+        print(f"(explanations: {words.new_tokens} tokens by smollm2-135m in {words.seconds:.1f}s, one batch)")
     return 0
 
 
@@ -153,4 +173,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--k", type=int, default=10, help="how many items to recommend (default: 10)")
     sp.add_argument("--json", action="store_true", help="print the answer as JSON (the shape of POST "
                                                         "/v1/recommend's response) instead of a table")
+    sp.add_argument("--explain-text", action="store_true",
+                    help="also one sentence per item in words, written by the instruct backbone (smollm2-135m) "
+                         "from the titles of the history entries behind it (slower: one batched generation)")
+    sp.add_argument("--explain-tokens", type=int, default=32, metavar="N",
+                    help="with --explain-text: at most N generated tokens per sentence (default: 32)")
     sp.set_defaults(func=cmd_recommend)

@@ -149,3 +149,14 @@ def test_evaluate_reports_beyond_accuracy_and_slices_and_plots(tiny_fk, tmp_path
         assert beyond[d]["rec_pop_pct@10"] > beyond[d]["target_pop_pct"]
         assert beyond[d]["coverage@10"] <= 20 / beyond[d]["n_items"]
     assert (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_explanations_in_words_one_bounded_sentence_per_item():
+    from crossrec.explain import Explainer
+
+    ex = Explainer(max_new_tokens=24)
+    out = ex.explain([("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
+                      ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"])])
+    assert len(out.texts) == 2 and all(t for t in out.texts)
+    assert out.new_tokens <= 2 * 24 and out.seconds > 0
