@@ -37,10 +37,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # few seconds that the state API is unavailable; our own per-epoch lines carry the progress.
     quiet = ray.LoggingConfig(log_level=log_level("ERROR"))
     if address:
-        ray.init(address=address, logging_level="WARNING", logging_config=quiet)
+        ray.init(address=address, logging_level=log_level(), logging_config=quiet)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=True, logging_config=quiet)
+                 logging_level=log_level(), log_to_driver=True, logging_config=quiet)
 
 
 def setup_worker(threads: int, seed: int) -> tuple[int, int]:

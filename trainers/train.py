@@ -179,6 +179,7 @@ def train_func(config: dict) -> None:
         if rank == 0:
             print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
     crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
+    progress_every = float(config.get("progress_every_s", 0))  # s between step lines (0: none)
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
@@ -194,6 +195,11 @@ def train_func(config: dict) -> None:
         # Dropout draws seeded per epoch and rank too: a resumed run continues exactly as an uninterrupted one.
         torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 2]).integers(1 << 62)))
         losses, tokens, t_train = [], 0, time.time()
+        per_rank = len(seqs) // world
+        n_steps = per_rank // per_worker if per_rank >= per_worker else int(per_rank > 0)
+        if cfg.max_steps:
+            n_steps = min(n_steps, cfg.max_steps - state["step"])
+        shown = time.time()
         for batch in seqs.batches(per_worker, order_rng, rank, world):
             inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
                                  len(domains), cfg.domain_dropout)
@@ -202,6 +208,13 @@ def train_func(config: dict) -> None:
                 tokens += int(model.encoder.lengths[idx].sum())
             losses.append(strategy.step(strategy.to_device(inputs)))
             state["step"] += 1
+            if rank == 0 and progress_every and time.time() - shown > progress_every and len(losses) < n_steps:
+                # Workers' stdout reaches the driver as lines: a step count with its ETA now and then, not a bar.
+                shown = time.time()
+                per = (shown - t_train) / len(losses)
+                print(f"epoch {epoch + 1}/{cfg.epochs}: step {len(losses)}/{n_steps} "
+                      f"({100 * len(losses) / max(1, n_steps):.0f}%), {per:.1f}s/step, epoch ETA "
+                      f"{per * (n_steps - len(losses)):.0f}s + validation", flush=True)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         t_valid = time.time()
@@ -258,7 +271,8 @@ def resolved_init(cfg: TrainConfig) -> TrainConfig:
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
         resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
-    callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`)."""
+    callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`). progress: rank 0
+    prints the step count with an ETA every 30 s of an epoch, besides its line per epoch."""
     from ray.train import ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
@@ -273,6 +287,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
                            "vectors": str(vectors) if vectors else None,
                            "resume_from": str(resume_from) if resume_from else None,
                            "threads": max(1, int(cpus)),
+                           "progress_every_s": 30.0 if progress else 0.0,
                            "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV) if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -61,7 +62,8 @@ def tune_trial(config: dict, setup: dict) -> None:
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
                       name=tune.get_context().get_trial_id(), max_failures=0)
-    fit(setup["data"], cfg, run, setup["vectors"], callbacks=[TuneReportCallback()])
+    fit(setup["data"], cfg, run, setup["vectors"], progress=setup.get("progress", True),
+        callbacks=[TuneReportCallback()])
 
 
 def _trial_config(sweep: SweepConfig, params: dict, setup: dict):
@@ -124,14 +126,30 @@ class _SweepCallback(tune.Callback):
     """Driver side: frees stopped trials' CPUs, remembers trial states (to tell an interruption from the end),
     and prints one line per epoch and per finished trial."""
 
-    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0):
+    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0,
+                 max_epochs: int = 0, n_trials: int | None = None):
+        from crossrec.progress import Progress
+
         self.metric, self.progress, self.every_s = metric, progress, every_s
         self.scheduler, self.scheduler_state = scheduler, scheduler_state
         self.statuses: dict[str, str] = {}
         self._last = 0.0
+        self.max_epochs = max_epochs
+        # trials done / running / pruned: a bar at a terminal, one line at the end otherwise
+        self.bar = Progress(n_trials, "sweep", "trial", progress)
 
     def on_step_end(self, iteration, trials, **info):
         self.statuses = {t.trial_id: t.status for t in trials}
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        pruned = sum((t.last_result or {}).get("epoch", 0) < self.max_epochs for t in done)
+        if self.bar.total is None or self.bar.total < len(trials):
+            self.bar.total = len(trials)
+            if self.bar.bar is not None:
+                self.bar.bar.total = len(trials)
+        self.bar.update(len(done) - self.bar.n)
+        self.bar.status(f"{sum(t.status == 'RUNNING' for t in trials)} running, "
+                        f"{sum(t.status == 'PENDING' for t in trials)} pending, {pruned} ended before epoch "
+                        f"{self.max_epochs}, {sum(t.status == 'ERROR' for t in trials)} failed")
         if time.monotonic() - self._last > self.every_s:
             self._last = time.monotonic()
             _free_orphaned_placement_groups()
@@ -329,7 +347,7 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs")}
+             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"), "progress": progress}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -352,13 +370,18 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id))
         local = tuner._local_tuner
-    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state)
+    grids = [len(p.values) for p in sweep.space.values() if p.type == "grid"]
+    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state, max_epochs=_max_epochs(sweep),
+                           n_trials=sweep.num_samples * (math.prod(grids) if grids else 1))
     # Callbacks are set after the Tuner pickled its state (tuner.pkl): a restored sweep never brings back the
     # previous run's (a stale progress printer, a test's interrupter).
     local.get_run_config().callbacks = [watch, *(callbacks or [])]
     before = set(_actor_placement_groups())
     # Tune's new console output prints its header even at verbose 0; the legacy one is silent there.
-    quiet_env = {} if progress or "RAY_AIR_NEW_OUTPUT" in os.environ else {"RAY_AIR_NEW_OUTPUT": "0"}
+    # Ours is the sweep bar and the per-epoch lines; Tune's own tables only with --verbose.
+    from crossrec.progress import verbose
+
+    quiet_env = {} if verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ else {"RAY_AIR_NEW_OUTPUT": "0"}
     os.environ.update(quiet_env)
     try:
         grid = tuner.fit()
@@ -366,6 +389,7 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         for k in quiet_env:
             os.environ.pop(k, None)
         watch.save_scheduler()
+        watch.bar.close()
         _wait_free_placement_groups(before)
     records = _records(grid, sweep, watch.statuses, out / "runs")
     interrupted = any(r.status == "unfinished" for r in records)
