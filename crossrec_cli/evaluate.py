@@ -79,7 +79,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     params = {name: s.params for name, s in scorers.items() if hasattr(s, "params")}
     for name, p in params.items():
         print(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())} (chosen on the validation split)")
-    results = {name: evaluate(splits, scorer, split=args.split, domains=domains, progress=not args.quiet,
+    from crossrec.progress import interactive
+
+    # tqdm's bars at a terminal only: in a log they are a wall of carriage returns (the table follows anyway).
+    results = {name: evaluate(splits, scorer, split=args.split, domains=domains,
+                              progress=not args.quiet and interactive(),
                               desc=name, mask_history=not args.no_mask) for name, scorer in scorers.items()}
     print(format_table(results))
     # Beyond accuracy and the cold-start slices: who gets served, not only how well (a second scoring pass).

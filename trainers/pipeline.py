@@ -95,8 +95,10 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
         item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
         item_vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
                                for s in range(0, n_items, 8192)])
-    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test", progress=progress,
-                    desc="test")
+    from crossrec.progress import interactive
+
+    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test",
+                    progress=progress and interactive(), desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
     for d in splits.domains:
