@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -119,8 +120,9 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
     from crossrec.progress import Progress, verbose
 
     # Ray Data's own bars and INFO lines only with --verbose: ours is one bar (or one line) for the whole job.
-    with _ray_data_progress(progress and verbose()), Progress(n, f"embed catalog ({spec.name})", "item",
-                                                              progress) as bar:
+    bar = Progress(n, f"embed catalog ({spec.name})", "item", progress)
+    with _ray_data_progress(progress and verbose()), warnings.catch_warnings(), bar:
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ray.data.from_arrow(blocks).map_batches(  # ray
             BackboneEncoder,
             fn_constructor_kwargs={"spec": spec, "max_tokens": max_tokens, "threads": max(1, int(cpus)),
@@ -131,7 +133,8 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
             udf_modifying_row_count=False,
             # One node: an actor that dies (out of memory) dies again on restart, and restartable actors make the
             # core worker print an error line about constructor arguments in the object store to every user.
-            # Several nodes: restarts survive a lost node.
+            # Several nodes: restarts survive a lost node. (Ray 2.60 takes it only as a bare remote arg, and warns
+            # that these go in 2.64: the pin is 2.60.)
             **({"max_restarts": 0} if len(ray.nodes()) == 1 else {}))
         out = np.empty((n, spec.dim), dtype=np.float32)
         done = np.zeros(n, dtype=bool)
