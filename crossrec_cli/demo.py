@@ -5,28 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
-from crossrec_cli.options import RECOMMENDED, VENDORED, UsageError
+from crossrec_cli.options import RECOMMENDED, VENDORED, UsageError, sample_users
 
 __all__ = ["register"]
-
-
-def _sample(src: Path, dst: Path, users: int) -> None:
-    """Every k-th user of a prepared dataset with all their interactions and the items they touched, as a
-    Parquet folder `prepare` reads: a demo-sized slice of real data (its catalog embeds in a minute)."""
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    inter = pq.read_table(src / "interactions.parquet")
-    all_users = pc.unique(inter.column("user_id"))
-    step = max(1, len(all_users) // users)
-    keep = all_users.take(np.arange(0, len(all_users), step)[:users])
-    dst.mkdir(parents=True, exist_ok=True)
-    inter = inter.filter(pc.is_in(inter.column("user_id"), value_set=keep))
-    items = pq.read_table(src / "items.parquet")
-    pq.write_table(inter, dst / "interactions.parquet")
-    pq.write_table(items.filter(pc.is_in(items.column("item_id"), value_set=pc.unique(inter.column("item_id")))),
-                   dst / "items.parquet")
 
 
 def _serve_once(bundle: Path, body: dict) -> None:
@@ -59,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise UsageError(f"demo step `crossrec {argv[0]}` failed (see above)")
 
     print(f"== 1. prepare: {args.users} users of {src} (real data, vendored)")
-    _sample(src, out / "sample", args.users)
+    sample_users(src, out / "sample", args.users)
     run("prepare", str(out / "sample"), "--out", str(out / "data"), "--force", *quiet)
     print("\n== 2. train (configs/recommended.yaml: cached MiniLM vectors + knowledge graph, then a ranker; "
           "2 Ray Train workers)")

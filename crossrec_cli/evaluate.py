@@ -88,9 +88,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     params = {name: s.params for name, s in scorers.items() if hasattr(s, "params")}
     for name, p in params.items():
         print(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())} (chosen on the validation split)")
-    results = {name: evaluate(splits, scorer, split=args.split, domains=domains, progress=not args.quiet,
+    from crossrec.progress import interactive
+
+    # tqdm's bars at a terminal only: in a log they are a wall of carriage returns (the table follows anyway).
+    results = {name: evaluate(splits, scorer, split=args.split, domains=domains,
+                              progress=not args.quiet and interactive(),
                               desc=name, mask_history=not args.no_mask) for name, scorer in scorers.items()}
     print(format_table(results))
+    # Beyond accuracy and the cold-start slices: who gets served, not only how well (a second scoring pass).
+    from crossrec.evaluation import beyond_accuracy, format_beyond, format_slices
+
+    beyond = {name: beyond_accuracy(splits, scorer, split=args.split, domains=domains, mask_history=not args.no_mask)
+              for name, scorer in scorers.items()}
+    print("\n" + format_slices(results))
+    print("\n" + format_beyond(beyond))
+    if args.plot:
+        from crossrec.plots import plot_evaluation
+
+        plot_evaluation({m: r.metrics for m, r in results.items()}, args.plot, beyond=beyond,
+                        title=f"{Path(args.data).name}, {args.split} split, full ranking"
+                              + (f": {bundle.version}" if bundle is not None else ""))
+        print(f"wrote {args.plot}")
     if args.json:
         out = {"bundle": args.bundle, "dataset": str(args.data), "data_hash": data.content_hash,
                "protocol": {**splits.protocol_info, "split": args.split, "min_per_domain": args.min_per_domain,
@@ -98,7 +116,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             "ties": "item id order"},
                "metrics": {m: r.metrics for m, r in results.items()}, "params": params,
                "n_targets": next(iter(results.values())).n_targets,
-               "slices": {m: r.slices for m, r in results.items()}}
+               "slices": {m: r.slices for m, r in results.items()},
+               "beyond_accuracy": beyond}
         if bundle is not None:
             out["bundle_version"] = bundle.version
             out["zero_shot_domains"] = [d for d in (domains or splits.domains) if d not in bundle.domains]
@@ -148,6 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--backbone", help="backbone of text baselines (textknn): a registry name or a local model "
                                        "directory (default: the bundle's backbone, else minilm)")
     sp.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    sp.add_argument("--plot", metavar="FILE.png", help="also draw per-domain NDCG@10, Recall@10, coverage@10 and "
+                                                       "popular share@10 of every model side by side")
     sp.add_argument("--split", default="test", choices=["test", "valid"], help="which targets (default: test)")
     sp.add_argument("--min-per-domain", type=int, default=3,
                     help="interactions a user needs in a domain to get targets there (default: 3)")

@@ -7,12 +7,12 @@ import sys
 
 import crossrec
 from crossrec.schema import DataError
-from crossrec_cli import cluster, data, demo, evaluate, recommend, serve, train
+from crossrec_cli import bundles, cluster, data, demo, evaluate, recommend, serve, train
 from crossrec_cli.options import UsageError
 
 __all__ = ["build_parser", "main"]
 
-GROUPS = (data, evaluate, train, recommend, cluster, serve, demo)  # order of `crossrec --help`
+GROUPS = (data, evaluate, train, recommend, bundles, cluster, serve, demo)  # order of `crossrec --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLM-enhanced cross-domain recommendation on Ray: prepare logs, train, tune, evaluate, serve.",
         epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: see README.md.")
     p.add_argument("--version", action="version", version=f"crossrec {crossrec.__version__}")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs (INFO) and progress bars; quiet "
+                                                          "(WARNING) by default. Also accepted after COMMAND")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:
         group.register(sub)
@@ -29,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv[1:] and "--" not in argv[:argv.index("--verbose")]:  # `crossrec train ... --verbose`
+        argv.remove("--verbose")
+        argv.insert(0, "--verbose")
     args = parser.parse_args(argv)
+    if args.verbose:  # read by trainers.runtime.log_level and crossrec.progress.verbose, here and in Ray workers
+        import os
+
+        os.environ["CROSSREC_VERBOSE"] = "1"
+        os.environ.setdefault("CROSSREC_RAY_LOG_LEVEL", "INFO")
     # Commands that run or check other commands (demo, submit) get the dispatcher and the parser through
     # `args`, so no command module imports this one back.
     args.run, args.parser = main, parser

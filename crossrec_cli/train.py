@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from crossrec_cli.options import UsageError, add_data, add_quiet, add_ray_address
+from crossrec_cli.options import UsageError, add_data, add_quiet, add_ray_address, users_slice
 
 __all__ = ["register"]
 
@@ -68,9 +69,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
     sweep = load_sweep(args.sweep, num_samples=args.trials)
     Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    data = args.data
+    if args.users is not None:  # a laptop-sized slice, made once in the sweep folder
+        data = users_slice(args.data, Path(args.out) / "data", args.users)
+        print(f"slice: {args.users} users of {args.data} -> {data}", flush=True)
     from trainers.tune import run_sweep  # imports Ray
 
-    res = run_sweep(sweep, args.data, args.out, address=args.address, resume=args.resume, progress=not args.quiet)
+    res = run_sweep(sweep, data, args.out, address=args.address, resume=args.resume, progress=not args.quiet)
     if args.quiet:
         from crossrec.sweep import format_trial_table
 
@@ -80,7 +85,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"plot {res.out / 'sweep.png'}")
     if res.interrupted:
         print(f"crossrec tune: interrupted; continue with: crossrec tune {args.sweep} --data {args.data} "
-              f"--out {args.out}{f' --trials {args.trials}' if args.trials else ''} --resume", file=sys.stderr)
+              f"--out {args.out}{f' --trials {args.trials}' if args.trials else ''}"
+              f"{f' --users {args.users}' if args.users else ''} --resume", file=sys.stderr)
         return 130
     if res.best is None:
         print("crossrec tune: error: no trial reported a metric (see the trials' errors above)", file=sys.stderr)
@@ -90,8 +96,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best: trial {res.best.trial_id} ({params}) {sweep.metric} {b[sweep.metric]:.4f} at epoch {b['epoch']}")
     test = res.bundle["metrics"]["test"]["all"]
     print(f"wrote bundle {res.out / 'best'}: test ndcg@10 {test['ndcg@10']:.4f}, recall@10 {test['recall@10']:.4f}; "
-          f"compare with baselines: crossrec evaluate --bundle {res.out / 'best'} --data {args.data}")
+          f"compare with baselines: crossrec evaluate --bundle {res.out / 'best'} --data {data}")
     return 0
+
+
+class _HelpConfig(argparse.Action):
+    """`--help-config`: prints every settable config key, its default and its doc (from TrainConfig's field
+    metadata), then exits, like --help (before the required options are checked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from crossrec.config import config_help
+
+        rows = config_help()
+        width = max(len(k) + len(d) for k, d, _ in rows) + 3
+        print("config keys (--set KEY=VALUE, or a --config YAML file; dotted keys are sections):")
+        for key, default, doc in rows:
+            print(f"  {f'{key} = {default}':<{width}}  {doc}")
+        parser.exit()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,7 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
     sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a config key, dotted for sections (lr=3e-4, lora.rank=16); repeatable")
+                    help="override a config key, dotted for sections (lr=3e-4, lora.rank=16); repeatable; "
+                         "--help-config lists the keys")
+    sp.add_argument("--help-config", action=_HelpConfig,
+                    help="list every config key with its default and what it means, then exit")
     sp.add_argument("--train-domains", metavar="A,B",
                     help="train on these domains only: the other domains' items and interactions never reach "
                          "training, neither as targets nor inside histories, nor in the catalog, graph, text-prior "
@@ -139,6 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                 "reaches)")
     sp.add_argument("--trials", type=int, help="trials drawn from the space (overrides `num_samples`; a grid runs "
                                                "every point this many times)")
+    sp.add_argument("--users", type=int, metavar="N", help="sweep on every k-th of N users of --data (prepared once "
+                                                           "into DIR/data): a slice that finishes on a laptop")
     add_ray_address(sp)
     sp.add_argument("--resume", action="store_true", help="continue the interrupted sweep in DIR (same file, "
                                                           "--trials and --data)")

@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from crossrec_cli import main
 
 
@@ -44,3 +47,118 @@ def test_recommended_config_loads_the_measured_pipeline():
     cfg = load_config(RECOMMENDED)
     assert cfg.graph.enabled and cfg.fusion == "attention" and cfg.ranker.enabled and cfg.mode == "cached"
     assert cfg.text_prior_decay is None  # chosen on each dataset's validation split
+
+
+def test_help_config_lists_every_settable_key_with_default_and_doc(capsys):
+    import dataclasses
+
+    from crossrec.config import TrainConfig, load_config
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help-config"])  # before --data/--out are required
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    listed = {line.split(" = ")[0].strip(): line for line in lines}
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                yield from keys(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, f
+
+    expected = dict(keys(TrainConfig))
+    assert set(listed) == set(expected) - {"side_dims"}  # derived: not listed, not settable
+    for key, f in expected.items():
+        assert f.metadata.get("doc"), f"{key} has no doc"
+        if key in listed:
+            assert f.metadata["doc"] in listed[key]
+    assert "lora.rank = 8" in listed["lora.rank"] and "backbone_grad_items = 32" in listed["backbone_grad_items"]
+    with pytest.raises(ValueError, match=r"`side_dims` is set by training \(derived from the data\), not a setting"):
+        load_config(overrides=["side_dims=[8]"])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
+    from crossrec.config import RunSettings, load_config
+    from trainers.pipeline import train_bundle
+
+    out = tmp_path_factory.mktemp("cli") / "b"
+    train_bundle(tiny_fk, out, load_config(overrides=["epochs=2", "dim=32", "layers=1", "valid_max_targets=0"]),
+                 RunSettings(workers=1, name="cli-tiny"), progress=False)
+    return out
+
+
+def test_recommend_query_json_parses_and_follows_the_query(tiny_bundle, capsys):
+    """`recommend --query TEXT --json`: JSON in the HTTP answer's shape; the query (and a text history entry)
+    are embedded by the bundle's backbone, so another query gives other items."""
+    out = tiny_bundle
+    answers = {}
+    for query in ("stainless steel chef knife", "dark roast coffee beans"):
+        assert main(["recommend", "--bundle", str(out), "--domain", "kitchen", "--query", query,
+                     "--history-text", "food:organic green tea", "--k", "5", "--json"]) == 0
+        answers[query] = json.loads(capsys.readouterr().out)
+    knife, coffee = answers.values()
+    assert len(knife["items"]) == 5 and all(i["domain"] == "kitchen" for i in knife["items"])
+    assert knife["history"] == [{"text": "organic green tea", "domain": "food"},
+                                {"query": "stainless steel chef knife", "domain": "kitchen"}]
+    assert {r["item_id"] for i in knife["items"] for r in i["reasons"]} <= {"query", "history[0]"}
+    assert [i["item_id"] for i in knife["items"]] != [i["item_id"] for i in coffee["items"]]
+    assert "knife" in " ".join(i["title"].lower() for i in knife["items"])
+    assert main(["recommend", "--bundle", str(out), "--domain", "kitchen"]) == 2
+    assert "give --history, --history-text or --query" in capsys.readouterr().err
+
+
+def test_inspect_prints_what_the_bundle_holds_and_the_bundle_has_its_curves(tiny_bundle, tiny_fk, capsys):
+    assert main(["inspect", str(tiny_bundle)]) == 0
+    text = capsys.readouterr().out
+    meta = json.loads((tiny_bundle / "bundle.json").read_text())
+    for expect in (f"version {meta['version']}", "backbone minilm", "food (", "kitchen (", meta["data_hash"],
+                   "epochs=2", "test (full ranking)", "torch ", "transformers ", "size "):
+        assert expect in text, expect
+    assert main(["inspect", str(tiny_bundle), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["libraries"]["torch"] and info["config_changed"]["epochs"] == 2 and info["total_size"] > 0
+    assert (tiny_bundle / "curves.png").stat().st_size > 10_000  # loss and validation NDCG@10 per epoch
+    assert main(["inspect", str(tiny_fk)]) == 2
+
+
+def test_beyond_accuracy_on_a_hand_made_example():
+    from crossrec.evaluation import beyond_accuracy_metrics, popularity_percentiles
+
+    counts = np.array([0, 5, 5, 9, 1])  # training interactions of items 0..4
+    # Sorted: 0, 1, 5, 5, 9 -> share strictly below, ties counted half, over n - 1.
+    assert popularity_percentiles(counts).tolist() == [0.0, 62.5, 62.5, 100.0, 25.0]
+    m = beyond_accuracy_metrics(np.array([[3, 1], [3, 2]]), np.array([0, 3]), counts, k=2, popular_share=0.2)
+    # Items 3, 1, 2 recommended of 5; the top 20% (one item: 3) gets 2 of the 4 recommendations.
+    assert m == {"coverage@2": 0.6, "popular_share@2": 0.5, "rec_pop_pct@2": (100 + 62.5 + 100 + 62.5) / 4,
+                 "target_pop_pct": 50.0, "n_items": 5, "n_recommended": 3, "n_lists": 2}
+
+
+def test_evaluate_reports_beyond_accuracy_and_slices_and_plots(tiny_fk, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(tiny_fk), "--baselines", "popularity", "--json", str(out),
+                 "--plot", str(tmp_path / "eval.png"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "beyond accuracy (top 10)" in printed and "slices (ndcg@10" in printed and "cold_user" in printed
+    beyond = json.loads(out.read_text())["beyond_accuracy"]["popularity"]
+    for d in ("food", "kitchen", "all"):
+        assert set(beyond[d]) >= {"coverage@10", "popular_share@10", "rec_pop_pct@10", "target_pop_pct"}
+    # Popularity recommends the 10 most popular items to everyone: they are among the top 10% (the slice's
+    # catalogs have over 100 items each), and the same 10 per domain (bar history masking).
+    for d in ("food", "kitchen"):
+        assert beyond[d]["popular_share@10"] > 0.95  # ties at the top-10% border go by item order
+        assert beyond[d]["rec_pop_pct@10"] > beyond[d]["target_pop_pct"]
+        assert beyond[d]["coverage@10"] <= 20 / beyond[d]["n_items"]
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_explanations_in_words_one_bounded_sentence_per_item():
+    from crossrec.explain import Explainer
+
+    ex = Explainer(max_new_tokens=24)
+    out = ex.explain([("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
+                      ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"])])
+    assert len(out.texts) == 2 and all(t for t in out.texts)
+    assert out.new_tokens <= 2 * 24 and out.seconds > 0

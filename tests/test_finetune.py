@@ -235,3 +235,90 @@ def test_smollm2_lora_steps_lower_the_loss(micro_fk):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_bounded_backbone_gradients_keep_the_loss_and_reach_only_the_chosen_items(micro_fk):
+    """`backbone_grad_items` bounds the backbone's memory: the loss is the same number (every item still gets
+    its vector), but only the targets, then history items, up to the bound, carry gradients into the backbone."""
+    from crossrec.dataset import Dataset
+    from crossrec.embedding import catalog_texts, template_of
+    from crossrec.finetune import build_end_to_end, grad_rows
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import Splits
+    from crossrec.training import SequenceData, loss_inputs
+
+    data = Dataset.load(micro_fk)
+    splits = Splits(data)
+    texts = catalog_texts(data.items.take(splits.item_row), template_of("", 16))
+    batch = next(SequenceData(splits, 30).batches(8, np.random.default_rng(0)))
+    domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
+    inputs = loss_inputs(batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4,
+                         np.random.default_rng(1), 2)
+    n = len(inputs["item_x"])
+    rows = grad_rows(n, inputs, 5)
+    targets = set(inputs["cand_index"][inputs["labels"]].tolist())
+    assert sorted(rows.tolist()) == list(range(n)) and set(rows[:len(targets)].tolist()) == targets
+
+    losses, grads = {}, {}
+    for bound in (0, 5):
+        cfg = load_config(overrides=[*E2E, "dropout=0", "lora.dropout=0", "text_prior_decay=0.6",
+                                     "text_prior_cross=0.1", f"backbone_grad_items={bound}"])
+        torch.manual_seed(0)
+        model = build_end_to_end(cfg, CrossRecModel(cfg, 2, in_dim=384, n_items=len(texts)), texts)
+        model.train()
+        model.encoder.eval()  # the backbone's own dropout off: both runs see the same vectors
+        seen = []
+        model.encoder.register_forward_hook(lambda m, a, out: seen.append((len(a[0]), out.requires_grad)))
+        loss = model(**inputs)
+        loss.backward()
+        losses[bound] = float(loss.detach())
+        grads[bound] = seen
+    assert losses[5] == pytest.approx(losses[0], rel=1e-5)
+    assert grads[0] == [(n, True)]  # unbounded: one forward of every item, with gradients
+    assert grads[5][0] == (5, True) and all(not g for _, g in grads[5][1:])
+    assert sum(k for k, _ in grads[5]) == n
+
+
+def test_end_to_end_memory_is_estimated_and_a_run_that_cannot_fit_is_refused(micro_fk, tmp_path, capsys):
+    from crossrec.backbones import resolve_backbone
+    from crossrec.finetune import backbone_size, check_memory, memory_estimate
+    from crossrec_cli import main
+
+    path = resolve_backbone("minilm").path
+    hidden, layers, params = backbone_size(path)
+    assert (hidden, layers) == (384, 6) and 22e6 < params < 23e6  # all-MiniLM-L6-v2
+    cfg = load_config(overrides=["mode=end-to-end", "max_tokens=64", "backbone_grad_items=32"])
+    est = memory_estimate(cfg, hidden, layers, params)
+    half = memory_estimate(load_config(overrides=["mode=end-to-end", "max_tokens=64", "backbone_grad_items=16"]),
+                           hidden, layers, params)
+    assert est["grad_items"] == 32 and half["activations"] == pytest.approx(est["activations"] / 2)
+    assert check_memory(cfg, path, 2, 100.0)["total"] == pytest.approx(est["total"])
+    with pytest.raises(ValueError, match=r"needs about .* GiB \(2 worker\(s\) x .*available: lower "
+                                         r"`backbone_grad_items` \(to about \d+\) or `max_tokens`"):
+        check_memory(cfg, path, 2, 2 * (est["total"] - est["activations"] / 2))
+    # The command refuses before Ray starts, naming the setting (every item with gradients cannot fit anywhere).
+    assert main(["train", "--data", str(micro_fk), "--out", str(tmp_path / "b"), "--mode", "end-to-end",
+                 "--set", "backbone_grad_items=0", "--set", "max_tokens=512", "--set", "batch_size=4096",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "end-to-end training needs about" in err and "set `backbone_grad_items`" in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_with_the_default_memory_bound_trains_within_its_estimate(ray_cluster, vector_cache,
+                                                                                       micro_fk, tmp_path):
+    """The defaults (batch 256, 128 negatives per domain, 64-token texts) sent every item of a step through
+    SmolLM2 with gradients and were killed by Ray's memory monitor; `backbone_grad_items` bounds it, and each
+    worker's peak stays under the estimate checked before the run."""
+    from crossrec.backbones import prepare_backbone
+    from crossrec.finetune import backbone_size, memory_estimate
+    from trainers.pipeline import train_bundle
+
+    cfg = load_config(overrides=["mode=end-to-end", "backbone=smollm2-135m", "epochs=1", "valid_max_targets=0"])
+    assert cfg.backbone_grad_items == 32 and cfg.batch_size == 256 and cfg.n_negatives == 128
+    meta = train_bundle(micro_fk, tmp_path / "b", cfg, RunSettings(workers=2, name="smollm2-e2e"), progress=False)
+    est = memory_estimate(cfg, *backbone_size(prepare_backbone("smollm2-135m").path), workers=2)
+    (epoch,) = meta["metrics"]["history"]
+    assert epoch["worker/peak_rss_mb"] / 1024 < est["total"]
+    assert (tmp_path / "b" / "adapter" / "adapter_config.json").is_file()

@@ -121,16 +121,50 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_cluster, vector_cache
     assert "was started with a different sweep config" in capsys.readouterr().err
 
 
-def test_shipped_sweeps_validate_and_lora_is_refused_like_train(tiny_fk, tmp_path, capsys):
+def test_shipped_sweeps_validate(tiny_fk, tmp_path, capsys):
     cpu = load_sweep(REPO / "tune_configs" / "cpu_cached.yaml")
     assert cpu.base_config().mode == "cached" and cpu.scheduler.type == "asha"
     assert cpu.base_params() == {"lr": 1e-3, "temperature": 0.2, "layers": 2, "batch_size": 256, "dim": 64}
     lora = load_sweep(REPO / "tune_configs" / "lora_lr_rank.yaml")
+    assert lora.base_config().mode == "end-to-end" and lora.base_config().backbone == "smollm2-135m"
     assert set(lora.space) == {"lr", "lora.rank"} and lora.trial_config({"lora.rank": 4, "lr": 1e-4}).lora.rank == 4
-    assert main(["tune", str(REPO / "tune_configs" / "lora_lr_rank.yaml"), "--data", str(tiny_fk),
-                 "--out", str(tmp_path / "lora")]) == 2
-    assert "end-to-end (LoRA fine-tuning of the backbone) is not in this version" in capsys.readouterr().err
-    assert not (tmp_path / "lora").exists()
+    # On 2 cores: one 1-CPU worker per trial, trials in turn.
+    assert (lora.max_concurrent_trials, lora.workers_per_trial, lora.cpus_per_worker) == (1, 1, 1)
+
+
+@pytest.mark.slow
+def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(ray_cluster, vector_cache, micro_fk,
+                                                                             tmp_path, capsys):
+    """End-to-end trials (LoRA rank x learning rate) through the same train_func; the best bundle's adapter/ is
+    peft's own format. MiniLM with 16-token texts keeps it small; the shipped file runs SmolLM2."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from crossrec.backbones import resolve_backbone
+
+    shipped = yaml.safe_load((REPO / "tune_configs" / "lora_lr_rank.yaml").read_text())
+    sweep = _write(tmp_path / "lora.yaml", {
+        **shipped,
+        "base": {**shipped["base"], "backbone": "minilm", "epochs": 1, "dim": 32, "layers": 1, "batch_size": 8,
+                 "n_negatives": 4, "max_tokens": 16, "valid_max_targets": 0, "patience": 0},
+        "space": {"lr": {"type": "grid", "values": [1.0e-3]}, "lora.rank": {"type": "grid", "values": [2, 4]}}})
+    out = tmp_path / "lora"
+    assert main(["tune", str(sweep), "--data", str(micro_fk), "--out", str(out), "--users", "20", "--quiet"]) == 0
+    rows = _csv(out / "trials.csv")
+    assert sorted(r["lora.rank"] for r in rows) == ["2", "4"] and all(r["status"] == "completed" for r in rows)
+    best = max(rows, key=lambda r: float(r["best valid/ndcg@10"]))
+    meta = json.loads((out / "best" / "bundle.json").read_text())
+    assert meta["config"]["mode"] == "end-to-end" and meta["config"]["lora"]["rank"] == int(best["lora.rank"])
+    assert json.loads((out / "data" / "manifest.json").read_text())["counts"]  # the --users slice
+    # Outside crossrec: plain transformers + peft load the adapter, with the best trial's rank.
+    cfg = json.loads((out / "best" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == int(best["lora.rank"])
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(resolve_backbone("minilm").path,
+                                                                local_files_only=True),
+                                      str(out / "best" / "adapter"))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(torch.abs(p).max()) > 0 for p in lora_b)  # trained: B starts at zero
 
 
 BASE_SWEEP = {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -116,7 +117,12 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(n / (4 * n_actors))))
     blocks = [table.slice(s, rows_per_block) for s in range(0, n, rows_per_block)]
 
-    with _ray_data_progress(progress):
+    from crossrec.progress import Progress, verbose
+
+    # Ray Data's own bars and INFO lines only with --verbose: ours is one bar (or one line) for the whole job.
+    bar = Progress(n, f"embed catalog ({spec.name})", "item", progress)
+    with _ray_data_progress(progress and verbose()), warnings.catch_warnings(), bar:
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ray.data.from_arrow(blocks).map_batches(  # ray
             BackboneEncoder,
             fn_constructor_kwargs={"spec": spec, "max_tokens": max_tokens, "threads": max(1, int(cpus)),
@@ -124,12 +130,18 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),  # ray
             num_cpus=cpus, num_gpus=gpus or None,
-            udf_modifying_row_count=False)
+            udf_modifying_row_count=False,
+            # One node: an actor that dies (out of memory) dies again on restart, and restartable actors make the
+            # core worker print an error line about constructor arguments in the object store to every user.
+            # Several nodes: restarts survive a lost node. (Ray 2.60 takes it only as a bare remote arg, and warns
+            # that these go in 2.64: the pin is 2.60.)
+            **({"max_restarts": 0} if len(ray.nodes()) == 1 else {}))
         out = np.empty((n, spec.dim), dtype=np.float32)
         done = np.zeros(n, dtype=bool)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # ray
             out[batch["gidx"]] = batch["vector"]
             done[batch["gidx"]] = True
+            bar.update(len(batch["gidx"]))
     if not done.all():
         raise RuntimeError(f"Ray Data embedding returned vectors for {int(done.sum())} of {n} texts")
     return out

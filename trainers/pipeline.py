@@ -23,7 +23,7 @@ from crossrec.evaluation import evaluate
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, splits_for
 from crossrec.training import ModelScorer
-from trainers.runtime import best_checkpoint, init_ray
+from trainers.runtime import best_checkpoint, check_end_to_end_memory, init_ray
 from trainers.train import fit, make_item_input, model_domains, resolved_init, resolved_prior
 
 __all__ = ["train_bundle", "export_bundle"]
@@ -37,6 +37,7 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
     dataset = Dataset.load(data)
     splits = splits_for(dataset, cfg, training=True)  # held-out domains never reach training
     model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
+    check_end_to_end_memory(cfg, run.workers, run.address, progress)  # refuses before Ray starts
     out = Path(out)
     vec_path = None
     t0 = time.time()
@@ -94,8 +95,10 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
         item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
         item_vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
                                for s in range(0, n_items, 8192)])
-    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test", progress=progress,
-                    desc="test")
+    from crossrec.progress import interactive
+
+    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test",
+                    progress=progress and interactive(), desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
     for d in splits.domains:
@@ -106,9 +109,26 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
                 n_items if cfg.item_encoder == "id" or cfg.item_ids else None, items, metrics, dataset.content_hash,
                 extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-                       "checkpoint": best.path, **(extra or {})}, adapter_dir=adapter_dir)
+                       "checkpoint": best.path, "libraries": _libraries(), **(extra or {})}, adapter_dir=adapter_dir)
     shutil.rmtree(work, ignore_errors=True)
+    if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose
+        from crossrec.plots import plot_curves
+
+        plot_curves(history, Path(out) / "curves.png", f"{Path(out).name}: {cfg.mode}, backbone {cfg.backbone}")
     return load_bundle(out).meta
+
+
+def _libraries() -> dict[str, str]:
+    """Versions of the libraries a bundle's weights depend on (`crossrec inspect` shows them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("crossrec", "torch", "transformers", "peft", "ray", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Splits, work: Path,

@@ -18,7 +18,8 @@ import torch
 
 from crossrec.early_stopping import VALID_METRIC
 
-__all__ = ["init_ray", "log_level", "setup_worker", "storage_uri", "run_config", "best_checkpoint"]
+__all__ = ["init_ray", "log_level", "setup_worker", "storage_uri", "run_config", "best_checkpoint",
+           "check_end_to_end_memory"]
 
 
 def log_level(default: str = "WARNING") -> str:
@@ -36,10 +37,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # few seconds that the state API is unavailable; our own per-epoch lines carry the progress.
     quiet = ray.LoggingConfig(log_level=log_level("ERROR"))
     if address:
-        ray.init(address=address, logging_level="WARNING", logging_config=quiet)
+        ray.init(address=address, logging_level=log_level(), logging_config=quiet)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=True, logging_config=quiet)
+                 logging_level=log_level(), log_to_driver=True, logging_config=quiet)
 
 
 def setup_worker(threads: int, seed: int) -> tuple[int, int]:
@@ -83,3 +84,27 @@ def best_checkpoint(result, what: str = "training") -> tuple["ray.train.Checkpoi
     with (result.checkpoint or best).as_directory() as folder:
         history = json.loads(Path(folder, "state.json").read_text())["history"]
     return best, metrics, history
+
+
+def _available_gb() -> float:
+    """Memory this machine can still give (MemAvailable), less the 5% Ray's memory monitor keeps free."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return info["MemAvailable"] / 2 ** 20 - 0.05 * info["MemTotal"] / 2 ** 20
+
+
+def check_end_to_end_memory(cfg, workers: int, address: str | None, progress: bool = True) -> dict | None:
+    """Before an end-to-end run starts on a local Ray: estimate each worker's peak (crossrec.finetune.
+    memory_estimate) and refuse, naming the setting to lower, when `workers` of them cannot fit. On a cluster
+    (an address) the nodes' memory is not this machine's: nothing is checked."""
+    if cfg.mode != "end-to-end" or address or os.environ.get("RAY_ADDRESS") or not os.path.exists("/proc/meminfo"):
+        return None
+    from crossrec.backbones import prepare_backbone
+    from crossrec.finetune import check_memory
+
+    spec = prepare_backbone(cfg.backbone)
+    est = check_memory(cfg, spec.path, workers, _available_gb())
+    if progress:
+        print(f"memory estimate: {workers} worker(s) x {est['total']:.1f} GiB (activations of "
+              f"{est['grad_items']} items x {cfg.max_tokens} tokens: {est['activations']:.1f} GiB)", flush=True)
+    return est

@@ -125,10 +125,11 @@ def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | No
 
 
 def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: list[str], model: CrossRecModel,
-                  vectors: torch.Tensor | None) -> torch.nn.Module:
+                  vectors: torch.Tensor | None, workers: int = 1) -> torch.nn.Module:
     """The module training starts from (step 0): `model` initialised from `init_from` (its recommender weights, and
     in end-to-end mode its LoRA adapter(s) or fine-tuned backbone) or from the catalog's vectors, with only the
-    adaptor trainable under `finetune: adaptor`; end-to-end wraps it with the (adapted) backbone."""
+    adaptor trainable under `finetune: adaptor`; end-to-end wraps it with the (adapted) backbone (`workers`: the
+    Train workers sharing the machine, for its memory estimate)."""
     if cfg.init_from:
         init_from_bundle(model, cfg, domains, cfg.init_from)
     elif cfg.item_encoder == "text":
@@ -141,7 +142,7 @@ def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: l
         from crossrec.finetune import build_end_to_end, init_backbone_from_bundle
 
         texts = catalog_texts(dataset.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
-        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain])
+        model = build_end_to_end(cfg, model, texts, [splits.domains[k] for k in splits.item_domain], workers=workers)
         if cfg.init_from:
             init_backbone_from_bundle(model.encoder.backbone, cfg, cfg.init_from)
     return model
@@ -170,7 +171,7 @@ def train_func(config: dict) -> None:
     def new_recommender() -> CrossRecModel:
         return CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
 
-    model = initial_model(cfg, dataset, splits, domains, new_recommender(), vectors)
+    model = initial_model(cfg, dataset, splits, domains, new_recommender(), vectors, workers=world)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
     if end_to_end:
@@ -189,6 +190,7 @@ def train_func(config: dict) -> None:
         if rank == 0:
             print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
     crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
+    progress_every = float(config.get("progress_every_s", 0))  # s between step lines (0: none)
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
@@ -204,6 +206,11 @@ def train_func(config: dict) -> None:
         # Dropout draws seeded per epoch and rank too: a resumed run continues exactly as an uninterrupted one.
         torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank, 2]).integers(1 << 62)))
         losses, tokens, t_train = [], 0, time.time()
+        per_rank = len(seqs) // world
+        n_steps = per_rank // per_worker if per_rank >= per_worker else int(per_rank > 0)
+        if cfg.max_steps:
+            n_steps = min(n_steps, cfg.max_steps - state["step"])
+        shown = time.time()
         for batch in seqs.batches(per_worker, order_rng, rank, world):
             inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
                                  len(domains), cfg.domain_dropout, cfg.ssl_mask if cfg.ssl_weight else None)
@@ -212,6 +219,13 @@ def train_func(config: dict) -> None:
                 tokens += int(model.encoder.lengths[idx].sum())
             losses.append(strategy.step(strategy.to_device(inputs)))
             state["step"] += 1
+            if rank == 0 and progress_every and time.time() - shown > progress_every and len(losses) < n_steps:
+                # Workers' stdout reaches the driver as lines: a step count with its ETA now and then, not a bar.
+                shown = time.time()
+                per = (shown - t_train) / len(losses)
+                print(f"epoch {epoch + 1}/{cfg.epochs}: step {len(losses)}/{n_steps} "
+                      f"({100 * len(losses) / max(1, n_steps):.0f}%), {per:.1f}s/step, epoch ETA "
+                      f"{per * (n_steps - len(losses)):.0f}s + validation", flush=True)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         t_valid = time.time()
@@ -267,7 +281,8 @@ def resolved_init(cfg: TrainConfig) -> TrainConfig:
 def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
         resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
-    callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`)."""
+    callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`). progress: rank 0
+    prints the step count with an ETA every 30 s of an epoch, besides its line per epoch."""
     from ray.train import ScalingConfig  # ray
     from ray.train.torch import TorchTrainer  # ray
 
@@ -282,6 +297,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
                            "vectors": str(vectors) if vectors else None,
                            "resume_from": str(resume_from) if resume_from else None,
                            "threads": max(1, int(cpus)),
+                           "progress_every_s": 30.0 if progress else 0.0,
                            "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV) if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,16 +27,13 @@ from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_s
                             write_trial_csv)
 from crossrec.early_stopping import out_of_patience
 from trainers.pipeline import export_bundle
-from trainers.runtime import init_ray
+from trainers.runtime import check_end_to_end_memory, init_ray
 from trainers.train import fit, model_domains, resolved_prior
 
-__all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
+__all__ = ["run_sweep", "SweepResult", "tune_trial"]
 
 log = logging.getLogger(__name__)
 
-# The same refusal `crossrec train` gives: end-to-end (LoRA) training lands with the LoRA issue.
-END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is not in this version; "
-                      "use mode cached")
 # Keys the text prior's validation choice depends on: a sweep varying one leaves the choice to each trial.
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
@@ -64,7 +62,8 @@ def tune_trial(config: dict, setup: dict) -> None:
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
                       name=tune.get_context().get_trial_id(), max_failures=0)
-    fit(setup["data"], cfg, run, setup["vectors"], callbacks=[TuneReportCallback()])
+    fit(setup["data"], cfg, run, setup["vectors"], progress=setup.get("progress", True),
+        callbacks=[TuneReportCallback()])
 
 
 def _trial_config(sweep: SweepConfig, params: dict, setup: dict):
@@ -127,14 +126,30 @@ class _SweepCallback(tune.Callback):
     """Driver side: frees stopped trials' CPUs, remembers trial states (to tell an interruption from the end),
     and prints one line per epoch and per finished trial."""
 
-    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0):
+    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0,
+                 max_epochs: int = 0, n_trials: int | None = None):
+        from crossrec.progress import Progress
+
         self.metric, self.progress, self.every_s = metric, progress, every_s
         self.scheduler, self.scheduler_state = scheduler, scheduler_state
         self.statuses: dict[str, str] = {}
         self._last = 0.0
+        self.max_epochs = max_epochs
+        # trials done / running / pruned: a bar at a terminal, one line at the end otherwise
+        self.bar = Progress(n_trials, "sweep", "trial", progress)
 
     def on_step_end(self, iteration, trials, **info):
         self.statuses = {t.trial_id: t.status for t in trials}
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        pruned = sum((t.last_result or {}).get("epoch", 0) < self.max_epochs for t in done)
+        if self.bar.total is None or self.bar.total < len(trials):
+            self.bar.total = len(trials)
+            if self.bar.bar is not None:
+                self.bar.bar.total = len(trials)
+        self.bar.update(len(done) - self.bar.n)
+        self.bar.status(f"{sum(t.status == 'RUNNING' for t in trials)} running, "
+                        f"{sum(t.status == 'PENDING' for t in trials)} pending, {pruned} ended before epoch "
+                        f"{self.max_epochs}, {sum(t.status == 'ERROR' for t in trials)} failed")
         if time.monotonic() - self._last > self.every_s:
             self._last = time.monotonic()
             _free_orphaned_placement_groups()
@@ -294,9 +309,6 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     data = Path(data).resolve()
     experiment = out / "experiment"
     base = sweep.base_config()
-    if base.mode == "end-to-end" or any(v == "end-to-end" for v in getattr(sweep.space.get("mode"), "values", None)
-                                        or []):
-        raise ValueError(END_TO_END_REFUSED)
     state = {"sweep": sweep_to_dict(sweep), "data": str(data)}
     if resume:
         if not _state_file(out).is_file() or not experiment.is_dir():
@@ -311,6 +323,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     dataset = Dataset.load(data)
     splits = splits_for(dataset, base, training=True)  # what train_func trains on (protocol, train_domains)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
+    # Trials in turn: max_concurrent_trials x workers_per_trial workers at once (a remote cluster is not checked).
+    check_end_to_end_memory(base, sweep.max_concurrent_trials * sweep.workers_per_trial, address, progress)
 
     init_ray(address)
     _check_fits_cluster(sweep, remote=bool(address))
@@ -333,7 +347,7 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs")}
+             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"), "progress": progress}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -356,13 +370,18 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id))
         local = tuner._local_tuner
-    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state)
+    grids = [len(p.values) for p in sweep.space.values() if p.type == "grid"]
+    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state, max_epochs=_max_epochs(sweep),
+                           n_trials=sweep.num_samples * (math.prod(grids) if grids else 1))
     # Callbacks are set after the Tuner pickled its state (tuner.pkl): a restored sweep never brings back the
     # previous run's (a stale progress printer, a test's interrupter).
     local.get_run_config().callbacks = [watch, *(callbacks or [])]
     before = set(_actor_placement_groups())
     # Tune's new console output prints its header even at verbose 0; the legacy one is silent there.
-    quiet_env = {} if progress or "RAY_AIR_NEW_OUTPUT" in os.environ else {"RAY_AIR_NEW_OUTPUT": "0"}
+    # Ours is the sweep bar and the per-epoch lines; Tune's own tables only with --verbose.
+    from crossrec.progress import verbose
+
+    quiet_env = {} if verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ else {"RAY_AIR_NEW_OUTPUT": "0"}
     os.environ.update(quiet_env)
     try:
         grid = tuner.fit()
@@ -370,6 +389,7 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         for k in quiet_env:
             os.environ.pop(k, None)
         watch.save_scheduler()
+        watch.bar.close()
         _wait_free_placement_groups(before)
     records = _records(grid, sweep, watch.statuses, out / "runs")
     interrupted = any(r.status == "unfinished" for r in records)

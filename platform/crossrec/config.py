@@ -15,13 +15,21 @@ from typing import Any
 import yaml
 
 __all__ = ["LoraConfig", "DeepSpeedConfig", "RankerConfig", "GraphConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types"]
+           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types", "config_help", "DERIVED",
+           "check_settable"]
 
 MODES = ("cached", "end-to-end")
 ADAPTORS = ("moe", "mlp", "linear")
 ITEM_ENCODERS = ("text", "id")
 STRATEGIES = ("ddp", "deepspeed")
 FUSIONS = ("concat", "gate", "attention")
+# TrainConfig fields that training computes and saves in the bundle: not settable (--set, --config, sweep files).
+DERIVED = ("side_dims",)
+
+
+def _doc(default: Any, doc: str):
+    """A config field with its one-line doc in the field's metadata (`crossrec train --help-config` lists it)."""
+    return field(default=default, metadata={"doc": doc})
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -39,12 +47,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 class LoraConfig:
     """LoRA adapters on the backbone (end-to-end mode)."""
 
-    enabled: bool = True  # False: full fine-tuning of the backbone
-    rank: int = 8  # adapter rank r
-    alpha: float = 16.0  # scaling numerator (scale = alpha / rank)
-    dropout: float = 0.05  # dropout on the adapter input
-    target_modules: list[str] | None = None  # None: the backbone family's default (see backbones.py)
-    per_domain: bool = False  # one adapter per domain on a shared backbone (an item uses its domain's)
+    enabled: bool = _doc(True, "False: full fine-tuning of the backbone")
+    rank: int = _doc(8, "adapter rank r")
+    alpha: float = _doc(16.0, "scaling numerator (scale = alpha / rank)")
+    dropout: float = _doc(0.05, "dropout on the adapter input")
+    target_modules: list[str] | None = _doc(None, "module names to adapt; null: the backbone family's attention "
+                                                  "projections (backbones.py)")
+    per_domain: bool = _doc(False, "one adapter per domain on a shared backbone (an item uses its domain's)")
 
     def __post_init__(self):
         check_types(self, "lora.")
@@ -60,12 +69,12 @@ class LoraConfig:
 class DeepSpeedConfig:
     """DeepSpeed ZeRO settings (strategy `deepspeed`)."""
 
-    zero_stage: int = 2  # 1, 2 or 3
-    bf16: bool = True  # where supported
-    grad_accum: int = 1  # gradient accumulation steps
-    offload_optimizer: bool = False
-    offload_params: bool = False  # stage 3 only
-    grad_clip: float = 1.0
+    zero_stage: int = _doc(2, "ZeRO stage: 1, 2 or 3")
+    bf16: bool = _doc(True, "bfloat16 where the device supports it")
+    grad_accum: int = _doc(1, "gradient accumulation steps")
+    offload_optimizer: bool = _doc(False, "ZeRO-Offload: optimizer state in CPU memory")
+    offload_params: bool = _doc(False, "parameters offloaded to CPU memory (stage 3 only)")
+    grad_clip: float = _doc(1.0, "gradient norm clipping")
 
     def __post_init__(self):
         check_types(self, "deepspeed.")
@@ -79,17 +88,17 @@ class DeepSpeedConfig:
 class RankerConfig:
     """The second-stage ranker over retrieval's top-N (see ranker.py), trained after the retriever."""
 
-    enabled: bool = False  # train a ranker and store it in the bundle (ranker/)
-    top_n: int = 100  # candidates from retrieval that the ranker re-orders
-    epochs: int = 20
-    lr: float = 3e-3
-    hidden: int = 64  # MLP width
-    batch_size: int = 128  # candidate lists per step
-    weight_decay: float = 1e-4
-    dropout: float = 0.1
-    patience: int = 3  # epochs without holdout NDCG@10 gain before stopping (0: never)
-    valid_fraction: float = 0.2  # validation users held out for early stopping (the rest train the ranker)
-    graph: bool = True  # knowledge-graph similarity features (item-attribute tokens + co-interactions)
+    enabled: bool = _doc(False, "train a ranker and store it in the bundle (ranker/)")
+    top_n: int = _doc(100, "candidates from retrieval that the ranker re-orders")
+    epochs: int = _doc(20, "ranker training epochs")
+    lr: float = _doc(3e-3, "ranker learning rate")
+    hidden: int = _doc(64, "MLP width")
+    batch_size: int = _doc(128, "candidate lists per step")
+    weight_decay: float = _doc(1e-4, "ranker AdamW weight decay")
+    dropout: float = _doc(0.1, "ranker MLP dropout")
+    patience: int = _doc(3, "epochs without holdout NDCG@10 gain before stopping (0: never)")
+    valid_fraction: float = _doc(0.2, "validation users held out for early stopping (the rest train the ranker)")
+    graph: bool = _doc(True, "knowledge-graph similarity features (item-attribute tokens + co-interactions)")
 
     def __post_init__(self):
         check_types(self, "ranker.")
@@ -107,10 +116,10 @@ class RankerConfig:
 class GraphConfig:
     """Knowledge-graph item vectors (graph.py) fused with the text vector in the item encoder."""
 
-    enabled: bool = False  # LightGCN graph vectors as an item-encoder input
-    layers: int = 2  # propagation layers K
-    co_interaction: bool = True  # item-item edges between consecutive TRAINING interactions of a user
-    columns: list[str] | None = None  # categorical item columns; None: every string column but id/domain/title
+    enabled: bool = _doc(False, "LightGCN graph vectors as an item-encoder input")
+    layers: int = _doc(2, "propagation layers K")
+    co_interaction: bool = _doc(True, "item-item edges between consecutive TRAINING interactions of a user")
+    columns: list[str] | None = _doc(None, "categorical item columns; null: every string column but id/domain/title")
 
     def __post_init__(self):
         check_types(self, "graph.")
@@ -123,68 +132,81 @@ class GraphConfig:
 class TrainConfig:
     """Everything that defines a trained model; saved in the bundle."""
 
-    backbone: str = "minilm"  # registry name (minilm, smollm2-135m) or a local Hugging Face model directory
-    mode: str = "cached"  # cached: frozen backbone, precomputed vectors; end-to-end: backbone trained too
-    item_encoder: str = "text"  # text: adaptor over backbone vectors; id: an embedding per item (SASRec)
-    text_template: str = ""  # item text; "" = title plus any attributes/categories/brand (see text.py)
-    max_tokens: int = 64  # item text truncation, in backbone tokens
-    adaptor: str = "moe"  # moe (UniSRec whitening + mixture of experts), mlp, linear
-    n_experts: int = 4  # experts of the moe adaptor
-    dim: int = 64  # item / user vector size
-    layers: int = 2  # user-tower transformer layers
-    heads: int = 2  # attention heads
-    max_len: int = 30  # history items the user tower reads
-    dropout: float = 0.2
-    temperature: float = 0.2  # initial softmax temperature tau of the learned score
-    learn_temperature: bool = True  # tau is a trained parameter (clamped to [0.01, 1])
-    item_ids: bool = False  # text items: also a learned embedding per item seen in training (new items: text only)
-    text_prior: bool = True  # text items: add beta * (textknn's cosine) to the learned score (see model.py)
-    text_prior_weight: float = 10.0  # initial beta (trained)
+    backbone: str = _doc("minilm", "registry name (minilm, smollm2-135m) or a local Hugging Face model directory")
+    mode: str = _doc("cached", "cached: frozen backbone, precomputed vectors; end-to-end: backbone trained too")
+    item_encoder: str = _doc("text", "text: adaptor over backbone vectors; id: an embedding per item (SASRec)")
+    text_template: str = _doc("", "item text; '' = title plus any attributes/categories/brand (see text.py)")
+    max_tokens: int = _doc(64, "item text truncation, in backbone tokens")
+    adaptor: str = _doc("moe", "moe (UniSRec whitening + mixture of experts), mlp, linear")
+    n_experts: int = _doc(4, "experts of the moe adaptor")
+    dim: int = _doc(64, "item / user vector size")
+    layers: int = _doc(2, "user-tower transformer layers")
+    heads: int = _doc(2, "attention heads")
+    max_len: int = _doc(30, "history items the user tower reads")
+    dropout: float = _doc(0.2, "dropout in the adaptor and user tower")
+    temperature: float = _doc(0.2, "initial softmax temperature tau of the learned score")
+    learn_temperature: bool = _doc(True, "tau is a trained parameter (clamped to [0.01, 1])")
+    item_ids: bool = _doc(False, "text items: also a learned embedding per item seen in training (new items: "
+                                 "text only)")
+    text_prior: bool = _doc(True, "text items: add beta * (textknn's cosine) to the learned score (see model.py)")
+    text_prior_weight: float = _doc(10.0, "initial beta (trained)")
     # Recency decay of the history mean in the text prior, and the weight of history items from other domains
     # than the target's. None: chosen before training on the validation split from textknn's grid
     # (crossrec.training.resolve_text_prior), so the prior is the dataset's best textknn; bundles store the values.
-    text_prior_decay: float | None = None
-    text_prior_cross: float | None = None
-    n_negatives: int = 128  # sampled negatives per domain and batch, on top of in-batch ones
-    domain_dropout: float = 0.1  # chance to replace a domain id by "unknown": trains the zero-shot path
-    epochs: int = 8
-    max_steps: int = 0  # > 0 stops after this many optimizer steps (overrides epochs)
-    lr: float = 1e-3
-    backbone_lr: float = 1e-4  # end-to-end: learning rate of the backbone's trainable weights
-    weight_decay: float = 0.01
-    batch_size: int = 256  # sequences per optimizer step, over all workers
-    seed: int = 0
-    train_domains: list[str] | None = None  # None: all domains of the dataset
-    init_from: str | None = None  # a bundle to start from (transfer: pretrained on other domains)
-    finetune: str = "all"  # with init_from: "all" weights, or "adaptor" only (user tower frozen)
-    min_per_domain: int = 3  # split protocol
-    valid_max_targets: int = 3000  # validation targets per domain scored each epoch (0: all)
-    patience: int = 2  # epochs without validation gain before stopping (0: never)
-    strategy: str = "ddp"  # ddp or deepspeed
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    graph: GraphConfig = field(default_factory=GraphConfig)
-    feature_columns: list[str] | None = None  # list<float32> item columns fused with text (e.g. image vectors)
-    fusion: str = "concat"  # how text, graph and feature vectors combine: concat, gate, attention
+    text_prior_decay: float | None = _doc(None, "recency decay of the text prior's history mean; null: chosen on "
+                                                "validation")
+    text_prior_cross: float | None = _doc(None, "weight of other domains' history items in the text prior; "
+                                                "null: chosen on validation")
+    n_negatives: int = _doc(128, "sampled negatives per domain and batch, on top of in-batch ones")
+    domain_dropout: float = _doc(0.1, "chance to replace a domain id by 'unknown': trains the zero-shot path")
+    epochs: int = _doc(8, "training epochs (early stopping may end sooner)")
+    max_steps: int = _doc(0, "> 0 stops after this many optimizer steps (overrides epochs)")
+    lr: float = _doc(1e-3, "learning rate of the adaptor and user tower (AdamW)")
+    backbone_lr: float = _doc(1e-4, "end-to-end: learning rate of the backbone's trainable weights")
+    # End-to-end: at most this many distinct items per step and worker go through the backbone with gradients
+    # (targets first, then history items); the rest (sampled negatives, overflow) are encoded without gradients.
+    # Bounds the backbone's activation memory (see crossrec.finetune.memory_estimate); 0: every item with gradients.
+    backbone_grad_items: int = _doc(32, "end-to-end: items per step and worker with gradients through the backbone "
+                                        "(targets, then history); the rest without; bounds memory; 0: all")
+    weight_decay: float = _doc(0.01, "AdamW weight decay")
+    batch_size: int = _doc(256, "sequences per optimizer step, over all workers")
+    seed: int = _doc(0, "seed of initialisation, batch order, negatives and dropout")
+    train_domains: list[str] | None = _doc(None, "the domains to train on; null: all domains of the dataset")
+    init_from: str | None = _doc(None, "a bundle to start from (transfer: pretrained on other domains)")
+    finetune: str = _doc("all", "with init_from: 'all' weights, or 'adaptor' only (user tower frozen)")
+    min_per_domain: int = _doc(3, "split protocol: interactions a (user, domain) needs to give targets")
+    valid_max_targets: int = _doc(3000, "validation targets per domain scored each epoch (0: all)")
+    patience: int = _doc(2, "epochs without validation gain before stopping (0: never)")
+    strategy: str = _doc("ddp", "ddp or deepspeed")
+    lora: LoraConfig = field(default_factory=LoraConfig,
+                             metadata={"doc": "LoRA adapters on the backbone (end-to-end mode): the lora.* keys"})
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig,
+                                       metadata={"doc": "DeepSpeed ZeRO (strategy deepspeed): the deepspeed.* keys"})
+    graph: GraphConfig = field(default_factory=GraphConfig,
+                               metadata={"doc": "knowledge-graph item vectors fused with text: the graph.* keys"})
+    feature_columns: list[str] | None = _doc(None, "list<float32> item columns fused with text (e.g. image vectors)")
+    fusion: str = _doc("concat", "how text, graph and feature vectors combine: concat, gate, attention")
     # Chance that an item's side vectors are hidden in a training batch: trains the text-only path that new
     # items, items without graph edges and zero-shot catalogs take (like domain_dropout for domain ids). Off by
     # default: 0.1 cost food-kitchen a third of the ranker's gain in-domain (README, "Reference numbers").
-    side_dropout: float = 0.0
-    side_dims: list[int] | None = None  # set by training: sizes of the graph/feature blocks after the text vector
-    ranker: RankerConfig = field(default_factory=RankerConfig)
-    # Split protocol (crossrec.splits): leave-one-out per (user, domain), or cold-user (a seeded fraction of the
-    # multi-domain users held out; their first interaction in each later domain is the target). A bundle is only
-    # evaluated under the protocol it was trained under (it has seen the other protocol's targets).
-    protocol: str = "leave-one-out"
-    cold_fraction: float = 0.2  # cold-user: share of the multi-domain users held out (half validation, half test)
-    cold_seed: int = 0  # cold-user: seed of the hash that picks the held-out users
-    # Domain alignment (DESIGN.md "Loss"): weight of an RBF-kernel MMD between the learned user vectors of each pair
-    # of target domains in a batch, pulling the domains' user distributions together (0: off).
-    align_weight: float = 0.0
-    # Self-supervised sequence objective (CL4SRec, Xie et al. ICDE 2022): weight of an InfoNCE between two views of
-    # each training window, each with `ssl_mask` of its history items masked out and a random prefix cropped (0: off).
-    ssl_weight: float = 0.0
-    ssl_mask: float = 0.3
+    side_dropout: float = _doc(0.0, "chance an item's graph/feature vectors are hidden in a training batch "
+                                    "(trains the text-only path)")
+    side_dims: list[int] | None = _doc(None, "set by training: sizes of the graph/feature blocks after the text vector "
+                                             "(not settable)")
+    ranker: RankerConfig = field(default_factory=RankerConfig,
+                                 metadata={"doc": "the second-stage ranker over retrieval's top-N: the ranker.* keys"})
+    # A bundle is only evaluated under the protocol it was trained under (it has seen the other protocol's targets).
+    protocol: str = _doc("leave-one-out", "split protocol: leave-one-out per (user, domain), or cold-user (a seeded "
+                                          "share of multi-domain users held out; see crossrec.splits)")
+    cold_fraction: float = _doc(0.2, "cold-user: share of the multi-domain users held out (half validation, half "
+                                     "test)")
+    cold_seed: int = _doc(0, "cold-user: seed of the hash that picks the held-out users")
+    # DESIGN.md "Loss"; CL4SRec: Xie et al., ICDE 2022.
+    align_weight: float = _doc(0.0, "domain alignment: weight of an RBF-kernel MMD between the learned user vectors "
+                                    "of each pair of target domains in a batch (0: off)")
+    ssl_weight: float = _doc(0.0, "self-supervised sequence objective (CL4SRec): weight of an InfoNCE between two "
+                                  "masked and cropped views of each training window (0: off)")
+    ssl_mask: float = _doc(0.3, "self-supervised views: share of history items masked out")
 
     def __post_init__(self):
         if not isinstance(self.lora, LoraConfig):
@@ -212,7 +234,8 @@ class TrainConfig:
         for name in ("dim", "layers", "heads", "max_len", "n_experts", "epochs", "batch_size", "max_tokens",
                      "lr", "backbone_lr", "temperature", "text_prior_weight"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience"):
+        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience",
+                     "backbone_grad_items"):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
@@ -350,8 +373,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def check_settable(data: dict, where: str = "") -> None:
+    """Refuses the derived keys (DERIVED) in what a user wrote: training sets them."""
+    for key in DERIVED:
+        if key in data:
+            raise ValueError(f"`{where}{key}` is set by training (derived from the data), not a setting")
+
+
+def config_help(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, one-line doc) of every settable TrainConfig key, sections expanded, in field order:
+    read from the fields' metadata, so the docs live beside the fields."""
+    cls = cls or TrainConfig
+    out = []
+    for f in fields(cls):
+        if not prefix and f.name in DERIVED:
+            continue
+        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING
+                                                and dataclasses.is_dataclass(f.default_factory)):
+            out += config_help(f.default_factory, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((prefix + f.name, "null" if default is None else str(default).lower() if isinstance(default, bool)
+                    else str(default), f.metadata.get("doc", "")))
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A YAML file (data only) plus `--set` overrides, validated."""
+    """A YAML file (data only) plus `--set` overrides, validated; derived keys are refused."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -360,4 +408,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected a mapping of config keys")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    check_settable(data)
+    return config_from_dict(data)

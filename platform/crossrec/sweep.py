@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from crossrec.config import TrainConfig, config_from_dict, config_to_dict, from_dict, set_dotted
+from crossrec.config import TrainConfig, check_settable, config_from_dict, config_to_dict, from_dict, set_dotted
 from crossrec.early_stopping import VALID_METRIC
 
 __all__ = ["ParamSpace", "SchedulerConfig", "SearchConfig", "SweepConfig", "TrialRecord", "load_sweep",
@@ -162,6 +162,7 @@ class SweepConfig:
             self.search = _from_dict(SearchConfig, self.search, "search")
         if not isinstance(self.base, dict):
             raise ValueError(f"`base` must be a mapping of TrainConfig keys, got {type(self.base).__name__}")
+        check_settable(self.base, "base.")
         if not isinstance(self.space, dict) or not self.space:
             raise ValueError("`space` must be a non-empty mapping: dotted TrainConfig key -> "
                              "{type: loguniform|uniform|randint|choice|grid, ...}")
