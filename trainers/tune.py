@@ -25,6 +25,7 @@ from crossrec.splits import Splits
 from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
                             write_trial_csv)
 from crossrec.early_stopping import out_of_patience
+from crossrec.fingerprint import check_run, fingerprint
 from trainers.pipeline import export_bundle
 from trainers.runtime import init_ray
 from trainers.train import fit, model_domains, resolved_prior
@@ -297,18 +298,18 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     if base.mode == "end-to-end" or any(v == "end-to-end" for v in getattr(sweep.space.get("mode"), "values", None)
                                         or []):
         raise ValueError(END_TO_END_REFUSED)
-    state = {"sweep": sweep_to_dict(sweep), "data": str(data)}
+    dataset = Dataset.load(data)
+    # The sweep's fingerprint (crossrec.fingerprint, as `crossrec train` keeps one per run): every key counts.
+    state = {"sweep": sweep_to_dict(sweep), "data": str(data),
+             "fingerprint": fingerprint(dataset.content_hash, sweep_to_dict(sweep), ignore=())}
     if resume:
         if not _state_file(out).is_file() or not experiment.is_dir():
             raise ValueError(f"--resume: {out} holds no sweep to resume (no sweep.json / experiment/)")
         saved = json.loads(_state_file(out).read_text())
-        if saved["sweep"] != json.loads(json.dumps(state["sweep"])) or saved["data"] != state["data"]:
-            what = "data" if saved["data"] != state["data"] else "sweep config"
-            raise ValueError(f"--resume: {out} was started with a different {what}; resume with the same "
-                             f"sweep file, --trials and --data")
+        check_run(saved.get("fingerprint"), state["fingerprint"], f"--resume: {out}", resume=True,
+                  remedy="resume with the same sweep file, --trials and --data", config_name="sweep config")
     elif experiment.exists():
         raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
-    dataset = Dataset.load(data)
     splits = Splits(dataset, base.min_per_domain)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
 
