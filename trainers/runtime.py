@@ -38,9 +38,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING", logging_config=quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=True, logging_config=quiet,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": _own_gcs_address()}})
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
+                     logging_level="WARNING", log_to_driver=True, logging_config=quiet,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": _own_gcs_address()}})
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)  # this node's; not for a Ray a child process starts
 
 
 def _own_gcs_address() -> str:
@@ -54,7 +57,7 @@ def _own_gcs_address() -> str:
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read once, when this process starts its node
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read when this process starts its node (removed after)
     return f"127.0.0.1:{port}"
 
 
