@@ -30,7 +30,7 @@ from trainers.pipeline import export_bundle
 from trainers.runtime import init_ray
 from trainers.train import fit, model_domains, resolved_prior
 
-__all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED"]
+__all__ = ["run_sweep", "SweepResult", "tune_trial", "END_TO_END_REFUSED", "KILL_TRIAL_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ END_TO_END_REFUSED = ("`mode` end-to-end (LoRA fine-tuning of the backbone) is n
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
+# A trial whose process dies (a node lost, OOM) is restarted once; its Train run resumes from its last checkpoint.
+TRIAL_MAX_FAILURES = 1
+# Fault injection for tests of that: with CROSSREC_KILL_TRIAL_AFTER_EPOCH=N:MARKER the first trial whose Train run
+# has checkpointed epoch N while MARKER does not exist creates MARKER and SIGKILLs its own process.
+KILL_TRIAL_ENV = "CROSSREC_KILL_TRIAL_AFTER_EPOCH"
 
 
 @dataclass
@@ -65,7 +70,29 @@ def tune_trial(config: dict, setup: dict) -> None:
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
                       name=tune.get_context().get_trial_id(), max_failures=0)
+    if (setup.get("env") or {}).get(KILL_TRIAL_ENV):
+        _kill_after_epoch(setup["env"][KILL_TRIAL_ENV], Path(setup["runs"]) / run.name)
     fit(setup["data"], cfg, run, setup["vectors"], callbacks=[TuneReportCallback()])
+
+
+def _kill_after_epoch(plan: str, run_dir: Path) -> None:
+    """KILL_TRIAL_ENV: a thread that SIGKILLs this trial's process once its Train run has checkpointed epoch N."""
+    import signal
+    import threading
+
+    epoch, _, marker = plan.partition(":")
+
+    def watch() -> None:
+        while True:
+            if int(epoch) in _train_checkpoints(run_dir):
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # once per sweep
+                except FileExistsError:
+                    return
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _trial_config(sweep: SweepConfig, params: dict, setup: dict):
@@ -334,7 +361,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs")}
+             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"),
+             "env": {k: os.environ[k] for k in (KILL_TRIAL_ENV,) if k in os.environ}}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -347,7 +375,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         scheduler = _scheduler(sweep)
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES)),
             # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
             # ConcurrencyLimiter from max_concurrent_trials.
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples,
