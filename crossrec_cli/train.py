@@ -112,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Train the two-tower model (item adaptor over backbone text vectors + causal "
                                     "user tower) on all domains with Ray Train (DDP over gloo on CPUs), report "
                                     "validation NDCG@10 each epoch, keep the best checkpoint, evaluate the test "
-                                    "split, and export a bundle. Re-running with the same --name resumes.")
+                                    "split, and export a bundle. Re-running the same run (--name) continues it; "
+                                    "other data or config exits 2 unless --force.")
     add_data(sp)
     sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
     sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
