@@ -37,10 +37,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                       storage_path=args.storage, name=args.name)
     from crossrec.dataset import Dataset
 
-    Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    data = Dataset.load(args.data)  # fail fast, before Ray starts, on a bad --data
+    _check_out(args, data.content_hash)
     from trainers.pipeline import train_bundle
 
-    meta = train_bundle(args.data, args.out, cfg, run, resume_from=args.resume, progress=not args.quiet)
+    resume_from = args.resume if isinstance(args.resume, str) else None
+    meta = train_bundle(args.data, args.out, cfg, run, resume_from=resume_from, progress=not args.quiet,
+                        resume=args.resume is True, force=args.force)
     m = meta["metrics"]
     print(f"\nwrote bundle {args.out} (version {meta['version']}); fit {m['time_s']['fit']:.0f}s, "
           f"embedding {m['time_s']['embed']:.0f}s")
@@ -59,6 +62,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _row(v: dict) -> str:
     """R@10, N@10, MRR@10 columns; '-' for a domain without targets (cold-user: the domain users start in)."""
     return "".join(f"{v[k]:>9.4f}" if v[k] is not None else f"{'-':>9}" for k in ("recall@10", "ndcg@10", "mrr@10"))
+
+
+def _check_out(args: argparse.Namespace, data_hash: str) -> None:
+    """An existing --out is replaced only when --resume or --force says so."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    if args.resume or args.force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = ""
+    try:
+        from crossrec.bundle import bundle_meta
+
+        old = bundle_meta(out).get("data_hash")
+        what = (" (a bundle of the same data)" if old == data_hash
+                else f" (a bundle of other data: hash {str(old)[:8]} -> {data_hash[:8]})")
+    except (ValueError, FileNotFoundError, OSError):
+        pass
+    raise UsageError(f"--out {out} already exists{what}: pass --resume to continue its run, or --force to replace it")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -123,7 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Train the two-tower model (item adaptor over backbone text vectors + causal "
                                     "user tower) on all domains with Ray Train (DDP over gloo on CPUs), report "
                                     "validation NDCG@10 each epoch, keep the best checkpoint, evaluate the test "
-                                    "split, and export a bundle. Re-running with the same --name resumes.")
+                                    "split, and export a bundle. Re-running the same run (--name) continues it; "
+                                    "other data or config exits 2 unless --force.")
     add_data(sp)
     sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
     sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
@@ -150,7 +173,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ray_address(sp)
     sp.add_argument("--storage", help="where checkpoints go: a path or URI (default: next to BUNDLE, in .runs)")
     sp.add_argument("--name", help="run name under --storage (default: the bundle's name; same name resumes)")
-    sp.add_argument("--resume", metavar="CHECKPOINT_DIR", help="resume from this checkpoint folder")
+    sp.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT_DIR",
+                    help="continue the run of this --name / --out (same data and config; more epochs are fine); "
+                         "with a folder: start from that checkpoint")
+    sp.add_argument("--force", action="store_true", help="start over: delete the run's checkpoints under --storage "
+                                                         "and replace --out")
     add_quiet(sp)
     sp.set_defaults(func=cmd_train)
 

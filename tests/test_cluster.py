@@ -4,6 +4,7 @@ validation. The head runs in its own process group, which the test ends itself: 
 machine are left alone (no `ray stop`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -54,9 +56,17 @@ def _own_processes(tmp: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with the dashboard (Jobs API), 2 CPUs, its own short temp dir (unix socket paths < 108 chars)."""
+    with start_head() as head:
+        yield head
+
+
+@contextlib.contextmanager
+def start_head(extra_env: dict[str, str] | None = None):
+    """Starts a local Ray head (see `ray_head`) with `extra_env` (e.g. token auth); yields {"url", "env", "tmp"}."""
     tmp = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))
     gcs, dash, *agents = _free_ports(8)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(extra_env or {}), "RAY_TMPDIR": str(tmp),
+           "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has no traffic to drain
            # The job's entrypoint runs `python` from the head's PATH, as on a cluster node with crossrec installed.
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -77,6 +87,9 @@ def ray_head():
                 with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # up, with token auth
+                    break
             except OSError:
                 pass
             if head.poll() is not None or time.time() > deadline:
@@ -218,7 +231,13 @@ def test_cluster_yaml_passes_rays_validation():
     assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
     assert any(t["resources"].get("GPU", 0) >= 1 and t["max_workers"] > t["min_workers"] for t in types.values())
     assert any(t["resources"].get("GPU", 0) == 0 and n != config["head_node_type"] for n, t in types.items())
-    assert any("ray start --head" in c and "--dashboard-host=0.0.0.0" in c for c in config["head_start_ray_commands"])
+    # The Jobs API runs whatever it is sent: only on the head's loopback (reached through `ray dashboard`'s SSH
+    # tunnel), and with Ray's token auth on every node, the token shipped to each.
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "ray start --head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 @pytest.mark.parametrize("breakage", ["no provider", "unknown node-type field", "head type not a node type",

@@ -21,11 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from ray.exceptions import AuthenticationError  # ray
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient  # ray
 
 import crossrec
 
-__all__ = ["JobsError", "runtime_env", "client", "submit", "follow", "exit_code",
+__all__ = ["JobsError", "auth_token", "runtime_env", "client", "submit", "follow", "exit_code",
            "list_jobs", "format_jobs", "job_info", "job_logs", "stop_job", "report", "repo_root"]
 
 # What a job never needs: caches, environments, local outputs (Ray also honours .gitignore / .rayignore).
@@ -36,6 +37,40 @@ JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFF
 
 class JobsError(ValueError):
     """A job could not be submitted or queried: one line, for the CLI."""
+
+
+# Where Ray's token auth looks for the cluster's token, in this order (Ray 2.60; `ray get-auth-token` prints it).
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+TOKEN_WHERE = f"${TOKEN_ENV}, the file named by ${TOKEN_PATH_ENV}, or ~/.ray/auth_token"
+
+
+def auth_token() -> tuple[str | None, str]:
+    """(the token this machine is configured with, where it came from), as Ray looks for it: $RAY_AUTH_TOKEN,
+    else the file at $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. (None, "") when there is none."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    path = Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None, ""
+    return (token, str(path)) if token else (None, "")
+
+
+def _auth_headers() -> dict[str, str]:
+    """The token, when one is configured, sent whether or not this process runs Ray in token mode (Ray's SDK adds
+    it only then); a head without token auth ignores it."""
+    token, _ = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _auth_message(address: str, error: str) -> str:
+    token, where = auth_token()
+    if token is None:
+        return (f"the Jobs API at {address} requires Ray's token auth and no token is configured here: put the "
+                f"cluster's token (`ray get-auth-token` on the head) in {TOKEN_WHERE}")
+    return (f"the Jobs API at {address} refused the token from {where} ({error}): put the cluster's token "
+            f"(`ray get-auth-token` on the head) in {TOKEN_WHERE}")
 
 
 def repo_root() -> Path:
@@ -69,13 +104,18 @@ def _address(address: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _errors(what: str) -> Iterator[None]:
-    """The SDK's multi-line RuntimeError / ConnectionError -> one line naming what failed."""
+def _errors(what: str, address: str | None = None) -> Iterator[None]:
+    """The SDK's multi-line RuntimeError / ConnectionError -> one line naming what failed; an authentication
+    failure -> one line saying where the token is expected."""
     try:
         yield
-    except (RuntimeError, ConnectionError) as e:
+    except (RuntimeError, ConnectionError, AuthenticationError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise JobsError(f"{what}: {lines[0] if lines else type(e).__name__}") from None
+        first = lines[0] if lines else type(e).__name__
+        if isinstance(e, AuthenticationError) or "authentication token" in str(e).lower():
+            first = next((ln for ln in lines if "authentication token" in ln.lower()), first)
+            raise JobsError(_auth_message(address or "the head", first)) from None
+        raise JobsError(f"{what}: {first}") from None
 
 
 class _DropNotices(logging.Filter):
@@ -99,8 +139,8 @@ def _quiet_sdk_logs() -> None:
 def client(address: str | None = None) -> JobSubmissionClient:
     address = _address(address)
     _quiet_sdk_logs()
-    with _errors(f"cannot reach the Jobs API at {address} (is the dashboard up on the head?)"):
-        return JobSubmissionClient(address)
+    with _errors(f"cannot reach the Jobs API at {address} (is the dashboard up on the head?)", address):
+        return JobSubmissionClient(address, headers=_auth_headers())
 
 
 def submit(address: str | None, argv: list[str], *, working_dir: str | Path | None = None,
@@ -117,7 +157,7 @@ def submit(address: str | None, argv: list[str], *, working_dir: str | Path | No
     deadline = time.monotonic() + 60
     while True:
         try:
-            with _errors("submission failed"):
+            with _errors("submission failed", c.get_address()):
                 sid = c.submit_job(entrypoint=shlex.join([python, "-m", "crossrec_cli", *argv]), runtime_env=renv,
                                    submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
                                    metadata={"crossrec": crossrec.__version__, "command": argv[0]})
@@ -172,18 +212,18 @@ def exit_code(status: JobStatus) -> int:
 
 
 def job_info(c: JobSubmissionClient, job_id: str):
-    with _errors(f"job {job_id}"):
+    with _errors(f"job {job_id}", c.get_address()):
         return c.get_job_info(job_id)
 
 
 def job_logs(c: JobSubmissionClient, job_id: str) -> str:
-    with _errors(f"job {job_id}"):
+    with _errors(f"job {job_id}", c.get_address()):
         return c.get_job_logs(job_id)
 
 
 def stop_job(c: JobSubmissionClient, job_id: str, wait_s: float = 0, poll_s: float = 1.0):
     """Asks the job to stop; with wait_s, waits up to that long for it to end. Returns its JobInfo."""
-    with _errors(f"job {job_id}"):
+    with _errors(f"job {job_id}", c.get_address()):
         c.stop_job(job_id)
     deadline = time.time() + wait_s
     while not (info := job_info(c, job_id)).status.is_terminal() and time.time() < deadline:
@@ -193,7 +233,7 @@ def stop_job(c: JobSubmissionClient, job_id: str, wait_s: float = 0, poll_s: flo
 
 def list_jobs(c: JobSubmissionClient) -> list[JobDetails]:
     """Submitted jobs (not drivers that connected directly), oldest first."""
-    with _errors("listing jobs"):
+    with _errors("listing jobs", c.get_address()):
         jobs = c.list_jobs()
     return sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
 

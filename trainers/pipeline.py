@@ -16,22 +16,25 @@ import ray.train  # ray
 import torch
 from safetensors.torch import load_file
 
-from crossrec.config import RunSettings, TrainConfig
+from crossrec.config import RunSettings, TrainConfig, config_to_dict
 from crossrec.dataset import Dataset
 from crossrec.domains import domain_ids
 from crossrec.evaluation import evaluate
+from crossrec.fingerprint import check_run, clear_run, fingerprint, has_run, read_fingerprint, write_fingerprint
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, splits_for
 from crossrec.training import ModelScorer
-from trainers.runtime import best_checkpoint, check_end_to_end_memory, init_ray
+from trainers.runtime import best_checkpoint, check_end_to_end_memory, init_ray, storage_uri
 from trainers.train import fit, make_item_input, model_domains, resolved_init, resolved_prior
 
-__all__ = ["train_bundle", "export_bundle"]
+__all__ = ["train_bundle", "export_bundle", "claim_run"]
 
 
 def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSettings,
-                 resume_from: str | Path | None = None, progress: bool = True) -> dict:
-    """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json."""
+                 resume_from: str | Path | None = None, progress: bool = True, resume: bool = False,
+                 force: bool = False) -> dict:
+    """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json.
+    A run name that already holds a run continues it only with the same fingerprint (`claim_run`)."""
 
     cfg = resolved_init(cfg)  # before any work, and recorded absolute in the bundle
     dataset = Dataset.load(data)
@@ -39,6 +42,9 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
     model_domains(cfg, splits)  # unknown train_domains fail before any Ray work
     check_end_to_end_memory(cfg, run.workers, run.address, progress)  # refuses before Ray starts
     out = Path(out)
+    run.storage_path = run.storage_path or str(out.parent / ".runs")
+    run.name = run.name or out.name
+    claim_run(dataset.content_hash, cfg, run, resume, force)  # before any Ray work too
     vec_path = None
     t0 = time.time()
     if cfg.item_encoder == "text":
@@ -53,8 +59,6 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
 
             vec_path, cfg.side_dims = with_side_vectors(dataset, splits, cfg, vec_path)
     t_embed = time.time() - t0
-    run.storage_path = run.storage_path or str(out.parent / ".runs")
-    run.name = run.name or out.name
     _, _, result = fit(data, cfg, run, vec_path, resume_from, progress)
     best, valid_metrics, history = best_checkpoint(result)
     t_fit = time.time() - t0 - t_embed
@@ -66,6 +70,20 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
 
         meta["ranker"] = train_ranker(out, data, run, cfg.ranker, progress)
     return meta
+
+
+def claim_run(data_hash: str, cfg: TrainConfig, run: RunSettings, resume: bool = False, force: bool = False) -> str:
+    """Checks the run folder (storage/name) against this run's fingerprint (data hash + config) and records it
+    there: a different run exits 2 naming what differs, unless `force` (the old run is deleted: start over).
+    Returns check_run's decision ("new", "continue", "restart")."""
+    storage = storage_uri(run.storage_path, "out/.runs")
+    folder = f"{storage.rstrip('/')}/{run.name}"
+    fp = fingerprint(data_hash, config_to_dict(cfg))
+    action = check_run(read_fingerprint(folder), fp, f"run {run.name!r} ({folder})", resume, force, has_run(folder))
+    if action == "restart":
+        clear_run(folder)
+    write_fingerprint(folder, fp)
+    return action
 
 
 def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ray.train.Checkpoint",

@@ -39,8 +39,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=log_level(), logging_config=quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                 logging_level=log_level(), log_to_driver=True, logging_config=quiet)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
+                     logging_level=log_level(), log_to_driver=True, logging_config=quiet,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": _own_gcs_address()}})
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)  # this node's; not for a Ray a child process starts
+
+
+def _own_gcs_address() -> str:
+    """Chooses the GCS port of the local Ray this process is about to start (Ray reads RAY_GCS_SERVER_PORT) and
+    returns its address. It goes into the job's runtime env, so every worker and actor of this process's Ray
+    resolves it, whatever other Ray instances run on the machine: Ray Train's placement-group cleaner (a detached
+    actor) otherwise looks for "the" local instance and fails with "Found multiple active Ray instances" when a
+    second crossrec command (serve, demo, another train) has its own."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read when this process starts its node (removed after)
+    return f"127.0.0.1:{port}"
 
 
 def setup_worker(threads: int, seed: int) -> tuple[int, int]:

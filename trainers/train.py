@@ -38,12 +38,37 @@ from crossrec.training import ModelScorer, SequenceData, loss_inputs, resolve_te
 from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 from trainers.strategies import DS_ENV, make_strategy
 
-__all__ = ["train_func", "fit", "initial_model", "model_domains", "make_item_input", "resolved_prior", "resolved_init", "CRASH_ENV"]
+__all__ = ["train_func", "fit", "initial_model", "model_domains", "make_item_input", "resolved_prior",
+           "resolved_init", "CRASH_ENV", "KILL_ENV"]
 
 # Fault injection for tests of FailureConfig: with CROSSREC_CRASH_AFTER_EPOCH=N every worker of a run that
 # started without a checkpoint raises right after reporting epoch N; Ray Train restarts the worker group from
 # that checkpoint (`RunSettings.max_failures`), and the restarted workers, which start from it, do not crash.
 CRASH_ENV = "CROSSREC_CRASH_AFTER_EPOCH"
+# A real process death instead: with CROSSREC_KILL_WORKER_IN_EPOCH=N[:PID_FILE] the last rank of a run that started
+# without a checkpoint SIGKILLs itself after the first step of epoch N (mid-epoch), writing its pid to PID_FILE first
+# (an existing PID_FILE: no kill, so it happens once).
+KILL_ENV = "CROSSREC_KILL_WORKER_IN_EPOCH"
+
+
+def _kill_plan(resumed: bool, rank: int, world: int) -> tuple[int, str]:
+    """(epoch in which this worker SIGKILLs itself, pid file) from KILL_ENV; (0, "") for no kill."""
+    value = os.environ.get(KILL_ENV) or ""
+    if resumed or not value or rank != world - 1:
+        return 0, ""
+    epoch, _, pid_file = value.partition(":")
+    return (0, "") if pid_file and Path(pid_file).exists() else (int(epoch), pid_file)
+
+
+def _kill_self(pid_file: str) -> None:
+    import signal
+
+    # Train's controller collects reports when it polls the workers (every 0.5 s here): a worker that dies at once
+    # after a report can take that report's checkpoint with it, and the restart then starts from the one before.
+    time.sleep(3)
+    if pid_file:
+        Path(pid_file).write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def model_domains(cfg: TrainConfig, splits: Splits) -> list[str]:
@@ -191,6 +216,7 @@ def train_func(config: dict) -> None:
             print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
     crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
     progress_every = float(config.get("progress_every_s", 0))  # s between step lines (0: none)
+    kill_in, kill_pid_file = _kill_plan(ckpt is not None, rank, world)
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
@@ -226,6 +252,8 @@ def train_func(config: dict) -> None:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: step {len(losses)}/{n_steps} "
                       f"({100 * len(losses) / max(1, n_steps):.0f}%), {per:.1f}s/step, epoch ETA "
                       f"{per * (n_steps - len(losses)):.0f}s + validation", flush=True)
+            if kill_in == epoch + 1:  # fault injection (KILL_ENV): a real process death, mid-epoch
+                _kill_self(kill_pid_file)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         t_valid = time.time()
@@ -298,7 +326,7 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
                            "resume_from": str(resume_from) if resume_from else None,
                            "threads": max(1, int(cpus)),
                            "progress_every_s": 30.0 if progress else 0.0,
-                           "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV) if k in os.environ}},
+                           "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV, KILL_ENV) if k in os.environ}},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": cpus,
                                                            **({"GPU": run.gpus_per_worker}

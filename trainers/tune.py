@@ -26,11 +26,12 @@ from crossrec.splits import splits_for
 from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
                             write_trial_csv)
 from crossrec.early_stopping import out_of_patience
+from crossrec.fingerprint import check_run, fingerprint
 from trainers.pipeline import export_bundle
 from trainers.runtime import check_end_to_end_memory, init_ray
 from trainers.train import fit, model_domains, resolved_prior
 
-__all__ = ["run_sweep", "SweepResult", "tune_trial"]
+__all__ = ["run_sweep", "SweepResult", "tune_trial", "KILL_TRIAL_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ log = logging.getLogger(__name__)
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
+# A trial whose process dies (a node lost, OOM) is restarted once; its Train run resumes from its last checkpoint.
+TRIAL_MAX_FAILURES = 1
+# Fault injection for tests of that: with CROSSREC_KILL_TRIAL_AFTER_EPOCH=N:MARKER the first trial whose Train run
+# has checkpointed epoch N while MARKER does not exist creates MARKER and SIGKILLs its own process.
+KILL_TRIAL_ENV = "CROSSREC_KILL_TRIAL_AFTER_EPOCH"
 
 
 @dataclass
@@ -62,8 +68,30 @@ def tune_trial(config: dict, setup: dict) -> None:
     run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
                       gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
                       name=tune.get_context().get_trial_id(), max_failures=0)
+    if (setup.get("env") or {}).get(KILL_TRIAL_ENV):
+        _kill_after_epoch(setup["env"][KILL_TRIAL_ENV], Path(setup["runs"]) / run.name)
     fit(setup["data"], cfg, run, setup["vectors"], progress=setup.get("progress", True),
         callbacks=[TuneReportCallback()])
+
+
+def _kill_after_epoch(plan: str, run_dir: Path) -> None:
+    """KILL_TRIAL_ENV: a thread that SIGKILLs this trial's process once its Train run has checkpointed epoch N."""
+    import signal
+    import threading
+
+    epoch, _, marker = plan.partition(":")
+
+    def watch() -> None:
+        while True:
+            if int(epoch) in _train_checkpoints(run_dir):
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # once per sweep
+                except FileExistsError:
+                    return
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _trial_config(sweep: SweepConfig, params: dict, setup: dict):
@@ -309,18 +337,18 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     data = Path(data).resolve()
     experiment = out / "experiment"
     base = sweep.base_config()
-    state = {"sweep": sweep_to_dict(sweep), "data": str(data)}
+    dataset = Dataset.load(data)
+    # The sweep's fingerprint (crossrec.fingerprint, as `crossrec train` keeps one per run): every key counts.
+    state = {"sweep": sweep_to_dict(sweep), "data": str(data),
+             "fingerprint": fingerprint(dataset.content_hash, sweep_to_dict(sweep), ignore=())}
     if resume:
         if not _state_file(out).is_file() or not experiment.is_dir():
             raise ValueError(f"--resume: {out} holds no sweep to resume (no sweep.json / experiment/)")
         saved = json.loads(_state_file(out).read_text())
-        if saved["sweep"] != json.loads(json.dumps(state["sweep"])) or saved["data"] != state["data"]:
-            what = "data" if saved["data"] != state["data"] else "sweep config"
-            raise ValueError(f"--resume: {out} was started with a different {what}; resume with the same "
-                             f"sweep file, --trials and --data")
+        check_run(saved.get("fingerprint"), state["fingerprint"], f"--resume: {out}", resume=True,
+                  remedy="resume with the same sweep file, --trials and --data", config_name="sweep config")
     elif experiment.exists():
         raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
-    dataset = Dataset.load(data)
     splits = splits_for(dataset, base, training=True)  # what train_func trains on (protocol, train_domains)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
     # Trials in turn: max_concurrent_trials x workers_per_trial workers at once (a remote cluster is not checked).
@@ -347,7 +375,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
     setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"), "progress": progress}
+             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"), "progress": progress,
+             "env": {k: os.environ[k] for k in (KILL_TRIAL_ENV,) if k in os.environ}}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -360,7 +389,8 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
         scheduler = _scheduler(sweep)
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES)),
             # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
             # ConcurrencyLimiter from max_concurrent_trials.
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples,
