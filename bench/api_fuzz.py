@@ -10,6 +10,7 @@ request and the answer's body.
 
 tests/test_api_fuzz.py runs a few hundred against a small bundle (slow marker).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def operations(spec: dict) -> list[tuple[str, str, dict | None]]:
         for method, op in item.items():
             if method.lower() not in ("get", "post", "put", "patch", "delete"):
                 continue
-            schema = (op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"))
+            schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
             ops.append((method.upper(), path, schema))
     return ops
 
@@ -63,8 +64,10 @@ def catalog(url: str, bundle: str | None) -> dict[str, list[str]]:
     import pyarrow.parquet as pq
 
     meta = json.loads((Path(bundle) / "bundle.json").read_text())
-    return {d: pq.read_table(Path(bundle) / "items" / f"{d}.parquet", columns=["item_id"]).column(0).to_pylist()
-            for d in meta["domains"]}
+    return {
+        d: pq.read_table(Path(bundle) / "items" / f"{d}.parquet", columns=["item_id"]).column(0).to_pylist()
+        for d in meta["domains"]
+    }
 
 
 def _realistic(body, cat: dict[str, list[str]], draw_int) -> object:
@@ -134,7 +137,7 @@ def from_schema(schema: dict, root: dict, depth: int = 0):
         lo, hi = schema.get("minLength", 0), min(schema.get("maxLength", 60), 60)
         return st.text(min_size=lo, max_size=max(lo, hi))
     if kind == "integer":
-        return st.integers(schema.get("minimum", -2 ** 40), schema.get("maximum", 2 ** 40))
+        return st.integers(schema.get("minimum", -(2**40)), schema.get("maximum", 2**40))
     if kind == "number":
         return st.floats(schema.get("minimum"), schema.get("maximum"), allow_nan=False, allow_infinity=False)
     if kind == "boolean":
@@ -148,11 +151,11 @@ def request_strategy(spec: dict, cat: dict[str, list[str]]):
     """A hypothesis strategy of (method, path, raw body bytes or None)."""
     from hypothesis import strategies as st
 
-    json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) |
-                               st.floats(allow_nan=False) | st.text(max_size=30),
-                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10),
-                                                                                           inner, max_size=4),
-                               max_leaves=12)
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=12,
+    )
     per_op = []
     for method, path, schema in operations(spec):
         if schema is None:
@@ -194,8 +197,14 @@ def fuzz(url: str, n: int, bundle: str | None = None, seed: int = 0, out=sys.std
     errors: list[tuple] = []
     t0 = time.time()
 
-    @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None, derandomize=seed == 0,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        database=None,
+        phases=[Phase.generate],
+        deadline=None,
+        derandomize=seed == 0,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def one(req):
         method, path, body = req
@@ -205,14 +214,26 @@ def fuzz(url: str, n: int, bundle: str | None = None, seed: int = 0, out=sys.std
             status, answer = 599, repr(e).encode()
         statuses[status] += 1
         if status >= 500:
-            errors.append(((method, path, (body or b"")[:2000].decode(errors="replace")), status,
-                           answer[:2000].decode(errors="replace")))
+            errors.append(
+                (
+                    (method, path, (body or b"")[:2000].decode(errors="replace")),
+                    status,
+                    answer[:2000].decode(errors="replace"),
+                )
+            )
 
     one()
-    res = {"statuses": statuses, "errors": errors, "wall_s": time.time() - t0,
-           "operations": [f"{m} {p}" for m, p, _ in operations(spec)]}
-    print(f"{sum(statuses.values())} requests in {res['wall_s']:.0f}s over {', '.join(res['operations'])}; "
-          f"by status: {dict(sorted(statuses.items()))}; 5xx: {len(errors)}", file=out)
+    res = {
+        "statuses": statuses,
+        "errors": errors,
+        "wall_s": time.time() - t0,
+        "operations": [f"{m} {p}" for m, p, _ in operations(spec)],
+    }
+    print(
+        f"{sum(statuses.values())} requests in {res['wall_s']:.0f}s over {', '.join(res['operations'])}; "
+        f"by status: {dict(sorted(statuses.items()))}; 5xx: {len(errors)}",
+        file=out,
+    )
     for (method, path, body), status, answer in errors[:10]:
         print(f"  {status} {method} {path} {body[:300]} -> {answer[:500]}", file=out)
     return res

@@ -6,6 +6,7 @@ Pass: 0 errors and memory growth under 10%.
     .venv/bin/python bench/api_soak.py --bundle BUNDLE                      # 10 minutes at 30 req/s; starts Serve
     .venv/bin/python bench/api_soak.py --bundle BUNDLE --minutes 1 --rate 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def bodies(bundle: Path, n: int, seed: int = 0) -> list[bytes]:
     import pyarrow.parquet as pq
 
     meta = json.loads((bundle / "bundle.json").read_text())
-    cat = {d: pq.read_table(bundle / "items" / f"{d}.parquet", columns=["item_id", "title"]).to_pydict()
-           for d in meta["domains"]}
+    cat = {
+        d: pq.read_table(bundle / "items" / f"{d}.parquet", columns=["item_id", "title"]).to_pydict()
+        for d in meta["domains"]
+    }
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -50,7 +53,7 @@ def serve_rss_mb() -> dict[int, float]:
     for p in psutil.Process().children(recursive=True):
         try:
             if "Serve" in p.name() or any("Serve" in c or "ProxyActor" in c for c in p.cmdline()[:1]):
-                out[p.pid] = p.memory_info().rss / 2 ** 20
+                out[p.pid] = p.memory_info().rss / 2**20
         except psutil.Error:
             continue
     return out
@@ -86,8 +89,14 @@ def soak(url: str, reqs: list[bytes], rate: float, seconds: float, senders: int 
             pool.submit(one, reqs[i % len(reqs)], due)
     wall = time.monotonic() - t0
     lat.sort()
-    return {"requests": n, "errors": errors, "wall_s": wall, "achieved_rps": n / wall,
-            "p50_ms": 1000 * lat[len(lat) // 2], "p99_ms": 1000 * lat[int(len(lat) * 0.99)]}
+    return {
+        "requests": n,
+        "errors": errors,
+        "wall_s": wall,
+        "achieved_rps": n / wall,
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,10 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     b, a = sum(before[k] for k in common), sum(after[k] for k in common)
     growth = (a - b) / b if b else float("nan")
     print(f"warm-up: {warm['requests']} requests, {len(warm['errors'])} errors")
-    print(f"soak: {res['requests']} requests in {res['wall_s']:.0f}s ({res['achieved_rps']:.1f} req/s), "
-          f"errors {len(res['errors'])}, p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms")
-    print(f"Serve processes' resident memory: {b:.0f} MB -> {a:.0f} MB ({100 * growth:+.1f}%) over {len(common)} "
-          f"processes; replaced or new processes: {len(set(after) ^ set(before))}")
+    print(
+        f"soak: {res['requests']} requests in {res['wall_s']:.0f}s ({res['achieved_rps']:.1f} req/s), "
+        f"errors {len(res['errors'])}, p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms"
+    )
+    print(
+        f"Serve processes' resident memory: {b:.0f} MB -> {a:.0f} MB ({100 * growth:+.1f}%) over {len(common)} "
+        f"processes; replaced or new processes: {len(set(after) ^ set(before))}"
+    )
     for e in res["errors"][:10]:
         print("  error:", e)
     return 0 if not res["errors"] and growth < 0.10 else 1

@@ -11,6 +11,7 @@ counts are derived here from refeval's loaded data (its sorted arrays) by `cold_
 DESIGN.md's text and not from crossrec.splits; ranking and metrics are refeval's own `rank_targets` and
 `metrics_from_ranks`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def cold_user_reference(ref, data, split: str, fraction: float = 0.2, seed: int 
         s, e = data.user_start[k], data.user_start[k + 1]
         if len(set(data.dom[s:e].tolist())) < 2:
             continue
-        x = int.from_bytes(hashlib.sha256(f"{seed}:{data.users[k]}".encode()).digest()[:8], "big") / 2.0 ** 64
+        x = int.from_bytes(hashlib.sha256(f"{seed}:{data.users[k]}".encode()).digest()[:8], "big") / 2.0**64
         if x >= fraction or (x < fraction / 2) != (split == "valid"):
             continue
         seen = set()
@@ -63,7 +64,7 @@ def cold_user_reference(ref, data, split: str, fraction: float = 0.2, seed: int 
         s, e = data.user_start[k], data.user_start[k + 1]
         if len(set(data.dom[s:e].tolist())) < 2:
             continue
-        x = int.from_bytes(hashlib.sha256(f"{seed}:{data.users[k]}".encode()).digest()[:8], "big") / 2.0 ** 64
+        x = int.from_bytes(hashlib.sha256(f"{seed}:{data.users[k]}".encode()).digest()[:8], "big") / 2.0**64
         if x < fraction:
             both[s:e] = data.dom[s:e] != first_dom[k]
     out, all_ranks = {"metrics": {}, "n_targets": {}}, []
@@ -78,8 +79,11 @@ def cold_user_reference(ref, data, split: str, fraction: float = 0.2, seed: int 
             hd = np.unique(h[(h >= off) & (h < off + n)]) - off
             mr += [r] * len(hd)
             mc += hd.tolist()
-        ranks = ref.rank_targets(np.broadcast_to(pop, (len(js), n)), data.item[js] - off, mr or None, mc or None) \
-            if len(js) else np.zeros(0)
+        ranks = (
+            ref.rank_targets(np.broadcast_to(pop, (len(js), n)), data.item[js] - off, mr or None, mc or None)
+            if len(js)
+            else np.zeros(0)
+        )
         out["metrics"][d], out["n_targets"][d] = ref.metrics_from_ranks(ranks), len(js)
         all_ranks.append(ranks)
     allr = np.concatenate(all_ranks)
@@ -109,8 +113,10 @@ def main() -> int:
             theirs = {s: ref.evaluate_scores(data, ref.popularity_score_fn(data), split=s) for s in ("test", "valid")}
         t2 = time.time()
         print(f"\n{folder}   (crossrec {t1 - t0:.1f}s, refeval {t2 - t1:.1f}s)")
-        print(f"  {'split':<6}{'domain':<10}{'#targets':>9}  {'R@10 ours':>10}{'R@10 ref':>10}"
-              f"{'N@10 ours':>10}{'N@10 ref':>10}  max|diff| over 9 metrics")
+        print(
+            f"  {'split':<6}{'domain':<10}{'#targets':>9}  {'R@10 ours':>10}{'R@10 ref':>10}"
+            f"{'N@10 ours':>10}{'N@10 ref':>10}  max|diff| over 9 metrics"
+        )
         for s in ("test", "valid"):
             for d in list(sp.domains) + ["all"]:
                 mo, mr = ours[s].metrics[d], theirs[s]["metrics"][d]
@@ -120,8 +126,10 @@ def main() -> int:
                 diff = max(abs(mo[k] - mr[k]) for k in mr)
                 worst = max(worst, diff)
                 assert ours[s].n_targets[d] == theirs[s]["n_targets"][d]
-                print(f"  {s:<6}{d:<10}{ours[s].n_targets[d]:>9}  {mo['recall@10']:>10.5f}{mr['recall@10']:>10.5f}"
-                      f"{mo['ndcg@10']:>10.5f}{mr['ndcg@10']:>10.5f}  {diff:.2e}")
+                print(
+                    f"  {s:<6}{d:<10}{ours[s].n_targets[d]:>9}  {mo['recall@10']:>10.5f}{mr['recall@10']:>10.5f}"
+                    f"{mo['ndcg@10']:>10.5f}{mr['ndcg@10']:>10.5f}  {diff:.2e}"
+                )
     print(f"\nlargest difference: {worst:.2e} -> {'AGREE' if worst < 1e-9 else 'DIFFER'}")
     return 0 if worst < 1e-9 else 1
 

@@ -10,6 +10,7 @@ the job on an already started Ray (Ray's own start-up is printed apart); an extr
 encode alone, without loading the model. The vector cache is bypassed. The last column is throughput relative
 to in-process end to end (> 1: Ray Data is faster); the vectors are checked to agree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def main() -> int:
     pick = np.sort(np.random.default_rng(a.seed).choice(len(texts), size=min(a.n, len(texts)), replace=False))
     texts = [texts[i] for i in pick]
     prepare_backbone(a.backbone)  # a GGUF conversion (once) is not part of either measurement
-    print(f"{len(texts)} texts of {a.data} ({', '.join(splits.domains)}), backbone {a.backbone}, "
-          f"max_tokens {a.max_tokens}, batch {a.batch_size}")
+    print(
+        f"{len(texts)} texts of {a.data} ({', '.join(splits.domains)}), backbone {a.backbone}, "
+        f"max_tokens {a.max_tokens}, batch {a.batch_size}"
+    )
 
     t0 = time.perf_counter()
     backbone = load_backbone(a.backbone)
@@ -71,11 +74,15 @@ def main() -> int:
     resources = ray.cluster_resources()
     ray.shutdown()
 
-    rows = [(f"in-process ({local_threads} torch threads)", t_local),
-            ("  of which encode (model loaded)", t_local - t_load),
-            (f"ray data ({n_actors} actors x {gpus and '1 GPU' or f'{cpus:g} CPU'})", t_ray)]
-    print(f"\nray.init: {t_init:.1f} s (not counted); cluster: {resources.get('CPU', 0):g} CPU, "
-          f"{resources.get('GPU', 0):g} GPU")
+    rows = [
+        (f"in-process ({local_threads} torch threads)", t_local),
+        ("  of which encode (model loaded)", t_local - t_load),
+        (f"ray data ({n_actors} actors x {gpus and '1 GPU' or f'{cpus:g} CPU'})", t_ray),
+    ]
+    print(
+        f"\nray.init: {t_init:.1f} s (not counted); cluster: {resources.get('CPU', 0):g} CPU, "
+        f"{resources.get('GPU', 0):g} GPU"
+    )
     print(f"{'method':<34}{'texts':>7}{'seconds':>10}{'texts/s':>10}{'x in-process':>14}")
     for name, sec in rows:
         print(f"{name:<34}{len(texts):>7}{sec:>10.1f}{len(texts) / sec:>10.1f}{t_local / sec:>14.2f}")

@@ -10,6 +10,7 @@ smollm2:    end-to-end LoRA on smollm2-135m (ddp, 2 workers): samples/s
 overhead:   the same end-to-end step in a 1-worker TorchTrainer vs a plain in-process loop (ratio of step times)
 With --gpus-per-worker 1 the same runs use GPUs (NCCL, bf16); --peak-tflops adds MFU (6 N tokens/s / peak).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest's real-slice helper
 
-SMALL = ["dim=32", "layers=1", "n_negatives=8", "batch_size=16", "max_tokens=32", "valid_max_targets=0",
-         "patience=0", "lora.rank=8", "backbone_lr=1e-3"]
+SMALL = [
+    "dim=32",
+    "layers=1",
+    "n_negatives=8",
+    "batch_size=16",
+    "max_tokens=32",
+    "valid_max_targets=0",
+    "patience=0",
+    "lora.rank=8",
+    "backbone_lr=1e-3",
+]
 
 
 def _slice(src: Path, users: int, work: Path) -> Path:
@@ -36,8 +46,11 @@ def _slice(src: Path, users: int, work: Path) -> Path:
 
     out = work / f"{src.name}-{users}cu"
     if not (out / "dataset.json").exists() and not out.exists():  # cross-domain users: every domain is trained
-        prepare([_subset(src, work / f"{src.name}-{users}cu-src", users, extra_items=0, cross_domain=True)], out,
-                progress=False)
+        prepare(
+            [_subset(src, work / f"{src.name}-{users}cu-src", users, extra_items=0, cross_domain=True)],
+            out,
+            progress=False,
+        )
     return out
 
 
@@ -67,43 +80,82 @@ def quality(data, args, out):
 
     rows = []
     for mode, per_domain in (("cached", False), ("end-to-end", False), ("end-to-end", True)):
-        cfg = load_config(overrides=[*SMALL, f"mode={mode}", f"epochs={args.epochs}",
-                                     f"lora.per_domain={str(per_domain).lower()}"])
+        cfg = load_config(
+            overrides=[*SMALL, f"mode={mode}", f"epochs={args.epochs}", f"lora.per_domain={str(per_domain).lower()}"]
+        )
         t = time.time()
         name = f"q-{mode}{'-per-domain' if per_domain else ''}"
-        meta = train_bundle(data, out / name, cfg, RunSettings(workers=args.workers, name=name,
-                                                                      gpus_per_worker=args.gpus_per_worker,
-                                                                      storage_path=str(out / "runs")),
-                            progress=False)
-        rows.append({"part": "quality", "mode": mode, "adapters": "per-domain" if per_domain else "shared",
-                     "test_ndcg@10": meta["metrics"]["test"]["all"]["ndcg@10"],
-                     "valid_ndcg@10": meta["metrics"]["history"][-1]["valid/ndcg@10"], "wall_s": time.time() - t,
-                     "fit_s": meta["metrics"]["time_s"]["fit"]})
+        meta = train_bundle(
+            data,
+            out / name,
+            cfg,
+            RunSettings(
+                workers=args.workers, name=name, gpus_per_worker=args.gpus_per_worker, storage_path=str(out / "runs")
+            ),
+            progress=False,
+        )
+        rows.append(
+            {
+                "part": "quality",
+                "mode": mode,
+                "adapters": "per-domain" if per_domain else "shared",
+                "test_ndcg@10": meta["metrics"]["test"]["all"]["ndcg@10"],
+                "valid_ndcg@10": meta["metrics"]["history"][-1]["valid/ndcg@10"],
+                "wall_s": time.time() - t,
+                "fit_s": meta["metrics"]["time_s"]["fit"],
+            }
+        )
     return rows
 
 
-def strategies(data, args, out, backbone="minilm", variants=(("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)),
-               adapters=("shared",)):
+def strategies(
+    data, args, out, backbone="minilm", variants=(("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)), adapters=("shared",)
+):
     from crossrec.backbones import load_backbone
     from crossrec.config import RunSettings, load_config
 
     n_params = sum(p.numel() for p in load_backbone(backbone).parameters())
     rows = []
     for (strategy, stage), kind in [(v, k) for v in variants for k in adapters]:
-        over = [*SMALL, "mode=end-to-end", f"backbone={backbone}", "epochs=1", f"max_steps={args.steps}",
-                f"strategy={strategy}", "deepspeed.bf16=false", f"lora.per_domain={str(kind == 'per-domain').lower()}"]
+        over = [
+            *SMALL,
+            "mode=end-to-end",
+            f"backbone={backbone}",
+            "epochs=1",
+            f"max_steps={args.steps}",
+            f"strategy={strategy}",
+            "deepspeed.bf16=false",
+            f"lora.per_domain={str(kind == 'per-domain').lower()}",
+        ]
         if stage:
             over.append(f"deepspeed.zero_stage={stage}")
         name = f"s-{backbone}-{strategy}{stage or ''}-{kind}-{int(time.time())}"
-        hist, wall = _run(data, load_config(overrides=over),
-                          RunSettings(workers=args.workers, name=name, gpus_per_worker=args.gpus_per_worker,
-                                      storage_path=str(out / "runs"), max_failures=0), name)
+        hist, wall = _run(
+            data,
+            load_config(overrides=over),
+            RunSettings(
+                workers=args.workers,
+                name=name,
+                gpus_per_worker=args.gpus_per_worker,
+                storage_path=str(out / "runs"),
+                max_failures=0,
+            ),
+            name,
+        )
         h = hist[-1]
-        row = {"part": "strategies", "backbone": backbone,
-               "strategy": f"{strategy}{'-zero' + str(stage) if stage else ''}", "adapters": kind,
-               "steps": h["step"], "step_s": h["train/step_s"], "tokens_per_s": h["train/tokens_per_s"],
-               "samples_per_s": 16 / h["train/step_s"], "peak_rss_mb": h["worker/peak_rss_mb"],
-               "peak_gpu_mb": h.get("worker/peak_gpu_mb", 0.0), "wall_s": wall}
+        row = {
+            "part": "strategies",
+            "backbone": backbone,
+            "strategy": f"{strategy}{'-zero' + str(stage) if stage else ''}",
+            "adapters": kind,
+            "steps": h["step"],
+            "step_s": h["train/step_s"],
+            "tokens_per_s": h["train/tokens_per_s"],
+            "samples_per_s": 16 / h["train/step_s"],
+            "peak_rss_mb": h["worker/peak_rss_mb"],
+            "peak_gpu_mb": h.get("worker/peak_gpu_mb", 0.0),
+            "wall_s": wall,
+        }
         if args.peak_tflops:  # forward 2N + backward 4N FLOPs per token (upper bound for LoRA: no weight grads)
             row["mfu"] = 6 * n_params * h["train/tokens_per_s"] / (args.peak_tflops * 1e12 * args.workers)
         rows.append(row)
@@ -122,8 +174,12 @@ def overhead(data, args, out):
 
     over = [*SMALL, "mode=end-to-end", "epochs=1", f"max_steps={args.steps}", "domain_dropout=0"]
     cfg = load_config(overrides=over)
-    hist, _ = _run(data, cfg, RunSettings(workers=1, name=f"o-{int(time.time())}", storage_path=str(out / "runs"),
-                                          max_failures=0), "overhead")
+    hist, _ = _run(
+        data,
+        cfg,
+        RunSettings(workers=1, name=f"o-{int(time.time())}", storage_path=str(out / "runs"), max_failures=0),
+        "overhead",
+    )
     ray_step = hist[-1]["train/step_s"]
 
     torch.set_num_threads(1)  # as a 1-CPU Ray worker
@@ -136,10 +192,16 @@ def overhead(data, args, out):
     rec.adaptor.init_from_vectors(vecs)
     texts = catalog_texts(ds.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
     model = build_end_to_end(cfg, rec, texts)
-    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.requires_grad
-                                         and not n.startswith("encoder.")]},
-                             {"params": [p for n, p in model.named_parameters() if p.requires_grad
-                                         and n.startswith("encoder.")], "lr": cfg.backbone_lr}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]},
+            {
+                "params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")],
+                "lr": cfg.backbone_lr,
+            },
+        ],
+        lr=cfg.lr,
+    )
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
     seqs = SequenceData(splits, cfg.max_len)
     model.train()
@@ -148,8 +210,16 @@ def overhead(data, args, out):
     rng = np.random.default_rng([cfg.seed, 0, 0, 1])
     for _, batch in zip(range(args.steps), batches):
         t = time.time()
-        inputs = loss_inputs(batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items,
-                             cfg.n_negatives, rng, len(splits.domains), 0.0)
+        inputs = loss_inputs(
+            batch,
+            lambda i: i,
+            torch.from_numpy(splits.item_domain),
+            domain_items,
+            cfg.n_negatives,
+            rng,
+            len(splits.domains),
+            0.0,
+        )
         loss = model(**inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,8 +232,12 @@ def overhead(data, args, out):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", default="/work/shared/data/amazon-food-kitchen", help="a CSV dataset folder")
-    ap.add_argument("--users", type=int, default=60,
-                    help="first N users of --src with interactions in more than one domain (default 60)")
+    ap.add_argument(
+        "--users",
+        type=int,
+        default=60,
+        help="first N users of --src with interactions in more than one domain (default 60)",
+    )
     ap.add_argument("--parts", default="quality,strategies,smollm2,overhead")
     ap.add_argument("--epochs", type=int, default=2, help="quality runs")
     ap.add_argument("--steps", type=int, default=6, help="steps per throughput run")
@@ -187,8 +261,13 @@ def main() -> None:
             rows += quality(data, args, out)
         elif part == "strategies":
             variants = (("ddp", 0),) + ((("deepspeed", 2), ("deepspeed", 3)) if args.workers > 1 else ())
-            rows += strategies(data, args, out, variants=variants,
-                               adapters=("shared", "per-domain") if args.per_domain else ("shared",))
+            rows += strategies(
+                data,
+                args,
+                out,
+                variants=variants,
+                adapters=("shared", "per-domain") if args.per_domain else ("shared",),
+            )
         elif part == "smollm2":
             rows += strategies(data, args, out, backbone="smollm2-135m", variants=(("ddp", 0),))
         elif part == "overhead":

@@ -8,6 +8,7 @@ Writes items + interactions in crossrec's own schema (two domains, ids like real
 wall time and peak resident memory (the kernel's maximum RSS of the prepare process). The files are reused when
 they already exist with the same parameters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,21 +31,28 @@ CHUNK = 1_000_000  # rows generated at a time, so the generator itself stays sma
 
 def _items(n: int) -> pa.Table:
     ids = [f"B{i:09d}" for i in range(n)]
-    return pa.table({"item_id": ids, "domain": [DOMAINS[i % 2] for i in range(n)],
-                     "title": [f"synthetic item {i} of a long enough title" for i in range(n)]})
+    return pa.table(
+        {
+            "item_id": ids,
+            "domain": [DOMAINS[i % 2] for i in range(n)],
+            "title": [f"synthetic item {i} of a long enough title" for i in range(n)],
+        }
+    )
 
 
 def _interactions(rng: np.random.Generator, start: int, n: int, n_users: int, n_items: int) -> pa.Table:
     items = rng.integers(0, n_items, n)
     users = rng.integers(0, n_users, n)
-    ts = 1_500_000_000_000 + rng.integers(0, 10 ** 10, n)
-    return pa.table({
-        "user_id": pa.array(np.char.add("AE", np.char.zfill(users.astype(str), 26))),
-        "item_id": pa.array(np.char.add("B", np.char.zfill(items.astype(str), 9))),
-        "domain": pa.array(np.asarray(DOMAINS, dtype=object)[items % 2].tolist(), pa.string()),
-        "timestamp": pa.array(ts, pa.int64()),
-        "rating": pa.array(rng.integers(1, 6, n).astype(np.float64)),
-    })
+    ts = 1_500_000_000_000 + rng.integers(0, 10**10, n)
+    return pa.table(
+        {
+            "user_id": pa.array(np.char.add("AE", np.char.zfill(users.astype(str), 26))),
+            "item_id": pa.array(np.char.add("B", np.char.zfill(items.astype(str), 9))),
+            "domain": pa.array(np.asarray(DOMAINS, dtype=object)[items % 2].tolist(), pa.string()),
+            "timestamp": pa.array(ts, pa.int64()),
+            "rating": pa.array(rng.integers(1, 6, n).astype(np.float64)),
+        }
+    )
 
 
 def generate(folder: Path, rows: int, n_items: int, n_users: int, fmt: str) -> Path:
@@ -71,8 +79,10 @@ def generate(folder: Path, rows: int, n_items: int, n_users: int, fmt: str) -> P
             f.writelines(json.dumps(r) + "\n" for r in items.to_pylist())
         with open(inter, "w") as f:
             for start in range(0, rows, CHUNK):
-                f.writelines(json.dumps(r) + "\n"
-                             for r in _interactions(rng, start, min(CHUNK, rows - start), n_users, n_items).to_pylist())
+                f.writelines(
+                    json.dumps(r) + "\n"
+                    for r in _interactions(rng, start, min(CHUNK, rows - start), n_users, n_items).to_pylist()
+                )
     else:
         raise SystemExit(f"--format must be csv, jsonl or parquet, got {fmt!r}")
     stamp.write_text(json.dumps(params))
@@ -81,8 +91,19 @@ def generate(folder: Path, rows: int, n_items: int, n_users: int, fmt: str) -> P
 
 def measure(src: Path, out: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one `crossrec prepare SRC --out OUT --force --quiet`."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "crossrec_cli", "prepare", str(src), "--out", str(out),
-           "--force", "--quiet"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "crossrec_cli",
+        "prepare",
+        str(src),
+        "--out",
+        str(out),
+        "--force",
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -102,12 +123,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     a = p.parse_args()
     src = generate(a.work / f"src-{a.format}-{a.rows}", a.rows, a.items, a.users, a.format)
-    size = sum(f.stat().st_size for f in src.iterdir()) / 2 ** 20
+    size = sum(f.stat().st_size for f in src.iterdir()) / 2**20
     runs = [measure(src, a.work / "out") for _ in range(a.repeat)]
     print(f"| format | interactions | input MiB | wall s (median of {a.repeat}) | peak RSS MiB (median) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| {a.format} | {a.rows:,} | {size:,.0f} | {statistics.median(w for w, _ in runs):.1f} | "
-          f"{statistics.median(m for _, m in runs):,.0f} |")
+    print(
+        f"| {a.format} | {a.rows:,} | {size:,.0f} | {statistics.median(w for w, _ in runs):.1f} | "
+        f"{statistics.median(m for _, m in runs):,.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ every 0.5 s) per run, and writes everything to OUT/quality.json. --zero-shot OTH
 bundle on a dataset whose domains it never saw. --transfer compares, per domain, a model trained on that
 domain alone with one pre-trained on the other domains and fine-tuned on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,7 @@ def timed(fn):
     t0 = time.time()
     with PeakMemory() as mem:
         out = fn()
-    return out, time.time() - t0, mem.peak / 2 ** 30
+    return out, time.time() - t0, mem.peak / 2**30
 
 
 def train(data: str, out: Path, cfg: TrainConfig, workers: int):
@@ -73,8 +74,12 @@ def train(data: str, out: Path, cfg: TrainConfig, workers: int):
 
 
 def table(title: str, results: dict, domains: list[str], costs: dict) -> str:
-    lines = [title, f"  {'model':<26}" + "".join(f"{d + ' R@10':>15}{d + ' N@10':>15}" for d in domains)
-             + f"{'train s':>10}{'peak GiB':>10}"]
+    lines = [
+        title,
+        f"  {'model':<26}"
+        + "".join(f"{d + ' R@10':>15}{d + ' N@10':>15}" for d in domains)
+        + f"{'train s':>10}{'peak GiB':>10}",
+    ]
     for name, res in results.items():
         row = "".join(f"{res.metrics[d]['recall@10']:>15.4f}{res.metrics[d]['ndcg@10']:>15.4f}" for d in domains)
         t, m = costs.get(name, (None, None))
@@ -105,8 +110,7 @@ def main() -> int:
     results, costs = {}, {}
 
     for name in ("popularity", "textknn"):
-        results[name] = evaluate(splits, BASELINES[name](splits, data, cfg.backbone, cfg.text_template,
-                                                         cfg.max_tokens))
+        results[name] = evaluate(splits, BASELINES[name](splits, data, cfg.backbone, cfg.text_template, cfg.max_tokens))
     if not a.no_sasrec:
         from trainers.baselines import sasrec_scorer
 
@@ -150,9 +154,11 @@ def main() -> int:
             _, t2, m2 = train(a.data, out / f"pre-{d}", pre, a.workers)
             ft = load_config(a.config, [*a.set, f"train_domains=[{d}]", f"init_from={out / f'pre-{d}'}"])
             _, t3, m3 = train(a.data, out / f"ft-{d}", ft, a.workers)
-            for label, b, cost in ((f"{d}: target only", f"only-{d}", (t1, m1)),
-                                   (f"{d}: zero-shot (pre only)", f"pre-{d}", (t2, m2)),
-                                   (f"{d}: pre + fine-tune", f"ft-{d}", (t3, max(m2, m3)))):
+            for label, b, cost in (
+                (f"{d}: target only", f"only-{d}", (t1, m1)),
+                (f"{d}: zero-shot (pre only)", f"pre-{d}", (t2, m2)),
+                (f"{d}: pre + fine-tune", f"ft-{d}", (t3, max(m2, m3))),
+            ):
                 tres[label] = evaluate(splits, bundle_scorer(load_bundle(out / b), data, splits), domains=[d])
                 tcost[label] = cost
             print(table(f"\ntransfer to {d}", {k: v for k, v in tres.items() if k.startswith(d)}, [d], tcost))

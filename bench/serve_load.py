@@ -21,6 +21,7 @@ Clients share the machine with the server: on 2 cores they cost the server CPU.
   proxy-opt Serve's Python proxy, replicas in the throughput-optimised mode (gRPC, one loop, buffered logs)
   proxy     Serve's Python proxy, Serve's defaults
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def make_requests(bundle: Path, n: int, query_frac: float, explain_frac: float, 
     import pyarrow.parquet as pq
 
     meta = json.loads((bundle / "bundle.json").read_text())
-    cat = {d: pq.read_table(bundle / "items" / f"{d}.parquet", columns=["item_id", "title"]).to_pydict()
-           for d in meta["domains"]}
+    cat = {
+        d: pq.read_table(bundle / "items" / f"{d}.parquet", columns=["item_id", "title"]).to_pydict()
+        for d in meta["domains"]
+    }
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -144,8 +147,15 @@ def summary(lat: list[float], fails: list[int], wall: float) -> dict:
     codes: dict[str, int] = {}
     for s in fails:
         codes[str(s)] = codes.get(str(s), 0) + 1
-    return {"n": len(lat), "fail": len(fails), "codes": codes, "rps": len(lat) / wall,
-            "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99))}
+    return {
+        "n": len(lat),
+        "fail": len(fails),
+        "codes": codes,
+        "rps": len(lat) / wall,
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+    }
 
 
 def inserts(url: str, bundle: Path, n: int) -> dict:
@@ -153,8 +163,15 @@ def inserts(url: str, bundle: Path, n: int) -> dict:
     meta = json.loads((bundle / "bundle.json").read_text())
     c, lat, fails = Client(url), [], []
     for i in range(n):
-        body = {"items": [{"item_id": f"bench-new-{i}", "domain": meta["domains"][i % len(meta["domains"])],
-                           "title": f"bench item {i}: a set of {i % 24 + 1} coloured gel pens"}]}
+        body = {
+            "items": [
+                {
+                    "item_id": f"bench-new-{i}",
+                    "domain": meta["domains"][i % len(meta["domains"])],
+                    "title": f"bench item {i}: a set of {i % 24 + 1} coloured gel pens",
+                }
+            ]
+        }
         t = time.perf_counter()
         status = c.post(body, "/v1/items")
         (lat.append(time.perf_counter() - t) if status == 200 else fails.append(status))
@@ -209,8 +226,10 @@ class ReplicaWatch:
         st = self.serve.status().applications.get(self.app)
         if st is None:
             return {}
-        return {name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
-                for name, d in st.deployments.items()}
+        return {
+            name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, d in st.deployments.items()
+        }
 
     def _run(self):
         while not self.stop.wait(1.0):
@@ -241,8 +260,13 @@ def plot(rows: list[tuple[str, dict, dict]], path: Path, title: str) -> None:
         ax.plot(x, [r[q] for _, r in pts], style, label=q)
     ax.plot(x, [r["rps"] for _, r in pts], "k.", alpha=0)  # keeps the x range honest
     for p, r in pts:
-        ax.annotate(f"{r['rps']:.0f}/s" + (f", {r['fail']} fail" if r["fail"] else ""), (p, r["p99"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            f"{r['rps']:.0f}/s" + (f", {r['fail']} fail" if r["fail"] else ""),
+            (p, r["p99"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("offered load (requests/s, open loop)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
@@ -281,8 +305,13 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(address="local", include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-             logging_level="WARNING", logging_config=ray.LoggingConfig(log_level="ERROR"))
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        logging_level="WARNING",
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+    )
     state = tempfile.mkdtemp(prefix="crossrec-bench-state-")  # the inserts must not outlive the bench
     t = time.perf_counter()
     url = deploy(bundle, port=a.port, config=a.config, state_dir=state)
@@ -308,27 +337,45 @@ def main() -> int:
     ip = in_process(bundle, reqs, a.duration, a.explain_history)
     rows.append(("in-process, 1 caller (after Serve)", ip, {}))
 
-    print(f"\nbundle {bundle} | mode {a.mode} | {a.duration:g} s per phase | {len(reqs)} distinct requests, "
-          f"{a.query_frac:.0%} with a query, {a.explain_frac:.0%} with explain | {os.cpu_count()} CPUs")
+    print(
+        f"\nbundle {bundle} | mode {a.mode} | {a.duration:g} s per phase | {len(reqs)} distinct requests, "
+        f"{a.query_frac:.0%} with a query, {a.explain_frac:.0%} with explain | {os.cpu_count()} CPUs"
+    )
     print(f"{'phase':<36} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'fail':>5}  replicas (peak)")
     for name, r, rep in rows:
         codes = f" {r['codes']}" if r["codes"] else ""
-        print(f"{name:<36} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['fail']:>5}  "
-              f"{fmt_replicas(rep)}{codes}")
+        print(
+            f"{name:<36} {r['rps']:>7.1f} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {r['fail']:>5}  "
+            f"{fmt_replicas(rep)}{codes}"
+        )
     if ins:
-        print(f"{'POST /v1/items, 1 item x ' + str(a.inserts):<36} {ins['rps']:>7.1f} {ins['p50']:>7.1f} "
-              f"{ins['p95']:>7.1f} {ins['p99']:>7.1f} {ins['fail']:>5}")
+        print(
+            f"{'POST /v1/items, 1 item x ' + str(a.inserts):<36} {ins['rps']:>7.1f} {ins['p50']:>7.1f} "
+            f"{ins['p95']:>7.1f} {ins['p99']:>7.1f} {ins['fail']:>5}"
+        )
     one = rows[0][1]
     sat = max((r["rps"] for n, r, _ in rows if "client" in n), default=float("nan"))
     print(f"\nsaturated throughput (best closed loop): {sat:.1f} req/s")
-    print(f"Serve / in-process at 1 client: p50 x{one['p50'] / ip['p50']:.2f}, throughput x{one['rps'] / ip['rps']:.2f}")
+    print(
+        f"Serve / in-process at 1 client: p50 x{one['p50'] / ip['p50']:.2f}, throughput x{one['rps'] / ip['rps']:.2f}"
+    )
     out = Path(a.plot or REPO / "out" / f"serve_load_{a.mode}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, out, f"crossrec Serve ({a.mode}), {bundle.name}, {os.cpu_count()} CPUs")
     print(f"plot: {out}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"mode": a.mode, "bundle": str(bundle), "rows": [
-            {"phase": n, **r, "replicas": rep} for n, r, rep in rows], "inserts": ins}, indent=1) + "\n")
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "mode": a.mode,
+                    "bundle": str(bundle),
+                    "rows": [{"phase": n, **r, "replicas": rep} for n, r, rep in rows],
+                    "inserts": ins,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -16,6 +16,7 @@ Pool the two shared datasets into the 4-domain dataset first:
 Baselines are fitted like the model: on the validation targets of the evaluated domains; nothing is chosen on
 test targets. `--set` passes config overrides to every training run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,26 @@ def train(data: str, out: Path, extra: list[str], sets: list[str]) -> float:
 
 def evaluate(bundle: Path | None, data: str, out_json: Path, extra: list[str]) -> dict:
     if not out_json.is_file():
-        run(["evaluate", *(["--bundle", str(bundle)] if bundle else []), "--data", data, "--json", str(out_json),
-             *extra, "--quiet"])
+        run(
+            [
+                "evaluate",
+                *(["--bundle", str(bundle)] if bundle else []),
+                "--data",
+                data,
+                "--json",
+                str(out_json),
+                *extra,
+                "--quiet",
+            ]
+        )
     return json.loads(out_json.read_text())
 
 
 def ndcg_rows(res: dict, domains: list[str] | None = None) -> dict:
-    return {m: {d: v["ndcg@10"] for d, v in per.items() if domains is None or d in domains}
-            for m, per in res["metrics"].items()}
+    return {
+        m: {d: v["ndcg@10"] for d, v in per.items() if domains is None or d in domains}
+        for m, per in res["metrics"].items()
+    }
 
 
 def cmd_cold_user(a) -> dict:
@@ -58,8 +71,7 @@ def cmd_cold_user(a) -> dict:
     t = train(a.data, out / "bundle", ["--protocol", "cold-user"], a.set)
     baselines = "popularity,textknn" + (",sasrec" if a.sasrec else "")
     res = evaluate(out / "bundle", a.data, out / "eval.json", ["--protocol", "cold-user", "--baselines", baselines])
-    return {"kind": "cold-user", "data": a.data, "train_s": t, "ndcg@10": ndcg_rows(res),
-            "n_targets": res["n_targets"]}
+    return {"kind": "cold-user", "data": a.data, "train_s": t, "ndcg@10": ndcg_rows(res), "n_targets": res["n_targets"]}
 
 
 def cmd_lodo(a) -> dict:
@@ -73,17 +85,26 @@ def cmd_lodo(a) -> dict:
     t = train(a.data, out / "bundle", ["--train-domains", train_domains], a.set)
     # Calibrated (crossrec) and as trained (crossrec-as-trained) come out of one evaluation.
     res = evaluate(out / "bundle", a.data, out / "eval.json", ["--domains", a.hold_out])
-    return {"kind": "lodo", "data": a.data, "hold_out": a.hold_out, "train_s": t,
-            "ndcg@10": ndcg_rows(res, [a.hold_out]), "n_targets": res["n_targets"]}
+    return {
+        "kind": "lodo",
+        "data": a.data,
+        "hold_out": a.hold_out,
+        "train_s": t,
+        "ndcg@10": ndcg_rows(res, [a.hold_out]),
+        "n_targets": res["n_targets"],
+    }
 
 
 def cmd_in_domain(a) -> dict:
     out = Path(a.out)
     t = train(a.data, out / "bundle", [], a.set)
-    res = evaluate(out / "bundle", a.data, out / "eval.json",
-                   ["--baselines", "popularity,textknn" + (",sasrec" if a.sasrec else "")])
-    return {"kind": "in-domain", "data": a.data, "train_s": t, "ndcg@10": ndcg_rows(res),
-            "n_targets": res["n_targets"]}
+    res = evaluate(
+        out / "bundle",
+        a.data,
+        out / "eval.json",
+        ["--baselines", "popularity,textknn" + (",sasrec" if a.sasrec else "")],
+    )
+    return {"kind": "in-domain", "data": a.data, "train_s": t, "ndcg@10": ndcg_rows(res), "n_targets": res["n_targets"]}
 
 
 def cmd_ablation(a) -> dict:
@@ -105,8 +126,11 @@ def cmd_table(a) -> int:
         if r["kind"] == "ablation":
             lines.append(f"\nablation on {r['data']} ({r['protocol']}), crossrec NDCG@10")
             for name, v in r["variants"].items():
-                lines.append(f"| {name} | {v['sets'] or 'defaults'} | " + " | ".join(
-                    f"{d} {x:.4f}" for d, x in v["ndcg@10"].items()) + f" | {v['train_s']} s |")
+                lines.append(
+                    f"| {name} | {v['sets'] or 'defaults'} | "
+                    + " | ".join(f"{d} {x:.4f}" for d, x in v["ndcg@10"].items())
+                    + f" | {v['train_s']} s |"
+                )
             continue
         title = {"cold-user": "cold-user", "lodo": f"held out: {r.get('hold_out')}", "in-domain": "in-domain"}
         lines.append(f"\n{title[r['kind']]} on {r['data']} (NDCG@10; train {r['train_s']} s)")
@@ -141,8 +165,12 @@ def cmd_table(a) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    for name, fn in (("cold-user", cmd_cold_user), ("lodo", cmd_lodo), ("in-domain", cmd_in_domain),
-                     ("ablation", cmd_ablation)):
+    for name, fn in (
+        ("cold-user", cmd_cold_user),
+        ("lodo", cmd_lodo),
+        ("in-domain", cmd_in_domain),
+        ("ablation", cmd_ablation),
+    ):
         sp = sub.add_parser(name)
         sp.add_argument("--data", required=True)
         sp.add_argument("--out", required=True)

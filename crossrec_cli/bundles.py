@@ -1,4 +1,5 @@
 """`crossrec inspect BUNDLE`: what a bundle holds, read from its files without loading the model."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ def _size(path: Path) -> int:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2 ** 20:.1f} MB"
+    return f"{n / 2**20:.1f} MB"
 
 
 def _changed(cfg: dict) -> dict:
@@ -25,7 +26,7 @@ def _changed(cfg: dict) -> dict:
     defaults = {key: default for key, default, _ in config_help()}
     flat = {}
     for k, v in cfg.items():
-        for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+        for kk, vv in v.items() if isinstance(v, dict) else [(None, v)]:
             flat[f"{k}.{kk}" if kk else k] = vv
     out = {}
     for key, value in flat.items():
@@ -52,21 +53,47 @@ def bundle_summary(path: Path) -> dict:
     if (path / "adapter").is_dir():
         from crossrec.finetune import domain_adapters, is_adapter_dir
 
-        folders = [path / "adapter"] if is_adapter_dir(path / "adapter") else \
-            [path / "adapter" / d for d in domain_adapters(path / "adapter")]
-        adapter = {"kind": "peft LoRA" if folders else "full fine-tune (Hugging Face model)",
-                   "adapters": {f.name: {k: v for k, v in json.loads((f / "adapter_config.json").read_text()).items()
-                                         if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-                                for f in folders}}
+        folders = (
+            [path / "adapter"]
+            if is_adapter_dir(path / "adapter")
+            else [path / "adapter" / d for d in domain_adapters(path / "adapter")]
+        )
+        adapter = {
+            "kind": "peft LoRA" if folders else "full fine-tune (Hugging Face model)",
+            "adapters": {
+                f.name: {
+                    k: v
+                    for k, v in json.loads((f / "adapter_config.json").read_text()).items()
+                    if k in ("r", "lora_alpha", "lora_dropout", "target_modules")
+                }
+                for f in folders
+            },
+        }
     parts = {p.name: _size(p) for p in sorted(path.iterdir())}
-    return {"path": str(path), "version": meta["version"], "created_by": meta.get("created_by"),
-            "created_at": meta.get("created_at"), "backbone": meta.get("backbone") or cfg.get("backbone"),
-            "mode": cfg.get("mode"), "item_encoder": cfg.get("item_encoder"), "adapter": adapter,
-            "ranker": (path / "ranker").is_dir(), "domains": items, "data_hash": meta.get("data_hash"),
-            "dataset": meta.get("dataset"), "config_changed": _changed(cfg), "run": meta.get("run"),
-            "valid": metrics.get("valid"), "test": metrics.get("test"), "n_targets": metrics.get("n_targets"),
-            "epochs": len(metrics.get("history") or []), "time_s": metrics.get("time_s"),
-            "libraries": meta.get("libraries"), "size": parts, "total_size": sum(parts.values())}
+    return {
+        "path": str(path),
+        "version": meta["version"],
+        "created_by": meta.get("created_by"),
+        "created_at": meta.get("created_at"),
+        "backbone": meta.get("backbone") or cfg.get("backbone"),
+        "mode": cfg.get("mode"),
+        "item_encoder": cfg.get("item_encoder"),
+        "adapter": adapter,
+        "ranker": (path / "ranker").is_dir(),
+        "domains": items,
+        "data_hash": meta.get("data_hash"),
+        "dataset": meta.get("dataset"),
+        "config_changed": _changed(cfg),
+        "run": meta.get("run"),
+        "valid": metrics.get("valid"),
+        "test": metrics.get("test"),
+        "n_targets": metrics.get("n_targets"),
+        "epochs": len(metrics.get("history") or []),
+        "time_s": metrics.get("time_s"),
+        "libraries": meta.get("libraries"),
+        "size": parts,
+        "total_size": sum(parts.values()),
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -78,35 +105,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=1))
         return 0
     print(f"bundle   {s['path']}  (version {s['version']}; {s['created_by']}, {s['created_at']})")
-    print(f"model    {s['mode']} {s['item_encoder']} encoder over backbone {s['backbone']}"
-          f"{'; + ranker' if s['ranker'] else ''}")
+    print(
+        f"model    {s['mode']} {s['item_encoder']} encoder over backbone {s['backbone']}"
+        f"{'; + ranker' if s['ranker'] else ''}"
+    )
     if s["adapter"]:
         for name, a in s["adapter"]["adapters"].items():
-            print(f"adapter  {s['adapter']['kind']} {name}: r={a.get('r')} alpha={a.get('lora_alpha')} "
-                  f"dropout={a.get('lora_dropout')} on {', '.join(sorted(a.get('target_modules') or []))}")
+            print(
+                f"adapter  {s['adapter']['kind']} {name}: r={a.get('r')} alpha={a.get('lora_alpha')} "
+                f"dropout={a.get('lora_dropout')} on {', '.join(sorted(a.get('target_modules') or []))}"
+            )
     print(f"domains  {', '.join(f'{d} ({n:,} items)' for d, n in s['domains'].items())}")
     print(f"data     {s['dataset']}  (hash {s['data_hash']})")
     changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all defaults"
     print(f"config   {changed}  (defaults: crossrec train --help-config)")
     if s["test"]:
-        print(f"metrics  {s['epochs']} epochs; valid ndcg@10 {s['valid'].get('valid/ndcg@10', float('nan')):.4f}; "
-              f"test (full ranking):")
+        print(
+            f"metrics  {s['epochs']} epochs; valid ndcg@10 {s['valid'].get('valid/ndcg@10', float('nan')):.4f}; "
+            f"test (full ranking):"
+        )
         for d, m in s["test"].items():
-            print(f"           {d:<10} targets {s['n_targets'].get(d, 0):>7,}  recall@10 {m['recall@10']:.4f}  "
-                  f"ndcg@10 {m['ndcg@10']:.4f}  mrr@10 {m['mrr@10']:.4f}")
+            print(
+                f"           {d:<10} targets {s['n_targets'].get(d, 0):>7,}  recall@10 {m['recall@10']:.4f}  "
+                f"ndcg@10 {m['ndcg@10']:.4f}  mrr@10 {m['mrr@10']:.4f}"
+            )
     libs = s["libraries"]
-    print("library  " + (", ".join(f"{k} {v}" for k, v in libs.items()) if libs else
-                         "versions not recorded (bundle written before crossrec recorded them)"))
+    print(
+        "library  "
+        + (
+            ", ".join(f"{k} {v}" for k, v in libs.items())
+            if libs
+            else "versions not recorded (bundle written before crossrec recorded them)"
+        )
+    )
     print(f"size     {_mb(s['total_size'])}: " + ", ".join(f"{k} {_mb(v)}" for k, v in s["size"].items()))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("inspect", help="show what a bundle holds: backbone, domains, config, metrics, size",
-                        description="Print a bundle's backbone and adapter, domains and catalog sizes, the config "
-                                    "keys that differ from the defaults, the data hash, validation and test "
-                                    "metrics, the library versions it was trained with, and its size on disk.")
-    sp.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (`crossrec train --out`, `crossrec tune`: "
-                                                     "DIR/best)")
+    sp = sub.add_parser(
+        "inspect",
+        help="show what a bundle holds: backbone, domains, config, metrics, size",
+        description="Print a bundle's backbone and adapter, domains and catalog sizes, the config "
+        "keys that differ from the defaults, the data hash, validation and test "
+        "metrics, the library versions it was trained with, and its size on disk.",
+    )
+    sp.add_argument(
+        "bundle", metavar="BUNDLE", help="a bundle folder (`crossrec train --out`, `crossrec tune`: DIR/best)"
+    )
     sp.add_argument("--json", action="store_true", help="print it as JSON")
     sp.set_defaults(func=cmd_inspect)

@@ -1,5 +1,6 @@
 """`crossrec submit` and `crossrec jobs`: commands as Ray jobs on a cluster, through the Jobs API
 (`trainers.jobs` imports Ray, so only when these run)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,11 @@ def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     for name in _OUTPUTS:
         value = getattr(args, name, None)
         if value and "://" not in str(value) and not os.path.isabs(value):
-            raise UsageError(f"--{name} {value}: a relative path is written inside the job's temporary copy of the "
-                            f"working dir and deleted with it; give an absolute path on storage every node shares "
-                            f"(or a URI for --storage)")
+            raise UsageError(
+                f"--{name} {value}: a relative path is written inside the job's temporary copy of the "
+                f"working dir and deleted with it; give an absolute path on storage every node shares "
+                f"(or a URI for --storage)"
+            )
     if hasattr(args, "address") and args.address is None:
         argv = [*argv, "--address", "auto"]
     return argv
@@ -39,9 +42,17 @@ def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from trainers.jobs import exit_code, follow, submit
 
-    c, sid = submit(args.address, job_argv(args.command_args, args.parser), working_dir=args.working_dir,
-                    env=key_values(args.env, "--env"), excludes=args.exclude, pip=args.pip, python=args.python,
-                    submission_id=args.id, entrypoint_num_gpus=args.entrypoint_gpus or None)
+    c, sid = submit(
+        args.address,
+        job_argv(args.command_args, args.parser),
+        working_dir=args.working_dir,
+        env=key_values(args.env, "--env"),
+        excludes=args.exclude,
+        pip=args.pip,
+        python=args.python,
+        submission_id=args.id,
+        entrypoint_num_gpus=args.entrypoint_gpus or None,
+    )
     print(sid, flush=True)
     where = f" --address {args.address}" if args.address else ""
     if not args.follow:
@@ -77,36 +88,62 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("submit", help="run prepare/train/tune/evaluate as a job on a Ray cluster (Jobs API)",
-                        description="Submit `crossrec SUBCOMMAND ARGS` through Ray's Jobs API. The job runs on the "
-                                    "head node in a runtime env that uploads this checkout (data/ included; .git, "
-                                    ".venv, out/ and caches excluded); relative paths in ARGS resolve inside that "
-                                    "upload, so outputs need absolute paths on shared storage. Prints the job id; "
-                                    "with --follow streams its logs and exits 0 if it succeeded, 1 if it failed or "
-                                    "was stopped.",
-                        epilog="example: crossrec submit --address http://HEAD:8265 --follow -- train --data "
-                               "data/amazon-art-office --out /mnt/shared/bundles/ao --workers 4 --gpus-per-worker 1")
+    sp = sub.add_parser(
+        "submit",
+        help="run prepare/train/tune/evaluate as a job on a Ray cluster (Jobs API)",
+        description="Submit `crossrec SUBCOMMAND ARGS` through Ray's Jobs API. The job runs on the "
+        "head node in a runtime env that uploads this checkout (data/ included; .git, "
+        ".venv, out/ and caches excluded); relative paths in ARGS resolve inside that "
+        "upload, so outputs need absolute paths on shared storage. Prints the job id; "
+        "with --follow streams its logs and exits 0 if it succeeded, 1 if it failed or "
+        "was stopped.",
+        epilog="example: crossrec submit --address http://HEAD:8265 --follow -- train --data "
+        "data/amazon-art-office --out /mnt/shared/bundles/ao --workers 4 --gpus-per-worker 1",
+    )
     add_dashboard_address(sp)
     sp.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
-    sp.add_argument("--env", action="append", metavar="KEY=VALUE",
-                    help="environment variable for the job (repeatable), e.g. CROSSREC_CACHE_DIR=/mnt/shared/cache")
-    sp.add_argument("--pip", action="append", metavar="REQUIREMENT",
-                    help="extra package installed into the job's env (repeatable; default: none, the cluster's "
-                         "nodes have crossrec's dependencies)")
-    sp.add_argument("--exclude", action="append", metavar="PATTERN",
-                    help="also leave out of the upload (gitignore syntax, repeatable)")
+    sp.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment variable for the job (repeatable), e.g. CROSSREC_CACHE_DIR=/mnt/shared/cache",
+    )
+    sp.add_argument(
+        "--pip",
+        action="append",
+        metavar="REQUIREMENT",
+        help="extra package installed into the job's env (repeatable; default: none, the cluster's "
+        "nodes have crossrec's dependencies)",
+    )
+    sp.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="also leave out of the upload (gitignore syntax, repeatable)",
+    )
     sp.add_argument("--working-dir", metavar="CHECKOUT", help="crossrec checkout to upload (default: this one)")
     sp.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
-    sp.add_argument("--entrypoint-gpus", type=float, default=0,
-                    help="GPUs reserved for the job's driver itself (default: 0; workers request their own)")
+    sp.add_argument(
+        "--entrypoint-gpus",
+        type=float,
+        default=0,
+        help="GPUs reserved for the job's driver itself (default: 0; workers request their own)",
+    )
     sp.add_argument("--id", help="submission id (default: crossrec-SUBCOMMAND-TIME-RANDOM)")
-    sp.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS",
-                    help="prepare, train, tune or evaluate with its arguments")
+    sp.add_argument(
+        "command_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- SUBCOMMAND ARGS",
+        help="prepare, train, tune or evaluate with its arguments",
+    )
     sp.set_defaults(func=cmd_submit)
 
-    sp = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster",
-                        description="Jobs submitted to a Ray cluster (by `crossrec submit` or `ray job submit`). "
-                                    "`status` and `logs --follow` exit 1 for a job that failed or was stopped.")
+    sp = sub.add_parser(
+        "jobs",
+        help="list, inspect, follow or stop jobs on a Ray cluster",
+        description="Jobs submitted to a Ray cluster (by `crossrec submit` or `ray job submit`). "
+        "`status` and `logs --follow` exit 1 for a job that failed or was stopped.",
+    )
     jobs = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
     add_dashboard_address(common)
@@ -118,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     jp.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
     jp = jobs.add_parser("stop", parents=[common], help="stop a job")
     jp.add_argument("job_id", metavar="ID")
-    jp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
-                    help="wait up to this long for it to end (default: 30)")
+    jp.add_argument(
+        "--wait", type=float, default=30, metavar="SECONDS", help="wait up to this long for it to end (default: 30)"
+    )
     sp.set_defaults(func=cmd_jobs)

@@ -1,4 +1,5 @@
 """`crossrec prepare`: logs -> a prepared dataset."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,15 @@ __all__ = ["register"]
 def cmd_prepare(args: argparse.Namespace) -> int:
     from crossrec.dataset import prepare
 
-    man = prepare(args.sources, args.out, fmt=args.format, domain=args.domain, identity=args.identity,
-                  force=args.force, progress=not args.quiet)
+    man = prepare(
+        args.sources,
+        args.out,
+        fmt=args.format,
+        domain=args.domain,
+        identity=args.identity,
+        force=args.force,
+        progress=not args.quiet,
+    )
     c = man["counts"]
     print(f"wrote {args.out}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions")
     for d, dc in c["domains"].items():
@@ -24,19 +32,32 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("prepare", help="turn logs into a prepared dataset (Parquet + manifest)",
-                        description="Read one or more sources, validate them, unify user identity, and write a "
-                                    "prepared dataset folder atomically (nothing is left behind on failure).")
-    sp.add_argument("sources", nargs="+", metavar="SRC",
-                    help="a folder or file: items.csv + interactions.csv (or .parquet/.jsonl), RecBole/UniSRec "
-                         "atomic files, or Amazon Reviews 2023 JSONL")
+    sp = sub.add_parser(
+        "prepare",
+        help="turn logs into a prepared dataset (Parquet + manifest)",
+        description="Read one or more sources, validate them, unify user identity, and write a "
+        "prepared dataset folder atomically (nothing is left behind on failure).",
+    )
+    sp.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="a folder or file: items.csv + interactions.csv (or .parquet/.jsonl), RecBole/UniSRec "
+        "atomic files, or Amazon Reviews 2023 JSONL",
+    )
     sp.add_argument("--out", required=True, metavar="DATASET", help="folder to write")
-    sp.add_argument("--format", default="auto",
-                    choices=["auto", "csv", "parquet", "jsonl", "recbole", "amazon2023"],
-                    help="source format (default: detect)")
+    sp.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "csv", "parquet", "jsonl", "recbole", "amazon2023"],
+        help="source format (default: detect)",
+    )
     sp.add_argument("--domain", help="domain name for sources that carry none (e.g. one RecBole dataset)")
-    sp.add_argument("--identity", metavar="FILE",
-                    help="identity table (platform, platform_user_id, user_id) unifying users across platforms")
+    sp.add_argument(
+        "--identity",
+        metavar="FILE",
+        help="identity table (platform, platform_user_id, user_id) unifying users across platforms",
+    )
     sp.add_argument("--force", action="store_true", help="replace DATASET if it exists")
     add_quiet(sp)
     sp.set_defaults(func=cmd_prepare)

@@ -1,4 +1,5 @@
 """`crossrec demo`: prepare, train, evaluate, recommend and serve on a sample of the vendored data."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"== 1. prepare: {args.users} users of {src} (real data, vendored)")
     sample_users(src, out / "sample", args.users)
     run("prepare", str(out / "sample"), "--out", str(out / "data"), "--force", *quiet)
-    print("\n== 2. train (configs/recommended.yaml: cached MiniLM vectors + knowledge graph, then a ranker; "
-          "2 Ray Train workers)")
-    run("train", "--data", str(out / "data"), "--out", str(out / "bundle"), "--config", str(RECOMMENDED),
-        "--set", f"epochs={args.epochs}", "--name", f"demo-{int(time.time())}", *quiet)
+    print(
+        "\n== 2. train (configs/recommended.yaml: cached MiniLM vectors + knowledge graph, then a ranker; "
+        "2 Ray Train workers)"
+    )
+    run(
+        "train",
+        "--data",
+        str(out / "data"),
+        "--out",
+        str(out / "bundle"),
+        "--config",
+        str(RECOMMENDED),
+        "--set",
+        f"epochs={args.epochs}",
+        "--name",
+        f"demo-{int(time.time())}",
+        *quiet,
+    )
     print("\n== 3. evaluate beside the baselines (full ranking, test split)")
-    run("evaluate", "--bundle", str(out / "bundle"), "--data", str(out / "data"), "--json",
-        str(out / "eval.json"), *quiet)
+    run(
+        "evaluate",
+        "--bundle",
+        str(out / "bundle"),
+        "--data",
+        str(out / "data"),
+        "--json",
+        str(out / "eval.json"),
+        *quiet,
+    )
     print("\n== 4. recommend for one user")
     from crossrec.dataset import Dataset
 
@@ -63,22 +86,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if len(set(doms[m].tolist())) > 1 and m.sum() >= 4:
             break
     hist = items[m][:-1][-6:]
-    run("recommend", "--bundle", str(out / "bundle"), "--domain", str(doms[m][-1]), "--history",
-        ",".join(hist.tolist()), "--k", "5")
+    run(
+        "recommend",
+        "--bundle",
+        str(out / "bundle"),
+        "--domain",
+        str(doms[m][-1]),
+        "--history",
+        ",".join(hist.tolist()),
+        "--k",
+        "5",
+    )
     print("\n== 5. serve: the Ray Serve graph over HTTP on 127.0.0.1, one request, then shut down")
-    _serve_once(out / "bundle", {"history": [{"item_id": i, "domain": d} for i, d in zip(hist, doms[m][:-1][-6:])],
-                                 "domain": str(doms[m][-1]), "k": 3, "explain": True})
-    print(f"\ndone: dataset {out / 'data'}, bundle {out / 'bundle'}, metrics {out / 'eval.json'}; "
-          f"domains {', '.join(domains)}")
+    _serve_once(
+        out / "bundle",
+        {
+            "history": [{"item_id": i, "domain": d} for i, d in zip(hist, doms[m][:-1][-6:])],
+            "domain": str(doms[m][-1]),
+            "k": 3,
+            "explain": True,
+        },
+    )
+    print(
+        f"\ndone: dataset {out / 'data'}, bundle {out / 'bundle'}, metrics {out / 'eval.json'}; "
+        f"domains {', '.join(domains)}"
+    )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("demo", help="prepare, train, evaluate and recommend on the vendored sample",
-                        description="Run the product end to end on real data vendored in this repository: "
-                                    "prepare a sample of users, train with Ray Train (a few minutes on 2 cores), "
-                                    "evaluate beside the baselines, recommend for one user, and answer one request "
-                                    "over HTTP from the Ray Serve graph.")
+    sp = sub.add_parser(
+        "demo",
+        help="prepare, train, evaluate and recommend on the vendored sample",
+        description="Run the product end to end on real data vendored in this repository: "
+        "prepare a sample of users, train with Ray Train (a few minutes on 2 cores), "
+        "evaluate beside the baselines, recommend for one user, and answer one request "
+        "over HTTP from the Ray Serve graph.",
+    )
     sp.add_argument("--dataset", default="amazon-food-kitchen", choices=["amazon-food-kitchen", "amazon-art-office"])
     sp.add_argument("--users", type=int, default=3000, help="users in the sample (default: 3000)")
     sp.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")

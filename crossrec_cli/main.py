@@ -1,5 +1,6 @@
 """The parser (each command group registers its subcommands) and `main`, which turns bad input into one line and
 exit code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossrec",
         description="LLM-enhanced cross-domain recommendation on Ray: prepare logs, train, tune, evaluate, serve.",
-        epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: see README.md.")
+        epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: see README.md.",
+    )
     p.add_argument("--version", action="version", version=f"crossrec {crossrec.__version__}")
-    p.add_argument("--verbose", action="store_true", help="show Ray's own logs (INFO) and progress bars; quiet "
-                                                          "(WARNING) by default. Also accepted after COMMAND")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs (INFO) and progress bars; quiet (WARNING) by default. Also accepted after COMMAND",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in GROUPS:
         group.register(sub)
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--verbose" in argv[1:] and "--" not in argv[:argv.index("--verbose")]:  # `crossrec train ... --verbose`
+    if "--verbose" in argv[1:] and "--" not in argv[: argv.index("--verbose")]:  # `crossrec train ... --verbose`
         argv.remove("--verbose")
         argv.insert(0, "--verbose")
     args = parser.parse_args(argv)

@@ -1,11 +1,25 @@
 """Options that several commands share, declared once, and the small parsing helpers commands use."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-__all__ = ["UsageError", "REPO", "VENDORED", "RECOMMENDED", "csv_list", "key_values", "add_data", "add_quiet",
-           "add_ray_address", "add_dashboard_address", "add_bundle", "sample_users", "users_slice"]
+__all__ = [
+    "UsageError",
+    "REPO",
+    "VENDORED",
+    "RECOMMENDED",
+    "csv_list",
+    "key_values",
+    "add_data",
+    "add_quiet",
+    "add_ray_address",
+    "add_dashboard_address",
+    "add_bundle",
+    "sample_users",
+    "users_slice",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "data"
@@ -17,7 +31,7 @@ class UsageError(ValueError):
 
 
 def csv_list(text: str | None) -> list[str] | None:
-    """"a, b," -> ["a", "b"]; None stays None (the option was not given)."""
+    """ "a, b," -> ["a", "b"]; None stays None (the option was not given)."""
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
@@ -41,8 +55,7 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_ray_address(p: argparse.ArgumentParser, what: str = "") -> None:
-    p.add_argument("--address", help=f"Ray address{what} (default: $RAY_ADDRESS, else a local Ray started "
-                                     "in-process)")
+    p.add_argument("--address", help=f"Ray address{what} (default: $RAY_ADDRESS, else a local Ray started in-process)")
 
 
 def add_dashboard_address(p: argparse.ArgumentParser) -> None:
@@ -50,8 +63,12 @@ def add_dashboard_address(p: argparse.ArgumentParser) -> None:
 
 
 def add_bundle(p: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
-    p.add_argument("--bundle", required=required, metavar="BUNDLE",
-                   help=help or "a bundle folder written by `crossrec train` (or `crossrec tune`: DIR/best)")
+    p.add_argument(
+        "--bundle",
+        required=required,
+        metavar="BUNDLE",
+        help=help or "a bundle folder written by `crossrec train` (or `crossrec tune`: DIR/best)",
+    )
 
 
 def sample_users(src: Path, dst: Path, users: int) -> None:
@@ -69,8 +86,10 @@ def sample_users(src: Path, dst: Path, users: int) -> None:
     inter = inter.filter(pc.is_in(inter.column("user_id"), value_set=keep))
     items = pq.read_table(src / "items.parquet")
     pq.write_table(inter, dst / "interactions.parquet")
-    pq.write_table(items.filter(pc.is_in(items.column("item_id"), value_set=pc.unique(inter.column("item_id")))),
-                   dst / "items.parquet")
+    pq.write_table(
+        items.filter(pc.is_in(items.column("item_id"), value_set=pc.unique(inter.column("item_id")))),
+        dst / "items.parquet",
+    )
 
 
 def users_slice(data: str | Path, out: Path, users: int) -> Path:

@@ -1,4 +1,5 @@
 """`crossrec recommend`: top-k for a history, in-process, with the history items behind each recommendation."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,29 +7,6 @@ import argparse
 from crossrec_cli.options import UsageError, add_bundle, csv_list
 
 __all__ = ["register"]
-
-
-def _recommend(rec, history: list, domain: str, k: int) -> list:
-    """Top-k with reasons: retrieval alone, or retrieval's top-N re-ordered by the bundle's ranker (as Serve
-    answers), the score shown then being the ranker's."""
-    import numpy as np
-
-    from crossrec.ranker import RankRequest, load_ranker
-
-    ranker = load_ranker(rec.bundle)
-    if ranker is None:
-        return rec.recommend(history, domain, k=k, explain=True)
-    c = rec.candidates(history, domain, max(ranker.cfg.top_n, k))
-    scores = ranker.score(RankRequest(domain=domain, candidates=c.item_ids, retrieval_scores=c.scores, user=c.user,
-                                      history=[(h.domain, h.item_id) for h in history],
-                                      history_vectors=c.history_vectors, candidate_vectors=c.candidate_vectors))
-    order = np.argsort(-scores, kind="stable")[:k]
-    top = [c.item_ids[j] for j in order]
-    by_id = {r.item_id: r for r in rec.recommend(history, domain, k=len(top), explain=True, candidates=top)}
-    out = [by_id[i] for i in top]
-    for r, j in zip(out, order):
-        r.score = float(scores[j])
-    return out
 
 
 def _text_vectors(rec, entries: list[tuple[str, str]]) -> list:
@@ -43,14 +21,16 @@ def _text_vectors(rec, entries: list[tuple[str, str]]) -> list:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" is noise in a one-shot command
     bundle = rec.bundle
     if bundle.config.item_encoder != "text":
-        raise UsageError(f"bundle {bundle.meta['version']} has item_encoder 'id' and cannot embed text; give "
-                         "catalog item ids")
+        raise UsageError(
+            f"bundle {bundle.meta['version']} has item_encoder 'id' and cannot embed text; give catalog item ids"
+        )
     out = [None] * len(entries)
     keys = [d if has_domain_adapters(bundle) and d in bundle.domains else None for _, d in entries]
     for key in dict.fromkeys(keys):
         at = [i for i, k in enumerate(keys) if k == key]
-        x = bundle_backbone(bundle, key).encode([entries[i][0] for i in at], batch_size=len(at),
-                                                max_length=bundle.config.max_tokens)
+        x = bundle_backbone(bundle, key).encode(
+            [entries[i][0] for i in at], batch_size=len(at), max_length=bundle.config.max_tokens
+        )
         with torch.inference_mode():
             v = rec.model.item_vectors(torch.from_numpy(np.asarray(x)))
         for i, row in zip(at, v):
@@ -77,8 +57,9 @@ def _history(rec, args) -> tuple[list, list[dict]]:
     for entry in args.history_text or []:
         dom, sep, text = entry.partition(":")
         if not sep or not text.strip() or dom not in rec.domains:
-            raise UsageError(f"--history-text {entry!r}: expected DOMAIN:TEXT with DOMAIN one of "
-                             f"{', '.join(rec.domains)}")
+            raise UsageError(
+                f"--history-text {entry!r}: expected DOMAIN:TEXT with DOMAIN one of {', '.join(rec.domains)}"
+            )
         texts.append((text.strip(), dom))
         shown.append({"text": text.strip(), "domain": dom})
     if args.query is not None:
@@ -101,12 +82,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
-    rec = Recommender(load_bundle(args.bundle))
+    rec = Recommender.load(load_bundle(args.bundle))  # with its ranker: what Serve answers
     if args.domain not in rec.domains:
         raise UsageError(f"--domain: unknown domain {args.domain!r} (known: {', '.join(rec.domains)})")
     history, shown = _history(rec, args)
     try:
-        recs = _recommend(rec, history, args.domain, args.k)
+        recs = rec.recommend(history, args.domain, k=args.k, explain=True)  # retrieval, ranker, reasons: one pass
     except KeyError as e:
         raise UsageError(str(e)) from None
     # Reasons name text entries `history[i]` (the recommender knows no id for them): back to what the user gave.
@@ -117,16 +98,33 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         from crossrec.explain import Explainer
 
         def title(e: dict) -> str:
-            return rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]] if "item_id" in e else \
-                e.get("query") or e["text"]
+            return (
+                rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]]
+                if "item_id" in e
+                else e.get("query") or e["text"]
+            )
 
         words = Explainer(max_new_tokens=args.explain_tokens).explain(
-            [(r.title, [title(entry[x["item_id"]]) for x in (r.reasons or [])[:2]]) for r in recs])
+            [(r.title, [title(entry[x["item_id"]]) for x in (r.reasons or [])[:2]]) for r in recs]
+        )
     if args.json:
-        items = [{"item_id": r.item_id, "domain": r.domain, "title": r.title, "score": round(float(r.score), 6),
-                  "reasons": [{"item_id": "query" if "query" in entry[x["item_id"]] else x["item_id"],
-                               "domain": x["domain"], "weight": x["weight"]} for x in r.reasons or []]}
-                 for r in recs]
+        items = [
+            {
+                "item_id": r.item_id,
+                "domain": r.domain,
+                "title": r.title,
+                "score": round(float(r.score), 6),
+                "reasons": [
+                    {
+                        "item_id": "query" if "query" in entry[x["item_id"]] else x["item_id"],
+                        "domain": x["domain"],
+                        "weight": x["weight"],
+                    }
+                    for x in r.reasons or []
+                ],
+            }
+            for r in recs
+        ]
         if words is not None:
             for it, text in zip(items, words.texts):
                 it["explanation"] = text
@@ -137,18 +135,26 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 0
     print(f"history ({len(shown)} entries, oldest first):")
     for e in shown:
-        text = rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]] if "item_id" in e else \
-            f"query: {e['query']}" if "query" in e else f"text: {e['text']}"
+        text = (
+            rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]]
+            if "item_id" in e
+            else f"query: {e['query']}"
+            if "query" in e
+            else f"text: {e['text']}"
+        )
         print(f"  [{e['domain']}] {e.get('item_id', '-')}  {text[:80]}")
     print(f"top {len(recs)} in {args.domain}:")
     for i, r in enumerate(recs, 1):
         print(f"{i:>3}. {r.item_id}  {r.score:7.2f}  {r.title[:80]}")
         if words is not None:
-            print(f"       \"{words.texts[i - 1]}\"")
+            print(f'       "{words.texts[i - 1]}"')
         for reason in r.reasons or []:
             e = entry[reason["item_id"]]
-            text = rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]] if "item_id" in e else \
-                e.get("query") or e["text"]
+            text = (
+                rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]]
+                if "item_id" in e
+                else e.get("query") or e["text"]
+            )
             what = e.get("item_id") or ("query" if "query" in e else "text")
             print(f"       because of [{reason['domain']}] {what} ({reason['weight']:+.2f})  {text[:60]}")
     if words is not None:
@@ -157,25 +163,49 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("recommend", help="top-k for a history and/or a query, in-process, with reasons",
-                        description="Recommend items of one domain for a history (catalog item ids and/or free "
-                                    "texts) and an optional query stating the user's intent, and show which "
-                                    "history entries contributed most to each recommendation.")
+    sp = sub.add_parser(
+        "recommend",
+        help="top-k for a history and/or a query, in-process, with reasons",
+        description="Recommend items of one domain for a history (catalog item ids and/or free "
+        "texts) and an optional query stating the user's intent, and show which "
+        "history entries contributed most to each recommendation.",
+    )
     add_bundle(sp)
     sp.add_argument("--domain", required=True, help="the domain to recommend items from")
-    sp.add_argument("--history", metavar="ITEM_ID[,ITEM_ID...]",
-                    help="history item ids, oldest first (DOMAIN:ITEM_ID where an id is ambiguous)")
-    sp.add_argument("--history-text", action="append", metavar="DOMAIN:TEXT",
-                    help="a history entry given as text (an item not in the catalog), newer than --history's; "
-                         "repeatable, oldest first")
-    sp.add_argument("--query", metavar="TEXT", help="free text stating what the user wants now; read as the "
-                                                     "newest history entry of --domain")
+    sp.add_argument(
+        "--history",
+        metavar="ITEM_ID[,ITEM_ID...]",
+        help="history item ids, oldest first (DOMAIN:ITEM_ID where an id is ambiguous)",
+    )
+    sp.add_argument(
+        "--history-text",
+        action="append",
+        metavar="DOMAIN:TEXT",
+        help="a history entry given as text (an item not in the catalog), newer than --history's; "
+        "repeatable, oldest first",
+    )
+    sp.add_argument(
+        "--query",
+        metavar="TEXT",
+        help="free text stating what the user wants now; read as the newest history entry of --domain",
+    )
     sp.add_argument("--k", type=int, default=10, help="how many items to recommend (default: 10)")
-    sp.add_argument("--json", action="store_true", help="print the answer as JSON (the shape of POST "
-                                                        "/v1/recommend's response) instead of a table")
-    sp.add_argument("--explain-text", action="store_true",
-                    help="also one sentence per item in words, written by the instruct backbone (smollm2-135m) "
-                         "from the titles of the history entries behind it (slower: one batched generation)")
-    sp.add_argument("--explain-tokens", type=int, default=32, metavar="N",
-                    help="with --explain-text: at most N generated tokens per sentence (default: 32)")
+    sp.add_argument(
+        "--json",
+        action="store_true",
+        help="print the answer as JSON (the shape of POST /v1/recommend's response) instead of a table",
+    )
+    sp.add_argument(
+        "--explain-text",
+        action="store_true",
+        help="also one sentence per item in words, written by the instruct backbone (smollm2-135m) "
+        "from the titles of the history entries behind it (slower: one batched generation)",
+    )
+    sp.add_argument(
+        "--explain-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="with --explain-text: at most N generated tokens per sentence (default: 32)",
+    )
     sp.set_defaults(func=cmd_recommend)

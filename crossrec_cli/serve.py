@@ -1,5 +1,6 @@
 """`crossrec serve`: the Ray Serve graph over HTTP until Ctrl-C or SIGTERM (`serving` imports Ray Serve, so
 only when this runs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve until Ctrl-C or SIGTERM",
-                        description="Start an embedded Ray, deploy the Serve graph (encoder, retriever, ranker, "
-                                    "FastAPI ingress) for BUNDLE from a Serve config YAML, and serve "
-                                    "POST /v1/recommend, POST /v1/items, GET /v1/health, GET /v1/model (OpenAPI at "
-                                    "/docs) until stopped.")
+    sp = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP with Ray Serve until Ctrl-C or SIGTERM",
+        description="Start an embedded Ray, deploy the Serve graph (encoder, retriever, ranker, "
+        "FastAPI ingress) for BUNDLE from a Serve config YAML, and serve "
+        "POST /v1/recommend, POST /v1/items, GET /v1/health, GET /v1/model (OpenAPI at "
+        "/docs) until stopped.",
+    )
     sp.add_argument("--bundle", required=True, help="a bundle folder written by `crossrec train`")
     sp.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     sp.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sp.add_argument("--config", metavar="SERVE_CONFIG.yaml",
-                    help="Serve config (default: serving/serve_config.yaml); its args.bundle, host and port are "
-                         "replaced by --bundle, --host and --port")
+    sp.add_argument(
+        "--config",
+        metavar="SERVE_CONFIG.yaml",
+        help="Serve config (default: serving/serve_config.yaml); its args.bundle, host and port are "
+        "replaced by --bundle, --host and --port",
+    )
     sp.set_defaults(func=cmd_serve)

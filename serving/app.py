@@ -14,6 +14,7 @@ Nothing here starts Ray: the caller connects first (`crossrec serve` runs its ow
 bench call `ray.init`). Serve's throughput-optimised mode is read from the environment of the processes Ray
 starts, so `FAST_PATH_ENV` must be in `os.environ` before Ray starts (README "Serve").
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,21 @@ from ray.serve import Application
 from crossrec.recommender import EXPLAIN_HISTORY
 from serving.deployments import Encoder, Recommender
 
-__all__ = ["AppArgs", "build_app", "APP_NAME", "DEFAULT_STATE_DIR", "FAST_PATH_ENV", "default_config", "deploy",
-           "wait_ready", "shutdown", "example_body", "curl_line", "serve_until_stopped", "serve_once"]
+__all__ = [
+    "AppArgs",
+    "build_app",
+    "APP_NAME",
+    "DEFAULT_STATE_DIR",
+    "FAST_PATH_ENV",
+    "default_config",
+    "deploy",
+    "wait_ready",
+    "shutdown",
+    "example_body",
+    "curl_line",
+    "serve_until_stopped",
+    "serve_once",
+]
 
 APP_NAME = "crossrec"
 DEFAULT_STATE_DIR = "out/serve-state"  # relative to the working folder of whoever deploys (made absolute there)
@@ -43,8 +57,11 @@ DEFAULT_STATE_DIR = "out/serve-state"  # relative to the working folder of whoev
 # (README "Serve"). Ray reads these when its processes start: set them before `ray.init`. An ingress replica
 # that stops waits out a draining period meant for an external load balancer to deregister it (30 s by
 # default, which every shutdown then takes); HAProxy here is Serve's own and is told at once.
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+FAST_PATH_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 class AppArgs(BaseModel):
@@ -52,19 +69,33 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str | None = Field(None, description="a bundle folder written by `crossrec train`; leave it out "
-                                                 "when a Serve config gives each deployment user_config.bundle")
-    state_dir: str | None = Field(None, description="folder of the log of items added online (replayed when a "
-                                                    f"replica starts); default: {DEFAULT_STATE_DIR} in the "
-                                                    "working folder")
-    max_online_items: int = Field(10_000, ge=0, le=1_000_000,
-                                  description="items POST /v1/items may add beyond the bundle's catalog; past it "
-                                              "the API answers 409")
-    explain_history: int = Field(EXPLAIN_HISTORY, ge=1, le=500,
-                                 description="most recent history entries that `explain` weighs (each costs a "
-                                             "pass of the user tower and of the ranker)")
-    text_cache: int = Field(2048, ge=0, le=1_000_000,
-                            description="texts whose vectors each Recommender replica keeps (no Encoder call)")
+    bundle: str | None = Field(
+        None,
+        description="a bundle folder written by `crossrec train`; leave it out "
+        "when a Serve config gives each deployment user_config.bundle",
+    )
+    state_dir: str | None = Field(
+        None,
+        description="folder of the log of items added online (replayed when a "
+        f"replica starts); default: {DEFAULT_STATE_DIR} in the "
+        "working folder",
+    )
+    max_online_items: int = Field(
+        10_000,
+        ge=0,
+        le=1_000_000,
+        description="items POST /v1/items may add beyond the bundle's catalog; past it the API answers 409",
+    )
+    explain_history: int = Field(
+        EXPLAIN_HISTORY,
+        ge=1,
+        le=500,
+        description="most recent history entries that `explain` weighs (each costs a "
+        "pass of the user tower and of the ranker)",
+    )
+    text_cache: int = Field(
+        2048, ge=0, le=1_000_000, description="texts whose vectors each Recommender replica keeps (no Encoder call)"
+    )
 
     @field_validator("bundle")
     @classmethod
@@ -103,9 +134,12 @@ def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):  # `serve run ... bundle=X` passes a dict when the annotation is not resolved
         args = AppArgs(**args)
     opts = {} if args.bundle is None else {"user_config": {"bundle": args.bundle}}
-    settings = {"state_dir": args.state_dir or state_path(DEFAULT_STATE_DIR),
-                "max_online_items": args.max_online_items, "explain_history": args.explain_history,
-                "text_cache": args.text_cache}
+    settings = {
+        "state_dir": args.state_dir or state_path(DEFAULT_STATE_DIR),
+        "max_online_items": args.max_online_items,
+        "explain_history": args.explain_history,
+        "text_cache": args.text_cache,
+    }
     encoder = Encoder.options(**opts).bind()
     return Recommender.options(**opts).bind(encoder, settings)
 
@@ -122,8 +156,9 @@ def _schema(config: str | Path, bundle: str, host: str, port: int, state_dir: st
     schema = ServeDeploySchema.model_validate(raw)
     apps = [a for a in schema.applications if a.import_path == "serving.app:build_app"]
     if len(apps) != 1:
-        raise ValueError(f"{config}: expected one application with import_path serving.app:build_app, "
-                         f"found {len(apps)}")
+        raise ValueError(
+            f"{config}: expected one application with import_path serving.app:build_app, found {len(apps)}"
+        )
     app = apps[0]
     # The bundle goes to every deployment's user_config and never into args (see the module docstring).
     app.args = {k: v for k, v in (app.args or {}).items() if k != "bundle"}
@@ -136,14 +171,24 @@ def _schema(config: str | Path, bundle: str, host: str, port: int, state_dir: st
     if unknown:
         raise ValueError(f"{config}: unknown deployment {unknown[0]!r} (known: {', '.join(DEPLOYMENTS)})")
     # Serve applies only the options a config sets (exclude_unset): rebuild, do not copy.
-    app.deployments = [DeploymentSchema(**{**(given[n].model_dump(exclude_unset=True) if n in given else {}),
-                                           "name": n, "user_config": user_config}) for n in DEPLOYMENTS]
+    app.deployments = [
+        DeploymentSchema(
+            **{**(given[n].model_dump(exclude_unset=True) if n in given else {}), "name": n, "user_config": user_config}
+        )
+        for n in DEPLOYMENTS
+    ]
     schema.http_options.host, schema.http_options.port = host, port
     return schema, app.name, app.route_prefix or "/", user_config["bundle"]
 
 
-def deploy(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, config: str | Path | None = None,
-           timeout_s: float = 180.0, state_dir: str | Path | None = None) -> str:
+def deploy(
+    bundle: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: str | Path | None = None,
+    timeout_s: float = 180.0,
+    state_dir: str | Path | None = None,
+) -> str:
     """Deploys (or rolls out) the app from a Serve config on the connected Ray; returns the base URL once the
     given bundle answers. The same call with another bundle is a rollout without downtime. `state_dir`: the
     item log's folder (default: the config's `state_dir` arg, else DEFAULT_STATE_DIR in the working folder)."""
@@ -152,8 +197,11 @@ def deploy(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, config
     _require_ray()
     schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port, state_dir)
     version = json.loads((Path(path) / "bundle.json").read_text())["version"]
-    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
-                logging_config=schema.logging_config)  # only a first start applies these (Serve's rule)
+    serve.start(
+        http_options=schema.http_options.model_dump(),
+        proxy_location=schema.proxy_location,
+        logging_config=schema.logging_config,
+    )  # only a first start applies these (Serve's rule)
     _get_global_client().deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
     wait_ready(url, version, timeout_s, app=name)
@@ -191,25 +239,35 @@ def example_body(bundle: str | Path, n: int = 3) -> dict:
     meta = json.loads((Path(bundle) / "bundle.json").read_text())
     first, last = meta["domains"][0], meta["domains"][-1]
     ids = pq.read_table(Path(bundle) / "items" / f"{first}.parquet", columns=["item_id"]).column(0)
-    return {"history": [{"item_id": i, "domain": first} for i in ids.slice(0, n).to_pylist()],
-            "domain": last, "k": 5, "explain": True}
+    return {
+        "history": [{"item_id": i, "domain": first} for i in ids.slice(0, n).to_pylist()],
+        "domain": last,
+        "k": 5,
+        "explain": True,
+    }
 
 
 def curl_line(url: str, body: dict) -> str:
-    return (f"curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json' "
-            f"-d '{json.dumps(body)}'")
+    return f"curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
 
 def _require_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        raise RuntimeError("Ray is not initialized: connect first (ray.init(...), or crossrec's Ray start-up), "
-                           "with serving.app.FAST_PATH_ENV in the environment before Ray starts")
+        raise RuntimeError(
+            "Ray is not initialized: connect first (ray.init(...), or crossrec's Ray start-up), "
+            "with serving.app.FAST_PATH_ENV in the environment before Ray starts"
+        )
 
 
-def serve_until_stopped(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                        config: str | Path | None = None, state_dir: str | Path | None = None) -> None:
+def serve_until_stopped(
+    bundle: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: str | Path | None = None,
+    state_dir: str | Path | None = None,
+) -> None:
     """`crossrec serve`: the app on the connected Ray until Ctrl-C or SIGTERM, then Serve shuts down (Ray is
     the caller's to shut down). `state_dir`: `crossrec serve --state DIR`, the item log's folder."""
     import signal
@@ -247,8 +305,9 @@ def serve_once(bundle: str | Path, body: dict, state_dir: str | Path | None = No
         port = s.getsockname()[1]
     try:
         url = deploy(bundle, port=port, state_dir=state_dir)
-        req = urllib.request.Request(f"{url}/v1/recommend", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{url}/v1/recommend", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             return url, json.loads(r.read())
     finally:

@@ -44,8 +44,16 @@ from crossrec.embedding import template_of
 from crossrec.inference import bundle_backbone, has_domain_adapters
 from crossrec.text import render_items
 from serving.item_log import ItemLog, LogItem
-from serving.schemas import (MAX_BODY_BYTES, MAX_TEXTS, Item, ItemsRequest, ItemsResponse, Reason, RecommendRequest,
-                             RecommendResponse)
+from serving.schemas import (
+    MAX_BODY_BYTES,
+    MAX_TEXTS,
+    Item,
+    ItemsRequest,
+    ItemsResponse,
+    Reason,
+    RecommendRequest,
+    RecommendResponse,
+)
 
 __all__ = ["Encoder", "Recommender", "BadRequest", "ServeSettings"]
 
@@ -68,6 +76,7 @@ class _Stale(Exception):
 @dataclass(frozen=True)
 class ServeSettings:
     """The app's runtime settings (serving.app.AppArgs, validated there), handed to every Recommender replica."""
+
     state_dir: str  # folder of the item log (absolute)
     max_online_items: int = 10_000  # items added online beyond the bundle's catalog, per app
     explain_history: int = core.EXPLAIN_HISTORY  # most recent history entries `explain` weighs
@@ -125,15 +134,18 @@ class Encoder:
         version, v = await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, flat)
         out, at = [], 0
         for c in calls:
-            out.append((version, v[at:at + len(c)]))
+            out.append((version, v[at : at + len(c)]))
             at += len(c)
         return out
 
 
 # -- Recommender: ingress + retrieval + ranker + explanations --------------------------------------------
-api = FastAPI(title="crossrec", version="1",
-              description="Cross-domain recommendations from a crossrec bundle (Ray Serve graph: recommender "
-                          "(retrieval, ranker, explanations, online items) and text encoder).")
+api = FastAPI(
+    title="crossrec",
+    version="1",
+    description="Cross-domain recommendations from a crossrec bundle (Ray Serve graph: recommender "
+    "(retrieval, ranker, explanations, online items) and text encoder).",
+)
 
 
 def _field(loc) -> str:
@@ -166,8 +178,10 @@ async def _limit_body(request: Request, call_next):
         if length is None:
             return JSONResponse(status_code=411, content={"detail": "`body`: a Content-Length header is required"})
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return JSONResponse(status_code=413, content={
-                "detail": f"`body`: {length} bytes is more than the limit of {MAX_BODY_BYTES} bytes"})
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"`body`: {length} bytes is more than the limit of {MAX_BODY_BYTES} bytes"},
+            )
     return await call_next(request)
 
 
@@ -183,12 +197,13 @@ def _unavailable(detail: str) -> JSONResponse:
 
 # A deployment bound without `user_config` (e.g. `serve run serving.app:build_app` with no bundle=) has nothing
 # to serve: say how to fix it instead of failing every request with a 500.
-_NO_BUNDLE = "no bundle: deploy with user_config {\"bundle\": PATH} (or `bundle=` as an app argument)"
+_NO_BUNDLE = 'no bundle: deploy with user_config {"bundle": PATH} (or `bundle=` as an app argument)'
 
 
 @dataclass
 class _State:
     """One bundle's serving state; replaced whole when another bundle rolls out."""
+
     version: str
     meta: dict
     rec: core.Recommender
@@ -222,8 +237,9 @@ def _apply(st: _State, items: list[LogItem], replay: bool = False) -> tuple[int,
     return applied, full
 
 
-@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.4}, max_ongoing_requests=8,
-                  max_queued_requests=16)
+@serve.deployment(
+    name="Recommender", ray_actor_options={"num_cpus": 0.4}, max_ongoing_requests=8, max_queued_requests=16
+)
 @serve.ingress(api)
 class Recommender:
     """Validates, retrieves, ranks and explains in one pass (crossrec.recommender.Recommender.recommend) on a
@@ -246,8 +262,9 @@ class Recommender:
         def load() -> _State:
             b = load_bundle(path)
             meta = {**json.loads((path / "bundle.json").read_text()), "path": str(path)}
-            rec = core.Recommender.load(b, max_online_items=self.settings.max_online_items,
-                                        explain_history=self.settings.explain_history)
+            rec = core.Recommender.load(
+                b, max_online_items=self.settings.max_online_items, explain_history=self.settings.explain_history
+            )
             st = _State(version=b.version, meta=meta, rec=rec, log=ItemLog(self.settings.state_dir))
             items = st.log.read_all()
             applied, full = _apply(st, items, replay=True)
@@ -270,14 +287,16 @@ class Recommender:
             return
         done = []
         for s in range(0, len(todo), ENCODE_CHUNK):
-            chunk = todo[s:s + ENCODE_CHUNK]
+            chunk = todo[s : s + ENCODE_CHUNK]
             while True:
                 version, vecs = await self.encoder.encode.remote([(it.text, it.domain) for it in chunk])
                 if version == st.version:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the Encoder still serves bundle {version}, not {st.version}, after "
-                                       f"{REEMBED_WAIT_S:.0f} s: cannot re-embed the item log")
+                    raise RuntimeError(
+                        f"the Encoder still serves bundle {version}, not {st.version}, after "
+                        f"{REEMBED_WAIT_S:.0f} s: cannot re-embed the item log"
+                    )
                 await asyncio.sleep(0.5)
             done += [LogItem(it.domain, it.item_id, it.title, it.text, st.version, v) for it, v in zip(chunk, vecs)]
         loop = asyncio.get_running_loop()
@@ -326,19 +345,25 @@ class Recommender:
         if self.state is None:
             return _unavailable(_NO_BUNDLE)
         known = self.state.meta["domains"]
-        for name, domain in [("domain", req.domain), *((f"history[{i}].domain", h.domain)
-                                                      for i, h in enumerate(req.history))]:
+        for name, domain in [
+            ("domain", req.domain),
+            *((f"history[{i}].domain", h.domain) for i, h in enumerate(req.history)),
+        ]:
             if domain not in known:
                 return _bad(f"`{name}`: unknown domain {domain!r} (known: {', '.join(known)})")
         texts = [(f"history[{i}].text", (h.text, h.domain)) for i, h in enumerate(req.history) if h.text is not None]
         if req.query is not None:
             texts.append(("query", (req.query, req.domain)))
         if len(texts) > MAX_TEXTS:
-            return _bad(f"`history`: {len(texts)} texts (history entries with `text`, and `query`) is more than "
-                        f"the limit of {MAX_TEXTS} per request; give catalog item ids")
+            return _bad(
+                f"`history`: {len(texts)} texts (history entries with `text`, and `query`) is more than "
+                f"the limit of {MAX_TEXTS} per request; give catalog item ids"
+            )
         if texts and not self.state.can_encode:
-            return _bad(f"`{texts[0][0]}`: bundle {self.state.version} has item_encoder 'id' and cannot embed "
-                        "text; give catalog item ids")
+            return _bad(
+                f"`{texts[0][0]}`: bundle {self.state.version} has item_encoder 'id' and cannot embed "
+                "text; give catalog item ids"
+            )
         try:
             return await self._until_consistent(lambda: self._recommend(req, [t for _, t in texts]))
         except BadRequest as e:
@@ -347,8 +372,12 @@ class Recommender:
     async def _recommend(self, req: RecommendRequest, texts: list[tuple[str, str]]) -> RecommendResponse:
         st = self.state
         vecs = iter(await self._vectors(st, texts) if texts else [])
-        history = [core.HistoryItem(h.domain, item_id=h.item_id) if h.item_id is not None
-                   else core.HistoryItem(h.domain, vector=torch.tensor(next(vecs))) for h in req.history]
+        history = [
+            core.HistoryItem(h.domain, item_id=h.item_id)
+            if h.item_id is not None
+            else core.HistoryItem(h.domain, vector=torch.tensor(next(vecs)))
+            for h in req.history
+        ]
         if req.query is not None:  # the intent, read as the newest entry of the target domain
             history.append(core.HistoryItem(req.domain, vector=torch.tensor(next(vecs))))
 
@@ -358,18 +387,36 @@ class Recommender:
             if req.k > size:
                 raise BadRequest(f"`k`: {req.k} is more than the {size} items of domain {req.domain!r}")
             try:
-                return st.rec.recommend(history, req.domain, k=req.k, exclude_seen=req.exclude_seen,
-                                        explain=req.explain)
+                return st.rec.recommend(
+                    history, req.domain, k=req.k, exclude_seen=req.exclude_seen, explain=req.explain
+                )
             except (core.UnknownItem, core.UnknownDomain) as e:
                 raise BadRequest(str(e)) from None
 
         recs = await asyncio.get_running_loop().run_in_executor(self.pool, run)
         query = f"history[{len(req.history)}]"  # how the core names the query entry
-        return RecommendResponse(model=st.version, items=[Item(
-            item_id=r.item_id, domain=r.domain, title=r.title, score=r.score,
-            reasons=None if r.reasons is None else [Reason(item_id="query" if x["item_id"] == query else x["item_id"],
-                                                           domain=x["domain"], weight=x["weight"])
-                                                    for x in r.reasons]) for r in recs])
+        return RecommendResponse(
+            model=st.version,
+            items=[
+                Item(
+                    item_id=r.item_id,
+                    domain=r.domain,
+                    title=r.title,
+                    score=r.score,
+                    reasons=None
+                    if r.reasons is None
+                    else [
+                        Reason(
+                            item_id="query" if x["item_id"] == query else x["item_id"],
+                            domain=x["domain"],
+                            weight=x["weight"],
+                        )
+                        for x in r.reasons
+                    ],
+                )
+                for r in recs
+            ],
+        )
 
     @api.post("/v1/items", response_model=ItemsResponse)
     async def items(self, req: ItemsRequest):
@@ -384,8 +431,9 @@ class Recommender:
         texts = []
         for i, it in enumerate(req.items):
             if it.domain not in st.meta["domains"]:
-                return _bad(f"`items[{i}].domain`: unknown domain {it.domain!r} "
-                            f"(known: {', '.join(st.meta['domains'])})")
+                return _bad(
+                    f"`items[{i}].domain`: unknown domain {it.domain!r} (known: {', '.join(st.meta['domains'])})"
+                )
             if it.text is not None:
                 texts.append((it.text, it.domain))
                 continue
@@ -404,8 +452,10 @@ class Recommender:
             version, vecs = await self.encoder.encode.remote(texts)
             if version != st.version:
                 raise _Stale(version)
-            rows = [LogItem(it.domain, it.item_id, it.title, text, version, v)
-                    for it, (text, _), v in zip(req.items, texts, vecs)]
+            rows = [
+                LogItem(it.domain, it.item_id, it.title, text, version, v)
+                for it, (text, _), v in zip(req.items, texts, vecs)
+            ]
 
             def run() -> ItemsResponse:
                 self._catch_up(st)
@@ -413,8 +463,11 @@ class Recommender:
                 new = [k[1] not in st.rec.pos[k[0]] for k in keys]
                 st.log.append(rows)  # durable before it is visible or acknowledged
                 self._catch_up(st)  # applies them, in log order with other replicas' lines
-                return ItemsResponse(added=[k[1] for k, n in zip(keys, new) if n],
-                                     updated=[k[1] for k, n in zip(keys, new) if not n], model=version)
+                return ItemsResponse(
+                    added=[k[1] for k, n in zip(keys, new) if n],
+                    updated=[k[1] for k, n in zip(keys, new) if not n],
+                    model=version,
+                )
 
             return await asyncio.get_running_loop().run_in_executor(self.pool, run)
 
@@ -437,11 +490,21 @@ class Recommender:
         if st is None:
             return _unavailable(_NO_BUNDLE)
         m, rec = st.meta, st.rec
-        return {"model": st.version, "bundle": m["path"], "created_at": m.get("created_at"),
-                "backbone": m["config"].get("backbone"), "item_encoder": m["config"]["item_encoder"],
-                "domains": m["domains"],
-                "ranker": None if rec.ranker is None else {"class": type(rec.ranker).__name__, "bundle": st.version,
-                                                           "top_n": rec.n_candidates},
-                "online": {"items": len(rec.online), "max_online_items": rec.max_online_items,
-                           "log": str(st.log.path), "replay": st.replay},
-                "test_metrics": m.get("metrics", {}).get("test")}
+        return {
+            "model": st.version,
+            "bundle": m["path"],
+            "created_at": m.get("created_at"),
+            "backbone": m["config"].get("backbone"),
+            "item_encoder": m["config"]["item_encoder"],
+            "domains": m["domains"],
+            "ranker": None
+            if rec.ranker is None
+            else {"class": type(rec.ranker).__name__, "bundle": st.version, "top_n": rec.n_candidates},
+            "online": {
+                "items": len(rec.online),
+                "max_online_items": rec.max_online_items,
+                "log": str(st.log.path),
+                "replay": st.replay,
+            },
+            "test_metrics": m.get("metrics", {}).get("test"),
+        }

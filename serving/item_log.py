@@ -10,6 +10,7 @@ A replica replays the log when it starts or rolls out a bundle (the last line of
 vector came from another bundle is embedded again from its text) and, before every request, reads what other
 replicas appended since (`tail`: one fstat when nothing is new). No Ray here: the deployment calls it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,14 +38,32 @@ class LogItem:
 
     def line(self) -> bytes:
         v = base64.b64encode(np.ascontiguousarray(self.vector, dtype=np.float32).tobytes()).decode()
-        return (json.dumps({"domain": self.domain, "item_id": self.item_id, "title": self.title, "text": self.text,
-                            "bundle": self.bundle, "vector": v}, ensure_ascii=False) + "\n").encode()
+        return (
+            json.dumps(
+                {
+                    "domain": self.domain,
+                    "item_id": self.item_id,
+                    "title": self.title,
+                    "text": self.text,
+                    "bundle": self.bundle,
+                    "vector": v,
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        ).encode()
 
     @classmethod
-    def parse(cls, line: bytes) -> "LogItem":
+    def parse(cls, line: bytes) -> LogItem:
         r = json.loads(line)
-        return cls(domain=r["domain"], item_id=r["item_id"], title=r["title"], text=r["text"], bundle=r["bundle"],
-                   vector=np.frombuffer(base64.b64decode(r["vector"]), dtype=np.float32).copy())
+        return cls(
+            domain=r["domain"],
+            item_id=r["item_id"],
+            title=r["title"],
+            text=r["text"],
+            bundle=r["bundle"],
+            vector=np.frombuffer(base64.b64decode(r["vector"]), dtype=np.float32).copy(),
+        )
 
 
 class ItemLog:

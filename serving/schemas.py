@@ -3,12 +3,25 @@
 Every bad input is answered 4xx with a message that names the field: pydantic names it for shape errors,
 the ingress names it for what only the catalog knows (unknown domain or item id, `k` beyond the domain).
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["MAX_BODY_BYTES", "MAX_HISTORY", "MAX_K", "MAX_TEXTS", "HistoryEntry", "RecommendRequest", "Reason", "Item",
-           "RecommendResponse", "NewItem", "ItemsRequest", "ItemsResponse"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_HISTORY",
+    "MAX_K",
+    "MAX_TEXTS",
+    "HistoryEntry",
+    "RecommendRequest",
+    "Reason",
+    "Item",
+    "RecommendResponse",
+    "NewItem",
+    "ItemsRequest",
+    "ItemsResponse",
+]
 
 MAX_BODY_BYTES = 1024 * 1024  # larger bodies get 413 before they are parsed
 MAX_HISTORY = 500  # the user tower reads the last `max_len` entries anyway; more is a client bug
@@ -27,11 +40,12 @@ class _Strict(BaseModel):
 class HistoryEntry(_Strict):
     domain: str = Field(min_length=1, max_length=200, description="the entry's domain")
     item_id: str | None = Field(None, min_length=1, max_length=200, description="a catalog item of `domain`")
-    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT,
-                             description="an item known only by its text (embedded by the Encoder)")
+    text: str | None = Field(
+        None, min_length=1, max_length=MAX_TEXT, description="an item known only by its text (embedded by the Encoder)"
+    )
 
     @model_validator(mode="after")
-    def _one_of(self) -> "HistoryEntry":
+    def _one_of(self) -> HistoryEntry:
         if (self.item_id is None) == (self.text is None):
             raise ValueError("give exactly one of `item_id` or `text`")
         return self
@@ -39,17 +53,22 @@ class HistoryEntry(_Strict):
 
 class RecommendRequest(_Strict):
     user_id: str | None = Field(None, max_length=200, description="echoed for logs; no profile is stored")
-    history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY,
-                                        description="oldest first; domains may mix")
+    history: list[HistoryEntry] = Field(
+        default_factory=list, max_length=MAX_HISTORY, description="oldest first; domains may mix"
+    )
     domain: str = Field(min_length=1, max_length=200, description="domain to recommend from")
     k: int = Field(10, ge=1, le=MAX_K, description="items to return")
     exclude_seen: bool = Field(True, description="leave out items of the history")
     explain: bool = Field(False, description="per item, the history entries that contributed most")
-    query: str | None = Field(None, min_length=1, max_length=MAX_TEXT,
-                              description="free text of the user's intent, read as the newest history entry")
+    query: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="free text of the user's intent, read as the newest history entry",
+    )
 
     @model_validator(mode="after")
-    def _something_to_go_on(self) -> "RecommendRequest":
+    def _something_to_go_on(self) -> RecommendRequest:
         if not self.history and self.query is None:
             raise ValueError("`history` is empty and there is no `query`: give at least one of them")
         return self
@@ -78,8 +97,12 @@ class NewItem(_Strict):
     item_id: str = Field(min_length=1, max_length=200)
     domain: str = Field(min_length=1, max_length=200, description="one of the bundle's domains")
     title: str = Field(min_length=1, max_length=MAX_TEXT)
-    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT,
-                             description="text to embed (default: rendered from `title` by the bundle's template)")
+    text: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT,
+        description="text to embed (default: rendered from `title` by the bundle's template)",
+    )
 
 
 class ItemsRequest(_Strict):

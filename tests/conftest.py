@@ -1,4 +1,5 @@
 """Shared fixtures: small real slices of the shared data (tests/data), prepared once per session."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,13 @@ def ray_cluster():
 
     # Ray libraries log at ERROR, as `trainers.train.init_ray` does: without a dashboard Train's placement-group
     # cleaner would warn every few seconds that the state API is unavailable.
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2, logging_level="WARNING",
-             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 1024**2,
+        logging_level="WARNING",
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+    )
     try:
         yield ray
     finally:

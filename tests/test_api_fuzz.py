@@ -1,6 +1,7 @@
 """Schema-driven fuzz of the HTTP API (bench/api_fuzz.py): a few hundred requests generated with hypothesis from the
 app's own /openapi.json against the real Serve graph over a small real bundle; not one answer may be a 5xx.
 `.venv/bin/python bench/api_fuzz.py --bundle B --requests 2000` is the longer run."""
+
 import socket
 import sys
 from pathlib import Path

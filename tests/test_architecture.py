@@ -4,18 +4,25 @@
 - the core `crossrec` imports neither Ray nor an outer layer (`trainers`, `serving`, `crossrec_cli`);
 - `trainers` and `serving` never import each other or the command line.
 """
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).parents[1]
-PACKAGES = {"crossrec": REPO / "platform" / "crossrec", "trainers": REPO / "trainers", "serving": REPO / "serving",
-            "crossrec_cli": REPO / "crossrec_cli"}
+PACKAGES = {
+    "crossrec": REPO / "platform" / "crossrec",
+    "trainers": REPO / "trainers",
+    "serving": REPO / "serving",
+    "crossrec_cli": REPO / "crossrec_cli",
+}
 # package -> top-level packages it must never import
-FORBIDDEN = {"crossrec": {"ray", "trainers", "serving", "crossrec_cli"},
-             "trainers": {"serving", "crossrec_cli"},
-             "serving": {"trainers", "crossrec_cli"}}
+FORBIDDEN = {
+    "crossrec": {"ray", "trainers", "serving", "crossrec_cli"},
+    "trainers": {"serving", "crossrec_cli"},
+    "serving": {"trainers", "crossrec_cli"},
+}
 
 
 def modules() -> dict[str, Path]:
@@ -38,7 +45,7 @@ def imported_names(module: str, path: Path, known: set[str] = frozenset()) -> se
             base = node.module or ""
             if node.level:
                 pkg = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-                pkg = pkg[:len(pkg) - node.level + 1]
+                pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join([*pkg, *([node.module] if node.module else [])])
             for a in node.names:
                 names.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
@@ -63,7 +70,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (cycle := visit(n)):
                 return cycle
         stack.pop()
@@ -97,5 +104,4 @@ def test_the_checks_see_a_cycle_and_a_forbidden_import(tmp_path):
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     f = tmp_path / "m.py"
     f.write_text("def f():\n    import ray.train\n    from .x import y\n    from . import z\n")
-    assert imported_names("crossrec.pkg.m", f, {"crossrec.pkg.z"}) == {"ray.train", "crossrec.pkg.x",
-                                                                      "crossrec.pkg.z"}
+    assert imported_names("crossrec.pkg.m", f, {"crossrec.pkg.z"}) == {"ray.train", "crossrec.pkg.x", "crossrec.pkg.z"}

@@ -1,4 +1,5 @@
 """Backbone registry with the real packaged weights: minilm (encoder), smollm2-135m (GGUF decoder, converted once)."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,19 @@ import pytest
 
 from crossrec import backbones
 from crossrec.backbones import (
-    BackboneSpec, known_backbones, load_backbone, lora_target_modules, resolve_backbone,
+    BackboneSpec,
+    known_backbones,
+    load_backbone,
+    lora_target_modules,
+    resolve_backbone,
 )
 from crossrec.text import truncate_by_tokens
 
-TITLES = ["Mae Ploy Thai Green Curry Paste - 14 oz jar", "Ateco Food Coloring Kit, 6 colors",
-          "omnigrid 60mm rotary cutter"]
+TITLES = [
+    "Mae Ploy Thai Green Curry Paste - 14 oz jar",
+    "Ateco Food Coloring Kit, 6 colors",
+    "omnigrid 60mm rotary cutter",
+]
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +41,12 @@ def smollm2_cache(tmp_path_factory) -> dict:
     HF_HUB_OFFLINE=1 and an empty HF_HOME (huggingface_hub reads both at import, so only a fresh process
     shows that nothing needs the hub). The child also encodes with minilm under the same conditions."""
     root = tmp_path_factory.mktemp("crossrec-cache")
-    env = {**os.environ, "CROSSREC_CACHE_DIR": str(root), "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path_factory.mktemp("empty-hf-home"))}
+    env = {
+        **os.environ,
+        "CROSSREC_CACHE_DIR": str(root),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path_factory.mktemp("empty-hf-home")),
+    }
     code = (
         "import json, time\n"
         "from crossrec.backbones import prepare_backbone, load_backbone\n"
@@ -57,8 +69,10 @@ def smollm2(smollm2_cache):
 
 def test_registry_names_and_unknown_name():
     assert known_backbones() == ["minilm", "smollm2-135m"]
-    with pytest.raises(ValueError, match=re.escape(
-            "unknown backbone 'x' (known: minilm, smollm2-135m, or a local Hugging Face model directory)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown backbone 'x' (known: minilm, smollm2-135m, or a local Hugging Face model directory)"),
+    ):
         resolve_backbone("x")
 
 
@@ -80,8 +94,14 @@ def test_minilm_matches_sentence_transformers(minilm):
 
 
 def test_minilm_similar_titles_are_closer(minilm):
-    v = minilm.encode(["Mae Ploy Thai Green Curry Paste - 14 oz jar", "Maesri Thai Red Curry Paste, 4 oz can",
-                       "omnigrid 60mm rotary cutter"], normalize=True)
+    v = minilm.encode(
+        [
+            "Mae Ploy Thai Green Curry Paste - 14 oz jar",
+            "Maesri Thai Red Curry Paste, 4 oz can",
+            "omnigrid 60mm rotary cutter",
+        ],
+        normalize=True,
+    )
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
 
 
@@ -97,8 +117,9 @@ def test_encode_restores_input_order_across_length_sorted_batches(minilm):
 
 def test_local_directory_works_like_the_registry_name(minilm):
     spec = resolve_backbone(minilm.spec.path)
-    assert spec == BackboneSpec(name=minilm.spec.path, path=minilm.spec.path, kind="encoder", pooling="mean",
-                                family="bert", dim=384)
+    assert spec == BackboneSpec(
+        name=minilm.spec.path, path=minilm.spec.path, kind="encoder", pooling="mean", family="bert", dim=384
+    )
     np.testing.assert_allclose(load_backbone(spec).encode(TITLES), minilm.encode(TITLES), atol=1e-6)
 
 

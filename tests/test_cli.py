@@ -10,15 +10,17 @@ from crossrec_cli import main
 
 def test_evaluate_popularity_writes_design_json(art_office, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--baselines", "popularity", "--data", str(art_office), "--json", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", "--baselines", "popularity", "--data", str(art_office), "--json", str(out), "--quiet"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "arts  (150 targets)" in printed and "popularity" in printed
     res = json.loads(out.read_text())
     assert res["bundle"] is None and res["dataset"] == str(art_office)
     assert set(res["metrics"]["popularity"]) == {"arts", "office", "all"}
-    assert set(res["metrics"]["popularity"]["all"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr")
-                                                        for k in (10, 20, 50)}
+    assert set(res["metrics"]["popularity"]["all"]) == {
+        f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (10, 20, 50)
+    }
     # Leave-one-out never has a user new to the domain (they have their own protocol): no empty slice for them.
     assert set(res["slices"]["popularity"]["arts"]) == {"cold_item"}
     assert res["protocol"]["protocol"] == "leave-one-out" and res["protocol"]["min_per_domain"] == 3
@@ -27,8 +29,9 @@ def test_evaluate_popularity_writes_design_json(art_office, tmp_path, capsys):
 def test_evaluate_bad_arguments_exit_nonzero_with_one_line(art_office, capsys):
     assert main(["evaluate", "--data", str(art_office), "--domains", "toys", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err == "crossrec evaluate: error: --domains: unknown domain 'toys' (domains in " \
-                  f"{art_office}: arts, office)\n"
+    assert (
+        err == f"crossrec evaluate: error: --domains: unknown domain 'toys' (domains in {art_office}: arts, office)\n"
+    )
     assert main(["evaluate", "--data", str(art_office / "nope")]) == 2
     assert "not a prepared crossrec dataset" in capsys.readouterr().err
 
@@ -41,8 +44,8 @@ def test_console_script_help():
 
 
 def test_recommended_config_loads_the_measured_pipeline():
-    from crossrec_cli.options import RECOMMENDED
     from crossrec.config import load_config
+    from crossrec_cli.options import RECOMMENDED
 
     cfg = load_config(RECOMMENDED)
     assert cfg.graph.enabled and cfg.fusion == "attention" and cfg.ranker.enabled and cfg.mode == "cached"
@@ -84,8 +87,13 @@ def tiny_bundle(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     from trainers.pipeline import train_bundle
 
     out = tmp_path_factory.mktemp("cli") / "b"
-    train_bundle(tiny_fk, out, load_config(overrides=["epochs=2", "dim=32", "layers=1", "valid_max_targets=0"]),
-                 RunSettings(workers=1, name="cli-tiny"), progress=False)
+    train_bundle(
+        tiny_fk,
+        out,
+        load_config(overrides=["epochs=2", "dim=32", "layers=1", "valid_max_targets=0"]),
+        RunSettings(workers=1, name="cli-tiny"),
+        progress=False,
+    )
     return out
 
 
@@ -95,13 +103,32 @@ def test_recommend_query_json_parses_and_follows_the_query(tiny_bundle, capsys):
     out = tiny_bundle
     answers = {}
     for query in ("stainless steel chef knife", "dark roast coffee beans"):
-        assert main(["recommend", "--bundle", str(out), "--domain", "kitchen", "--query", query,
-                     "--history-text", "food:organic green tea", "--k", "5", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "recommend",
+                    "--bundle",
+                    str(out),
+                    "--domain",
+                    "kitchen",
+                    "--query",
+                    query,
+                    "--history-text",
+                    "food:organic green tea",
+                    "--k",
+                    "5",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         answers[query] = json.loads(capsys.readouterr().out)
     knife, coffee = answers.values()
     assert len(knife["items"]) == 5 and all(i["domain"] == "kitchen" for i in knife["items"])
-    assert knife["history"] == [{"text": "organic green tea", "domain": "food"},
-                                {"query": "stainless steel chef knife", "domain": "kitchen"}]
+    assert knife["history"] == [
+        {"text": "organic green tea", "domain": "food"},
+        {"query": "stainless steel chef knife", "domain": "kitchen"},
+    ]
     assert {r["item_id"] for i in knife["items"] for r in i["reasons"]} <= {"query", "history[0]"}
     assert [i["item_id"] for i in knife["items"]] != [i["item_id"] for i in coffee["items"]]
     assert "knife" in " ".join(i["title"].lower() for i in knife["items"])
@@ -113,8 +140,18 @@ def test_inspect_prints_what_the_bundle_holds_and_the_bundle_has_its_curves(tiny
     assert main(["inspect", str(tiny_bundle)]) == 0
     text = capsys.readouterr().out
     meta = json.loads((tiny_bundle / "bundle.json").read_text())
-    for expect in (f"version {meta['version']}", "backbone minilm", "food (", "kitchen (", meta["data_hash"],
-                   "epochs=2", "test (full ranking)", "torch ", "transformers ", "size "):
+    for expect in (
+        f"version {meta['version']}",
+        "backbone minilm",
+        "food (",
+        "kitchen (",
+        meta["data_hash"],
+        "epochs=2",
+        "test (full ranking)",
+        "torch ",
+        "transformers ",
+        "size ",
+    ):
         assert expect in text, expect
     assert main(["inspect", str(tiny_bundle), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -131,16 +168,38 @@ def test_beyond_accuracy_on_a_hand_made_example():
     assert popularity_percentiles(counts).tolist() == [0.0, 62.5, 62.5, 100.0, 25.0]
     m = beyond_accuracy_metrics(np.array([[3, 1], [3, 2]]), np.array([0, 3]), counts, k=2, popular_share=0.2)
     # Items 3, 1, 2 recommended of 5; the top 20% (one item: 3) gets 2 of the 4 recommendations.
-    assert m == {"coverage@2": 0.6, "popular_share@2": 0.5, "rec_pop_pct@2": (100 + 62.5 + 100 + 62.5) / 4,
-                 "target_pop_pct": 50.0, "n_items": 5, "n_recommended": 3, "n_lists": 2}
+    assert m == {
+        "coverage@2": 0.6,
+        "popular_share@2": 0.5,
+        "rec_pop_pct@2": (100 + 62.5 + 100 + 62.5) / 4,
+        "target_pop_pct": 50.0,
+        "n_items": 5,
+        "n_recommended": 3,
+        "n_lists": 2,
+    }
 
 
 def test_evaluate_reports_beyond_accuracy_and_slices_and_plots(tiny_fk, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--data", str(tiny_fk), "--baselines", "popularity", "--json", str(out),
-                 "--plot", str(tmp_path / "eval.png"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(tiny_fk),
+                "--baselines",
+                "popularity",
+                "--json",
+                str(out),
+                "--plot",
+                str(tmp_path / "eval.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "beyond accuracy (top 10)" in printed and "slices (ndcg@10" in printed and "cold_user" in printed
+    assert "beyond accuracy (top 10)" in printed and "slices (ndcg@10" in printed and "cold_item" in printed
     beyond = json.loads(out.read_text())["beyond_accuracy"]["popularity"]
     for d in ("food", "kitchen", "all"):
         assert set(beyond[d]) >= {"coverage@10", "popular_share@10", "rec_pop_pct@10", "target_pop_pct"}
@@ -158,7 +217,11 @@ def test_explanations_in_words_one_bounded_sentence_per_item():
     from crossrec.explain import Explainer
 
     ex = Explainer(max_new_tokens=24)
-    out = ex.explain([("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
-                      ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"])])
+    out = ex.explain(
+        [
+            ("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
+            ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"]),
+        ]
+    )
     assert len(out.texts) == 2 and all(t for t in out.texts)
     assert out.new_tokens <= 2 * 24 and out.seconds > 0

@@ -2,6 +2,7 @@
 (dashboard on a free port, the Jobs API behind it), and `cluster.yaml` checked by Ray's own cluster-config
 validation. The head runs in its own process group, which the test ends itself: other Ray instances on the
 machine are left alone (no `ray stop`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ def _own_processes(tmp: Path) -> list[int]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if str(tmp) in (proc / "cmdline").read_bytes().decode(errors="replace") or \
-                        f"RAY_TMPDIR={tmp}\0".encode() in (proc / "environ").read_bytes():
+                if (
+                    str(tmp) in (proc / "cmdline").read_bytes().decode(errors="replace")
+                    or f"RAY_TMPDIR={tmp}\0".encode() in (proc / "environ").read_bytes()
+                ):
                     pids.append(int(proc.name))
             except OSError:
                 pass
@@ -65,18 +68,38 @@ def start_head(extra_env: dict[str, str] | None = None):
     """Starts a local Ray head (see `ray_head`) with `extra_env` (e.g. token auth); yields {"url", "env", "tmp"}."""
     tmp = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))
     gcs, dash, *agents = _free_ports(8)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(extra_env or {}), "RAY_TMPDIR": str(tmp),
-           "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has no traffic to drain
-           # The job's entrypoint runs `python` from the head's PATH, as on a cluster node with crossrec installed.
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        **(extra_env or {}),
+        "RAY_TMPDIR": str(tmp),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has no traffic to drain
+        # The job's entrypoint runs `python` from the head's PATH, as on a cluster node with crossrec installed.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={agents[0]}", f"--dashboard-agent-grpc-port={agents[1]}",
-           f"--runtime-env-agent-port={agents[2]}", f"--metrics-export-port={agents[3]}",
-           f"--node-manager-port={agents[4]}", f"--object-manager-port={agents[5]}", "--num-cpus=2",
-           f"--object-store-memory={300 * 1024 ** 2}", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agents[0]}",
+        f"--dashboard-agent-grpc-port={agents[1]}",
+        f"--runtime-env-agent-port={agents[2]}",
+        f"--metrics-export-port={agents[3]}",
+        f"--node-manager-port={agents[4]}",
+        f"--object-manager-port={agents[5]}",
+        "--num-cpus=2",
+        f"--object-store-memory={300 * 1024**2}",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
     log = open(tmp / "head.log", "wb")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -129,20 +152,55 @@ def _crossrec(head, *argv: str, timeout: float = 600) -> subprocess.CompletedPro
 def test_submit_prepare_and_train_jobs_follow_to_success(ray_head, food_kitchen_csv, tmp_path):
     src = _subset(food_kitchen_csv, tmp_path / "src", 60)
     url = ray_head["url"]
-    prep = _crossrec(ray_head, "submit", "--address", url, "--follow", "--",
-                     "prepare", str(src), "--out", str(tmp_path / "ds"), "--quiet")
+    prep = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--follow",
+        "--",
+        "prepare",
+        str(src),
+        "--out",
+        str(tmp_path / "ds"),
+        "--quiet",
+    )
     assert prep.returncode == 0, prep.stdout + prep.stderr
     job_id = prep.stdout.splitlines()[0]
     assert job_id.startswith("crossrec-prepare-")
     assert "SUCCEEDED" in prep.stderr and (tmp_path / "ds" / "manifest.json").is_file()
     assert "users" in prep.stdout  # the job's own output, streamed
 
-    train = _crossrec(ray_head, "submit", "--address", url, "--follow",
-                      "--env", f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}", "--",
-                      "train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "bundle"),
-                      "--set", "epochs=1", "--set", "dim=32", "--set", "layers=1", "--set", "batch_size=32",
-                      "--set", "valid_max_targets=0", "--workers", "1", "--storage", f"file://{tmp_path / 'runs'}",
-                      "--quiet")
+    train = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--follow",
+        "--env",
+        f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
+        "--",
+        "train",
+        "--data",
+        str(tmp_path / "ds"),
+        "--out",
+        str(tmp_path / "bundle"),
+        "--set",
+        "epochs=1",
+        "--set",
+        "dim=32",
+        "--set",
+        "layers=1",
+        "--set",
+        "batch_size=32",
+        "--set",
+        "valid_max_targets=0",
+        "--workers",
+        "1",
+        "--storage",
+        f"file://{tmp_path / 'runs'}",
+        "--quiet",
+    )
     assert train.returncode == 0, train.stdout[-4000:] + train.stderr[-4000:]
     assert (tmp_path / "bundle" / "bundle.json").is_file() and "wrote bundle" in train.stdout
     assert any((tmp_path / "runs" / "bundle").iterdir())  # checkpoints went to the file:// storage URI
@@ -157,8 +215,18 @@ def test_submit_prepare_and_train_jobs_follow_to_success(ray_head, food_kitchen_
 
 def test_a_failing_job_exits_non_zero_with_its_error(ray_head, tmp_path):
     url = ray_head["url"]
-    bad = _crossrec(ray_head, "submit", "--address", url, "--follow", "--",
-                    "prepare", "/nonexistent/crossrec-src", "--out", str(tmp_path / "x"))
+    bad = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--follow",
+        "--",
+        "prepare",
+        "/nonexistent/crossrec-src",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "/nonexistent/crossrec-src" in bad.stdout  # the command's own one-line error, from the job's logs
     assert "FAILED" in bad.stderr
@@ -173,9 +241,23 @@ def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
     url = ray_head["url"]
     # A relative input path resolves inside the uploaded checkout (the vendored data); textknn embeds its whole
     # catalog first, minutes of work, so the job is still going when it is stopped.
-    sub = _crossrec(ray_head, "submit", "--address", url, "--env", f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
-                    "--", "evaluate", "--baselines", "textknn", "--data", "data/amazon-art-office", "--json",
-                    str(tmp_path / "b.json"), "--quiet")
+    sub = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--env",
+        f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
+        "--",
+        "evaluate",
+        "--baselines",
+        "textknn",
+        "--data",
+        "data/amazon-art-office",
+        "--json",
+        str(tmp_path / "b.json"),
+        "--quiet",
+    )
     assert sub.returncode == 0 and "crossrec jobs logs" in sub.stderr, sub.stderr
     job_id = sub.stdout.strip()
     stop = _crossrec(ray_head, "jobs", "stop", job_id, "--address", url)
@@ -189,13 +271,37 @@ def test_bad_submissions_fail_before_reaching_the_cluster(tmp_path):
     from crossrec_cli import main
 
     env = {**os.environ, "RAY_ADDRESS": ""}
-    rel = subprocess.run([*CROSSREC, "submit", "--address", "http://127.0.0.1:9", "--", "prepare", "x", "--out",
-                          "out/x"], env=env, capture_output=True, text=True)
+    rel = subprocess.run(
+        [*CROSSREC, "submit", "--address", "http://127.0.0.1:9", "--", "prepare", "x", "--out", "out/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert rel.returncode == 2 and "relative path" in rel.stderr
-    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "recommend", "--bundle", "b", "--domain", "d",
-                 "--history", "i"]) == 2
-    down = subprocess.run([*CROSSREC, "jobs", "list", "--address", f"http://127.0.0.1:{_free_ports(1)[0]}"],
-                          env=env, capture_output=True, text=True)
+    assert (
+        main(
+            [
+                "submit",
+                "--address",
+                "http://127.0.0.1:9",
+                "--",
+                "recommend",
+                "--bundle",
+                "b",
+                "--domain",
+                "d",
+                "--history",
+                "i",
+            ]
+        )
+        == 2
+    )
+    down = subprocess.run(
+        [*CROSSREC, "jobs", "list", "--address", f"http://127.0.0.1:{_free_ports(1)[0]}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert down.returncode == 2 and "cannot reach the Jobs API" in down.stderr
 
 
@@ -207,8 +313,9 @@ def test_job_argv_points_ray_commands_at_the_jobs_cluster():
     parser = build_parser()
     assert job_argv(["--", "train", "--data", "d", "--out", "/b"], parser)[-2:] == ["--address", "auto"]
     assert "--address" not in job_argv(["prepare", "src", "--out", "/d"], parser)
-    assert job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"],
-                    parser).count("--address") == 1
+    assert (
+        job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"], parser).count("--address") == 1
+    )
     renv = runtime_env()
     assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform" / "crossrec")]
     assert {".venv", "out", ".git"} <= set(renv["excludes"]) and "data" not in renv["excludes"]
@@ -240,8 +347,16 @@ def test_cluster_yaml_passes_rays_validation():
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
-@pytest.mark.parametrize("breakage", ["no provider", "unknown node-type field", "head type not a node type",
-                                      "min workers above the cluster bound", "fractional GPU count"])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "no provider",
+        "unknown node-type field",
+        "head type not a node type",
+        "min workers above the cluster bound",
+        "fractional GPU count",
+    ],
+)
 def test_a_broken_cluster_yaml_fails_rays_validation(breakage):
     import jsonschema
 

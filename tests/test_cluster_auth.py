@@ -2,6 +2,7 @@
 head) refuses a submission without the token, and `crossrec submit` / `crossrec jobs` send the configured token
 (Ray's token file or env) although the client process itself does not run Ray in token mode. Each process gets a
 temporary HOME, so no test reads or writes ~/.ray."""
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,18 @@ def _run(env, *argv, timeout=600) -> subprocess.CompletedProcess:
 
 def test_a_submission_without_the_token_is_refused(auth_head, tmp_path):
     body = json.dumps({"entrypoint": "echo pwned"}).encode()
-    req = urllib.request.Request(f"{auth_head['url']}/api/jobs/", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{auth_head['url']}/api/jobs/", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(req, timeout=30)
     assert refused.value.code == 401
-    wrong = urllib.request.Request(f"{auth_head['url']}/api/jobs/", data=body, method="POST",
-                                   headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})
+    wrong = urllib.request.Request(
+        f"{auth_head['url']}/api/jobs/",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer nope"},
+    )
     with pytest.raises(urllib.error.HTTPError) as forbidden:
         urllib.request.urlopen(wrong, timeout=30)
     assert forbidden.value.code == 403
@@ -55,8 +61,17 @@ def test_a_submission_without_the_token_is_refused(auth_head, tmp_path):
     err = no_token.stderr.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "requires Ray's token auth and no token is configured" in err and "RAY_AUTH_TOKEN_PATH" in err
-    bad = _run(_client_env(auth_head, tmp_path, RAY_AUTH_TOKEN="wrong"), "submit", "--address", auth_head["url"],
-               "--", "prepare", "x", "--out", str(tmp_path / "x"))
+    bad = _run(
+        _client_env(auth_head, tmp_path, RAY_AUTH_TOKEN="wrong"),
+        "submit",
+        "--address",
+        auth_head["url"],
+        "--",
+        "prepare",
+        "x",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert bad.returncode == 2 and "refused the token from $RAY_AUTH_TOKEN" in bad.stderr, bad.stderr
     assert bad.stderr.strip().count("\n") == 0
 
@@ -67,8 +82,19 @@ def test_crossrec_submit_sends_the_configured_token(auth_head, food_kitchen_csv,
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text(auth_head["token_file"].read_text())
     env = _client_env(auth_head, tmp_path)
-    sub = _run(env, "submit", "--address", auth_head["url"], "--follow", "--",
-               "prepare", str(src), "--out", str(tmp_path / "ds"), "--quiet")
+    sub = _run(
+        env,
+        "submit",
+        "--address",
+        auth_head["url"],
+        "--follow",
+        "--",
+        "prepare",
+        str(src),
+        "--out",
+        str(tmp_path / "ds"),
+        "--quiet",
+    )
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     assert "SUCCEEDED" in sub.stderr and (tmp_path / "ds" / "manifest.json").is_file()
     # The token from RAY_AUTH_TOKEN_PATH (and no default file) works too.

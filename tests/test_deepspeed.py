@@ -5,6 +5,7 @@ restored); the ZeRO-3 end-to-end run, one LoRA adapter per domain, exports a bun
 
 Slow (DeepSpeed start-up per fit, and its ops compile once per machine): run with scripts/ci_deepspeed.sh or
 `.venv/bin/python -m pytest -q -m slow tests/test_deepspeed.py`."""
+
 import json
 import os
 
@@ -18,8 +19,20 @@ pytestmark = pytest.mark.slow
 
 # Data order, negatives and dropout are seeded per epoch and rank, so a resumed run reaches the loss of an
 # uninterrupted one; fp32: bf16 on CPU is slow without AMX.
-BASE = ["strategy=deepspeed", "deepspeed.bf16=false", "dim=32", "layers=1", "n_negatives=8", "batch_size=8",
-        "valid_max_targets=0", "patience=0", "max_tokens=16", "lora.rank=4", "backbone_lr=1e-3", "epochs=2"]
+BASE = [
+    "strategy=deepspeed",
+    "deepspeed.bf16=false",
+    "dim=32",
+    "layers=1",
+    "n_negatives=8",
+    "batch_size=8",
+    "valid_max_targets=0",
+    "patience=0",
+    "max_tokens=16",
+    "lora.rank=4",
+    "backbone_lr=1e-3",
+    "epochs=2",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +50,9 @@ def _state(result) -> dict:
 
 # ZeRO-3 runs end-to-end with one LoRA adapter per domain: each adapter is sharded, a batch may leave one idle.
 @pytest.mark.parametrize("stage, mode, extra", [(2, "cached", []), (3, "end-to-end", ["lora.per_domain=true"])])
-def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(ray_cluster, micro_fk, tmp_path, monkeypatch,
-                                                               stage, mode, extra):
+def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(
+    ray_cluster, micro_fk, tmp_path, monkeypatch, stage, mode, extra
+):
     from crossrec.bundle import load_bundle
     from trainers.embed import embed_catalog
     from trainers.pipeline import export_bundle

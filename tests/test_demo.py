@@ -1,5 +1,6 @@
 """`crossrec demo` end to end on a small sample: prepare, train (Ray Train), evaluate, recommend and one request
 answered by the Ray Serve graph over HTTP on 127.0.0.1 (the README's first command runs it on 3,000 users)."""
+
 import json
 
 import pytest

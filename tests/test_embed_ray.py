@@ -1,4 +1,5 @@
 """Catalog embedding as a Ray Data job (trainers/embed.py) on real item texts with real minilm weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,8 +54,10 @@ def test_ray_data_matches_in_process_and_caches(ray_cluster, small_catalog, monk
     # Same cache key as the in-process path, and a second call starts no work at all.
     from crossrec.embedding import vector_cache_path
 
-    assert vector_cache_path(splits.item_ids.tolist(), texts, cfg.backbone,
-                             template_of(cfg.text_template, cfg.max_tokens)) == path
+    assert (
+        vector_cache_path(splits.item_ids.tolist(), texts, cfg.backbone, template_of(cfg.text_template, cfg.max_tokens))
+        == path
+    )
 
     def no_work(*args, **kwargs):
         raise AssertionError("cache hit expected, but the Ray Data job ran")

@@ -1,6 +1,7 @@
 """Real faults, not exceptions: a DDP worker process SIGKILLed mid-epoch (Ray Train restarts the worker group from
 the last checkpoint and the run ends where an uninterrupted one ends), and a Tune trial whose process dies once
 (Tune restarts it, `FailureConfig(max_failures=1)`, and the sweep's best is the one an undisturbed sweep finds)."""
+
 import json
 from pathlib import Path
 
@@ -21,17 +22,28 @@ def _latest_state(runs: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkilled_worker_resumes_from_the_checkpoint_to_the_uninterrupted_metric(ray_cluster, vector_cache, tiny_fk,
-                                                                                 tmp_path, monkeypatch):
+def test_sigkilled_worker_resumes_from_the_checkpoint_to_the_uninterrupted_metric(
+    ray_cluster, vector_cache, tiny_fk, tmp_path, monkeypatch
+):
     from trainers.pipeline import train_bundle
     from trainers.train import KILL_ENV
 
-    straight = train_bundle(tiny_fk, tmp_path / "straight", load_config(overrides=FAST),
-                            RunSettings(workers=2, name="straight"), progress=False)
+    straight = train_bundle(
+        tiny_fk,
+        tmp_path / "straight",
+        load_config(overrides=FAST),
+        RunSettings(workers=2, name="straight"),
+        progress=False,
+    )
     pid_file = tmp_path / "killed.pid"
     monkeypatch.setenv(KILL_ENV, f"2:{pid_file}")
-    killed = train_bundle(tiny_fk, tmp_path / "killed", load_config(overrides=FAST),
-                          RunSettings(workers=2, name="killed", max_failures=1), progress=False)
+    killed = train_bundle(
+        tiny_fk,
+        tmp_path / "killed",
+        load_config(overrides=FAST),
+        RunSettings(workers=2, name="killed", max_failures=1),
+        progress=False,
+    )
     pid = int(pid_file.read_text())  # rank 1 wrote its pid, then SIGKILLed itself in epoch 2
     assert not Path(f"/proc/{pid}").exists()
     state = _latest_state(tmp_path / ".runs", "killed")
@@ -41,22 +53,38 @@ def test_sigkilled_worker_resumes_from_the_checkpoint_to_the_uninterrupted_metri
     for x, y in zip(a, b):
         assert y["valid/ndcg@10"] == pytest.approx(x["valid/ndcg@10"], abs=NDCG_TOL)
         assert y["train/loss"] == pytest.approx(x["train/loss"], rel=LOSS_REL)
-    assert killed["metrics"]["test"]["all"]["ndcg@10"] == pytest.approx(straight["metrics"]["test"]["all"]["ndcg@10"],
-                                                                        abs=NDCG_TOL)
+    assert killed["metrics"]["test"]["all"]["ndcg@10"] == pytest.approx(
+        straight["metrics"]["test"]["all"]["ndcg@10"], abs=NDCG_TOL
+    )
 
 
 @pytest.mark.slow
-def test_a_trial_that_dies_once_completes_and_the_best_is_unaffected(ray_cluster, vector_cache, tiny_fk, tmp_path,
-                                                                    monkeypatch):
+def test_a_trial_that_dies_once_completes_and_the_best_is_unaffected(
+    ray_cluster, vector_cache, tiny_fk, tmp_path, monkeypatch
+):
     from crossrec.sweep import load_sweep
     from trainers.tune import KILL_TRIAL_ENV, run_sweep
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "base": {"dim": 32, "layers": 1, "batch_size": 32, "n_negatives": 32, "valid_max_targets": 0, "patience": 0,
-                 "epochs": 2},
-        "space": {"lr": {"type": "grid", "values": [3.0e-3, 30.0]}},
-        "scheduler": {"type": "fifo"}, "max_concurrent_trials": 1, "workers_per_trial": 1}))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "base": {
+                    "dim": 32,
+                    "layers": 1,
+                    "batch_size": 32,
+                    "n_negatives": 32,
+                    "valid_max_targets": 0,
+                    "patience": 0,
+                    "epochs": 2,
+                },
+                "space": {"lr": {"type": "grid", "values": [3.0e-3, 30.0]}},
+                "scheduler": {"type": "fifo"},
+                "max_concurrent_trials": 1,
+                "workers_per_trial": 1,
+            }
+        )
+    )
     calm = run_sweep(load_sweep(sweep), tiny_fk, tmp_path / "calm", progress=False)
     marker = tmp_path / "trial-killed"
     monkeypatch.setenv(KILL_TRIAL_ENV, f"1:{marker}")  # the first trial's process dies after its epoch 1
@@ -65,4 +93,5 @@ def test_a_trial_that_dies_once_completes_and_the_best_is_unaffected(ray_cluster
     assert [r.status for r in hit.records] == ["completed", "completed"]
     assert hit.best.params == calm.best.params
     assert hit.bundle["metrics"]["valid"]["valid/ndcg@10"] == pytest.approx(
-        calm.bundle["metrics"]["valid"]["valid/ndcg@10"], abs=NDCG_TOL)
+        calm.bundle["metrics"]["valid"]["valid/ndcg@10"], abs=NDCG_TOL
+    )

@@ -1,5 +1,6 @@
 """End-to-end LoRA fine-tuning: real MiniLM (and SmolLM2, slow) weights, real Ray Train (2 workers, DDP over gloo),
 the micro real slice (conftest `micro_fk`); the exported adapter checked with plain peft, outside crossrec."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,19 @@ import torch
 from crossrec.config import LoraConfig, RunSettings, load_config
 
 # Small enough for a 2-core machine: ~30 users, 16-token item texts, 8-sequence batches.
-E2E = ["mode=end-to-end", "epochs=2", "dim=32", "layers=1", "n_negatives=4", "batch_size=8", "max_tokens=16",
-       "valid_max_targets=0", "patience=0", "backbone_lr=1e-3", "lora.rank=4"]
+E2E = [
+    "mode=end-to-end",
+    "epochs=2",
+    "dim=32",
+    "layers=1",
+    "n_negatives=4",
+    "batch_size=8",
+    "max_tokens=16",
+    "valid_max_targets=0",
+    "patience=0",
+    "backbone_lr=1e-3",
+    "lora.rank=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +30,7 @@ def e2e_bundle(ray_cluster, vector_cache, micro_fk, tmp_path_factory):
     from trainers.pipeline import train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "e2e"
-    meta = train_bundle(micro_fk, out, load_config(overrides=E2E), RunSettings(workers=2, name="e2e"),
-                        progress=False)
+    meta = train_bundle(micro_fk, out, load_config(overrides=E2E), RunSettings(workers=2, name="e2e"), progress=False)
     return out, meta
 
 
@@ -59,8 +70,9 @@ def test_adapter_loads_with_plain_peft_and_matches_the_bundle(e2e_bundle, micro_
     # Outside crossrec: transformers + peft + mean pooling, as the MiniLM model card does.
     path = resolve_backbone("minilm").path
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(path, local_files_only=True),
-                                           str(out / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(path, local_files_only=True), str(out / "adapter")
+    ).eval()
     enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
     with torch.inference_mode():
         hidden = peft_model(**enc).last_hidden_state
@@ -114,8 +126,9 @@ def test_init_from_an_end_to_end_bundle_loads_its_lora_adapter(e2e_bundle, micro
     from trainers.train import initial_model, resolved_init
 
     out, meta = e2e_bundle
-    cfg = resolved_init(load_config(overrides=[*E2E, f"init_from={out}", "text_prior_decay=0.6",
-                                               "text_prior_cross=0.1"]))
+    cfg = resolved_init(
+        load_config(overrides=[*E2E, f"init_from={out}", "text_prior_decay=0.6", "text_prior_cross=0.1"])
+    )
     data = Dataset.load(micro_fk)
     sp = splits_for(data, cfg, training=True)
     model = initial_model(cfg, data, sp, sp.domains, CrossRecModel(cfg, len(sp.domains), in_dim=384), None)
@@ -129,15 +142,18 @@ def test_init_from_an_end_to_end_bundle_loads_its_lora_adapter(e2e_bundle, micro
     for k, v in model.recommender.state_dict().items():
         assert torch.equal(v, rec[k]), k
     with pytest.raises(ValueError, match="`init_from`: the bundle's adapter has lora.rank=4"):
-        bad = resolved_init(load_config(overrides=[*E2E, f"init_from={out}", "lora.rank=8",
-                                                   "text_prior_decay=0.6", "text_prior_cross=0.1"]))
+        bad = resolved_init(
+            load_config(
+                overrides=[*E2E, f"init_from={out}", "lora.rank=8", "text_prior_decay=0.6", "text_prior_cross=0.1"]
+            )
+        )
         initial_model(bad, data, sp, sp.domains, CrossRecModel(bad, len(sp.domains), in_dim=384), None)
 
 
 def test_bad_lora_config_fails_naming_the_field(micro_fk, tmp_path, capsys):
     from crossrec.backbones import load_backbone
-    from crossrec_cli import main
     from crossrec.finetune import apply_lora
+    from crossrec_cli import main
 
     with pytest.raises(ValueError, match=r"`lora.rank` must be > 0, got 0"):
         load_config(overrides=["lora.rank=0"])
@@ -145,11 +161,30 @@ def test_bad_lora_config_fails_naming_the_field(micro_fk, tmp_path, capsys):
         LoraConfig(dropout=1.5)
     with pytest.raises(ValueError, match=r"unknown config key `lora.ranks` \(accepted: lora.alpha, lora.dropout"):
         load_config(overrides=["lora.ranks=4"])
-    with pytest.raises(ValueError, match=r"`lora.target_modules`: q_proj not in backbone 'minilm' "
-                                         r"\(its linear layers: dense, key, query, value\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`lora.target_modules`: q_proj not in backbone 'minilm' "
+        r"\(its linear layers: dense, key, query, value\)",
+    ):
         apply_lora(load_backbone("minilm"), LoraConfig(target_modules=["query", "q_proj"]))
-    assert main(["train", "--data", str(micro_fk), "--out", str(tmp_path / "b"), "--mode", "end-to-end",
-                 "--set", "lora.per_domain=true", "--set", "lora.enabled=false"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(micro_fk),
+                "--out",
+                str(tmp_path / "b"),
+                "--mode",
+                "end-to-end",
+                "--set",
+                "lora.per_domain=true",
+                "--set",
+                "lora.enabled=false",
+            ]
+        )
+        == 2
+    )
     assert "`lora.per_domain` needs `lora.enabled: true`" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"`lora.per_domain` names one adapter per domain.*'default'"):
         apply_lora(load_backbone("minilm"), LoraConfig(per_domain=True), ["food", "default"])
@@ -172,8 +207,13 @@ def test_per_domain_adapters_train_export_and_load_with_plain_peft(ray_cluster, 
     from trainers.pipeline import train_bundle
 
     out = tmp_path / "pd"
-    meta = train_bundle(micro_fk, out, load_config(overrides=[*E2E, "epochs=1", "lora.per_domain=true"]),
-                        RunSettings(workers=2, name="pd"), progress=False)
+    meta = train_bundle(
+        micro_fk,
+        out,
+        load_config(overrides=[*E2E, "epochs=1", "lora.per_domain=true"]),
+        RunSettings(workers=2, name="pd"),
+        progress=False,
+    )
     assert meta["config"]["lora"]["per_domain"] is True
     bundle = load_bundle(out)
     assert has_domain_adapters(bundle) and domain_adapters(out / "adapter") == ["food", "kitchen"]
@@ -190,8 +230,9 @@ def test_per_domain_adapters_train_export_and_load_with_plain_peft(ray_cluster, 
         base = load_backbone("minilm")
         base.model = PeftModel.from_pretrained(base.model, str(out / "adapter" / d)).eval()  # plain peft
         plain = base.encode([texts[i] for i in rows], max_length=16)
-        np.testing.assert_allclose(bundle_backbone(bundle, d).encode([texts[i] for i in rows], max_length=16),
-                                   plain, atol=2e-5)
+        np.testing.assert_allclose(
+            bundle_backbone(bundle, d).encode([texts[i] for i in rows], max_length=16), plain, atol=2e-5
+        )
         with torch.inference_mode():
             expect = bundle.model.item_vectors(torch.from_numpy(plain))
         got = bundle.item_matrix(d)[1][torch.from_numpy(rows - splits.offset[d])]
@@ -209,23 +250,38 @@ def test_smollm2_lora_steps_lower_the_loss(micro_fk):
     from crossrec.splits import Splits
     from crossrec.training import SequenceData, loss_inputs
 
-    cfg = load_config(overrides=[*E2E, "backbone=smollm2-135m", "dropout=0", "lora.dropout=0",
-                                 "text_prior_decay=0.6", "text_prior_cross=0.1"])
+    cfg = load_config(
+        overrides=[
+            *E2E,
+            "backbone=smollm2-135m",
+            "dropout=0",
+            "lora.dropout=0",
+            "text_prior_decay=0.6",
+            "text_prior_cross=0.1",
+        ]
+    )
     data = Dataset.load(micro_fk)
     splits = Splits(data)
     torch.manual_seed(0)
     texts = catalog_texts(data.items.take(splits.item_row), template_of("", cfg.max_tokens))
-    model = build_end_to_end(cfg, CrossRecModel(cfg, 2, in_dim=resolve_backbone(cfg.backbone).dim,
-                                                n_items=len(texts)), texts)
-    assert set(cfg.lora.target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]) <= \
-        {n.rsplit(".", 1)[-1] for n, _ in model.encoder.backbone.model.named_modules()}
+    model = build_end_to_end(
+        cfg, CrossRecModel(cfg, 2, in_dim=resolve_backbone(cfg.backbone).dim, n_items=len(texts)), texts
+    )
+    assert set(cfg.lora.target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]) <= {
+        n.rsplit(".", 1)[-1] for n, _ in model.encoder.backbone.model.named_modules()
+    }
     batch = next(SequenceData(splits, cfg.max_len).batches(8, np.random.default_rng(0)))
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
-    inputs = loss_inputs(batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4,
-                         np.random.default_rng(1), 2)
-    opt = torch.optim.AdamW([{"params": list(model.recommender.parameters())},
-                             {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-3}],
-                            lr=1e-3)
+    inputs = loss_inputs(
+        batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4, np.random.default_rng(1), 2
+    )
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(model.recommender.parameters())},
+            {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-3},
+        ],
+        lr=1e-3,
+    )
     model.train()
     losses = []
     for _ in range(3):
@@ -252,17 +308,26 @@ def test_bounded_backbone_gradients_keep_the_loss_and_reach_only_the_chosen_item
     texts = catalog_texts(data.items.take(splits.item_row), template_of("", 16))
     batch = next(SequenceData(splits, 30).batches(8, np.random.default_rng(0)))
     domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
-    inputs = loss_inputs(batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4,
-                         np.random.default_rng(1), 2)
+    inputs = loss_inputs(
+        batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4, np.random.default_rng(1), 2
+    )
     n = len(inputs["item_x"])
     rows = grad_rows(n, inputs, 5)
     targets = set(inputs["cand_index"][inputs["labels"]].tolist())
-    assert sorted(rows.tolist()) == list(range(n)) and set(rows[:len(targets)].tolist()) == targets
+    assert sorted(rows.tolist()) == list(range(n)) and set(rows[: len(targets)].tolist()) == targets
 
     losses, grads = {}, {}
     for bound in (0, 5):
-        cfg = load_config(overrides=[*E2E, "dropout=0", "lora.dropout=0", "text_prior_decay=0.6",
-                                     "text_prior_cross=0.1", f"backbone_grad_items={bound}"])
+        cfg = load_config(
+            overrides=[
+                *E2E,
+                "dropout=0",
+                "lora.dropout=0",
+                "text_prior_decay=0.6",
+                "text_prior_cross=0.1",
+                f"backbone_grad_items={bound}",
+            ]
+        )
         torch.manual_seed(0)
         model = build_end_to_end(cfg, CrossRecModel(cfg, 2, in_dim=384, n_items=len(texts)), texts)
         model.train()
@@ -289,25 +354,48 @@ def test_end_to_end_memory_is_estimated_and_a_run_that_cannot_fit_is_refused(mic
     assert (hidden, layers) == (384, 6) and 22e6 < params < 23e6  # all-MiniLM-L6-v2
     cfg = load_config(overrides=["mode=end-to-end", "max_tokens=64", "backbone_grad_items=32"])
     est = memory_estimate(cfg, hidden, layers, params)
-    half = memory_estimate(load_config(overrides=["mode=end-to-end", "max_tokens=64", "backbone_grad_items=16"]),
-                           hidden, layers, params)
+    half = memory_estimate(
+        load_config(overrides=["mode=end-to-end", "max_tokens=64", "backbone_grad_items=16"]), hidden, layers, params
+    )
     assert est["grad_items"] == 32 and half["activations"] == pytest.approx(est["activations"] / 2)
     assert check_memory(cfg, path, 2, 100.0)["total"] == pytest.approx(est["total"])
-    with pytest.raises(ValueError, match=r"needs about .* GiB \(2 worker\(s\) x .*available: lower "
-                                         r"`backbone_grad_items` \(to about \d+\) or `max_tokens`"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs about .* GiB \(2 worker\(s\) x .*available: lower "
+        r"`backbone_grad_items` \(to about \d+\) or `max_tokens`",
+    ):
         check_memory(cfg, path, 2, 2 * (est["total"] - est["activations"] / 2))
     # The command refuses before Ray starts, naming the setting (every item with gradients cannot fit anywhere).
-    assert main(["train", "--data", str(micro_fk), "--out", str(tmp_path / "b"), "--mode", "end-to-end",
-                 "--set", "backbone_grad_items=0", "--set", "max_tokens=512", "--set", "batch_size=4096",
-                 "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(micro_fk),
+                "--out",
+                str(tmp_path / "b"),
+                "--mode",
+                "end-to-end",
+                "--set",
+                "backbone_grad_items=0",
+                "--set",
+                "max_tokens=512",
+                "--set",
+                "batch_size=4096",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "end-to-end training needs about" in err and "set `backbone_grad_items`" in err
     assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
-def test_smollm2_end_to_end_with_the_default_memory_bound_trains_within_its_estimate(ray_cluster, vector_cache,
-                                                                                       micro_fk, tmp_path):
+def test_smollm2_end_to_end_with_the_default_memory_bound_trains_within_its_estimate(
+    ray_cluster, vector_cache, micro_fk, tmp_path
+):
     """The defaults (batch 256, 128 negatives per domain, 64-token texts) sent every item of a step through
     SmolLM2 with gradients and were killed by Ray's memory monitor; `backbone_grad_items` bounds it, and each
     worker's peak stays under the estimate checked before the run."""

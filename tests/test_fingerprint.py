@@ -1,5 +1,6 @@
 """Run fingerprints (data hash + config): a re-run into the same run or --out with other data or config exits 2
 naming what differs, unless --resume / --force says what the user wants. No Ray: every refusal comes before it."""
+
 import json
 
 import pytest
@@ -18,8 +19,11 @@ def test_check_run_decides_and_names_what_differs():
     old = _fp("a" * 64, "lr=0.001")
     assert check_run(None, old, "run x", started=False) == "new"
     assert check_run(old, _fp("a" * 64, "lr=0.001", "epochs=9"), "run x") == "continue"  # longer: same run
-    with pytest.raises(RunConflict, match=r"run x was started with a different config \(lr 0\.001 -> 0\.01\): "
-                                          r"pass --force to start over"):
+    with pytest.raises(
+        RunConflict,
+        match=r"run x was started with a different config \(lr 0\.001 -> 0\.01\): "
+        r"pass --force to start over",
+    ):
         check_run(old, _fp("a" * 64, "lr=0.01"), "run x")
     with pytest.raises(RunConflict, match=r"with other data \(data hash aaaaaaaa -> bbbbbbbb; lr 0\.001 -> 0\.01\)"):
         check_run(old, _fp("b" * 64, "lr=0.01"), "run x", resume=True)  # --resume never mixes two runs
@@ -43,8 +47,10 @@ def test_fingerprint_round_trips_through_a_folder(tmp_path):
 def test_train_into_another_runs_folder_exits_2_naming_the_difference(tiny_fk, tiny_ao, tmp_path, capsys):
     runs = tmp_path / "runs"
     # A run that was started on tiny_fk with lr 0.001 (its fingerprint, as train_bundle records it first).
-    write_fingerprint(str(runs / "r1"), fingerprint(Dataset.load(tiny_fk).content_hash,
-                                                    config_to_dict(load_config(overrides=["lr=0.001"]))))
+    write_fingerprint(
+        str(runs / "r1"),
+        fingerprint(Dataset.load(tiny_fk).content_hash, config_to_dict(load_config(overrides=["lr=0.001"]))),
+    )
     (runs / "r1" / "checkpoint_000001").mkdir()
     base = ["train", "--out", str(tmp_path / "b"), "--storage", str(runs), "--name", "r1", "--quiet"]
     assert main([*base, "--data", str(tiny_fk), "--set", "lr=0.01"]) == 2

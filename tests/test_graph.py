@@ -1,5 +1,6 @@
 """Knowledge graph from a real art-office slice, LightGCN propagation against a hand computation, and the three
 fusion modes of text + graph vectors training a few steps on real MiniLM vectors."""
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_a_dataset_without_attributes_gets_co_interaction_edges_only(tiny_fk):
     g = build_graph(data, splits)
     assert g.attributes == [] and len(g.item_item) > 0
     vecs = graph_item_vectors(g, np.ones((g.n_items, 4), np.float32))
-    isolated = g.degree()[:g.n_items] == 0
+    isolated = g.degree()[: g.n_items] == 0
     assert isolated.any() and (vecs[isolated] == 0).all() and (vecs[~isolated] != 0).any()
 
 
@@ -85,12 +86,22 @@ def test_each_fusion_mode_trains(ao, mode, text_and_graph):
     data, splits = ao
     text, graph = text_and_graph
     x = torch.from_numpy(np.concatenate([text, graph], 1))
-    cfg = load_config(overrides=["dim=32", "layers=1", "dropout=0", "domain_dropout=0", "graph.enabled=true",
-                                 f"fusion={mode}", f"side_dims=[{graph.shape[1]}]", "text_prior_decay=0.6",
-                                 "text_prior_cross=0.1"])
+    cfg = load_config(
+        overrides=[
+            "dim=32",
+            "layers=1",
+            "dropout=0",
+            "domain_dropout=0",
+            "graph.enabled=true",
+            f"fusion={mode}",
+            f"side_dims=[{graph.shape[1]}]",
+            "text_prior_decay=0.6",
+            "text_prior_cross=0.1",
+        ]
+    )
     torch.manual_seed(0)
     model = CrossRecModel(cfg, len(splits.domains), in_dim=x.shape[1])
-    model.adaptor.init_from_vectors(x[:, :model.adaptor_in_dim])
+    model.adaptor.init_from_vectors(x[:, : model.adaptor_in_dim])
     assert model.adaptor_in_dim == text.shape[1] and model.vector_dim == 32 + text.shape[1]
     seqs = SequenceData(splits, cfg.max_len)
     item_domain = torch.from_numpy(splits.item_domain)
@@ -112,8 +123,8 @@ def test_each_fusion_mode_trains(ao, mode, text_and_graph):
     # A new item given as text alone scores like one with an all-zero graph vector (the fallback).
     model.eval()
     with torch.no_grad():
-        alone = model.item_vectors(x[:5, :text.shape[1]])
-        zero = model.item_vectors(torch.cat([x[:5, :text.shape[1]], torch.zeros(5, graph.shape[1])], 1))
+        alone = model.item_vectors(x[:5, : text.shape[1]])
+        zero = model.item_vectors(torch.cat([x[:5, : text.shape[1]], torch.zeros(5, graph.shape[1])], 1))
         full = model.item_vectors(x[:5])
     torch.testing.assert_close(alone, zero)
     assert not torch.allclose(full, alone)
@@ -152,8 +163,17 @@ def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vec
     from crossrec.inference import bundle_scorer
     from trainers.pipeline import train_bundle
 
-    cfg = load_config(overrides=["epochs=1", "dim=32", "layers=1", "batch_size=16", "valid_max_targets=0",
-                                 "graph.enabled=true", "fusion=gate"])
+    cfg = load_config(
+        overrides=[
+            "epochs=1",
+            "dim=32",
+            "layers=1",
+            "batch_size=16",
+            "valid_max_targets=0",
+            "graph.enabled=true",
+            "fusion=gate",
+        ]
+    )
     meta = train_bundle(tiny_ao, tmp_path / "b", cfg, RunSettings(workers=1, name="graph"), progress=False)
     assert meta["config"]["side_dims"] == [384] and meta["in_dim"] == 768
     data = Dataset.load(tiny_ao)
@@ -170,11 +190,15 @@ def test_ranker_graph_similarity_is_lightgcn_two_hop(ao):
     data, splits = ao
     g = build_graph(data, splits)
     arrays = {k: torch.from_numpy(v) for k, v in g.item_arrays(max_attrs=256, max_neighbors=256).items()}
-    items = ItemTable(domains=splits.domains, item_domain=["x"] * g.n_items, item_ids=[str(i) for i in range(g.n_items)],
-                      arrays={"log_pop": torch.zeros(g.n_items), **arrays})
+    items = ItemTable(
+        domains=splits.domains,
+        item_domain=["x"] * g.n_items,
+        item_ids=[str(i) for i in range(g.n_items)],
+        arrays={"log_pop": torch.zeros(g.n_items), **arrays},
+    )
     adj = normalized_adjacency(g).to_dense().double()
-    a_items = adj[:g.n_items]
-    want_full = a_items[:, g.n_items:] @ a_items[:, g.n_items:].T + a_items[:, :g.n_items]  # (items, items)
+    a_items = adj[: g.n_items]
+    want_full = a_items[:, g.n_items :] @ a_items[:, g.n_items :].T + a_items[:, : g.n_items]  # (items, items)
     rng = np.random.default_rng(0)
     hist = torch.from_numpy(rng.integers(0, g.n_items, (3, 5)))
     hist[0, 0] = -1  # padding / an unknown item

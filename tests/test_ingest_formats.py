@@ -1,4 +1,5 @@
 """Every ingest format read from a real slice (auto-detected and named), validated, and checked against the source."""
+
 from __future__ import annotations
 
 import csv
@@ -64,8 +65,10 @@ def histories(table: pa.Table) -> dict[str, list[tuple[int, str]]]:
 def assert_monotone(table: pa.Table) -> None:
     """Timestamps never decrease along each user's rows of one domain (adapters read domains one at a time)."""
     last: dict[tuple[str, str], int] = {}
-    for key, t in zip(zip(table.column("user_id").to_pylist(), table.column("domain").to_pylist()),
-                      table.column("timestamp").to_pylist()):
+    for key, t in zip(
+        zip(table.column("user_id").to_pylist(), table.column("domain").to_pylist()),
+        table.column("timestamp").to_pylist(),
+    ):
         assert t >= last.get(key, t), key
         last[key] = t
 
@@ -76,6 +79,7 @@ def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 # --- RecBole / UniSRec ---------------------------------------------------------------------------------------------
 
+
 def test_recbole_item_and_unisrec_text_folder_matches_source() -> None:
     items, inters, source = read_both(RECBOLE, "recbole")
     src_items, src_inters = read_csv(FOOD_KITCHEN / "items.csv"), read_csv(FOOD_KITCHEN / "interactions.csv")
@@ -85,8 +89,9 @@ def test_recbole_item_and_unisrec_text_folder_matches_source() -> None:
     titles = dict(zip(items.column("item_id").to_pylist(), items.column("title").to_pylist()))
     assert titles["9742356831"] == "Mae Ploy Thai Green Curry Paste - 14 oz jar"  # food.item
     # kitchen.text's `text` is the title; the tab the source title held became a space (TSV has no quoting).
-    assert titles["B006406DPQ"].startswith("Canvas Prints - Framed and Ready to Hang - 100% Quality Cotton "
-                                           "Canvas - Free Shipping")
+    assert titles["B006406DPQ"].startswith(
+        "Canvas Prints - Framed and Ready to Hang - 100% Quality Cotton Canvas - Free Shipping"
+    )
     assert_monotone(inters)
     # food.inter keeps the source's timestamps; the UniSRec sequence form gets ordinals 0..n-1 in source order.
     food_ids = {r["item_id"] for r in src_items if r["domain"] == "food"}
@@ -112,17 +117,26 @@ def test_recbole_any_column_order_float_timestamps_and_extra_item_columns(tmp_pa
     src_items, src_inters = read_csv(ART_OFFICE / "items.csv"), read_csv(ART_OFFICE / "interactions.csv")
     arts_items = [r for r in src_items if r["domain"] == "arts"]
     arts = [r for r in src_inters if r["domain"] == "arts"]
-    write_tsv(tmp_path / "arts.inter", ["item_id:token", "timestamp:float", "user_id:token"],
-              [[r["item_id"], f"{r['timestamp']}.0", r["user_id"]] for r in arts])
-    write_tsv(tmp_path / "arts.item", ["title:token_seq", "attributes:token_seq", "item_id:token"],
-              [[r["title"], r["attributes"], r["item_id"]] for r in arts_items])
+    write_tsv(
+        tmp_path / "arts.inter",
+        ["item_id:token", "timestamp:float", "user_id:token"],
+        [[r["item_id"], f"{r['timestamp']}.0", r["user_id"]] for r in arts],
+    )
+    write_tsv(
+        tmp_path / "arts.item",
+        ["title:token_seq", "attributes:token_seq", "item_id:token"],
+        [[r["title"], r["attributes"], r["item_id"]] for r in arts_items],
+    )
     items, inters = validated(read_source(tmp_path, "recbole"))
     assert items.column_names == ["item_id", "domain", "title", "attributes"]
     assert items.num_rows == len(arts_items) and inters.num_rows == len(arts)
     first = items.slice(0, 1).to_pylist()[0]
-    assert first == {"item_id": "arts-00000", "domain": "arts",
-                     "title": "fletcher terry co framers stacked points 08 950 silver 5 8 in",
-                     "attributes": "arts crafts sewing crafting picture framing fletcher terry"}
+    assert first == {
+        "item_id": "arts-00000",
+        "domain": "arts",
+        "title": "fletcher terry co framers stacked points 08 950 silver 5 8 in",
+        "attributes": "arts crafts sewing crafting picture framing fletcher terry",
+    }
     assert inters.column("timestamp").type == pa.int64()
     assert inters.column("timestamp").to_pylist() == [int(r["timestamp"]) for r in arts]
 
@@ -147,7 +161,7 @@ def test_unisrec_augmented_prefix_rows_merge_into_one_history(tmp_path: Path) ->
         seq = hist.split() + [target]
         # UniSRec's train file: one row per prefix, the longest first.
         for end in range(len(seq), 0, -1):
-            rows.append([user, " ".join(seq[:end - 1]), seq[end - 1]])
+            rows.append([user, " ".join(seq[: end - 1]), seq[end - 1]])
         extra += len(seq) - 1
     write_tsv(tmp_path / "kitchen.inter", ["user_id:token", "item_id_list:token_seq", "item_id:token"], rows)
     source = read_source(tmp_path, "recbole")
@@ -170,8 +184,11 @@ def test_unisrec_histories_that_are_not_prefixes_are_refused(tmp_path: Path) -> 
 def test_recbole_inter_without_item_id_names_file_and_column(tmp_path: Path) -> None:
     shutil.copy(RECBOLE / "food.item", tmp_path)
     write_tsv(tmp_path / "food.inter", ["user_id:token", "timestamp:float"], [["u000001", "0"]])
-    with pytest.raises(DataError, match=r"food\.inter: missing column 'item_id' \(required: user_id, item_id "
-                                        r"\(or item_id_list\); found: user_id, timestamp\)"):
+    with pytest.raises(
+        DataError,
+        match=r"food\.inter: missing column 'item_id' \(required: user_id, item_id "
+        r"\(or item_id_list\); found: user_id, timestamp\)",
+    ):
         read_source(tmp_path, "auto")
 
 
@@ -198,8 +215,11 @@ def test_recbole_bad_rows_are_named(tmp_path: Path) -> None:
 
 def test_recbole_needs_item_text_and_one_domain_for_domain_option(tmp_path: Path) -> None:
     shutil.copy(RECBOLE / "food.inter", tmp_path)
-    with pytest.raises(DataError, match=r"food\.inter: no item text; expected food\.item \(RecBole\) or "
-                                        r"food\.text \(UniSRec\)"):
+    with pytest.raises(
+        DataError,
+        match=r"food\.inter: no item text; expected food\.item \(RecBole\) or "
+        r"food\.text \(UniSRec\)",
+    ):
         read_source(tmp_path, "recbole")
     with pytest.raises(DataError, match=r"--domain 'x' was given but the folder holds 2 datasets \(food, kitchen\)"):
         read_source(RECBOLE, "recbole", domain="x")
@@ -214,8 +234,12 @@ def test_amazon2023_folder_matches_files_and_counts_reviews_without_meta() -> No
     items, inters, source = read_both(AMAZON, "amazon2023")
     meta = {d: read_jsonl(AMAZON / f"meta_{c}.jsonl") for d, c in CATEGORIES.items()}
     reviews = {d: read_jsonl(AMAZON / f"{c}.jsonl") for d, c in CATEGORIES.items()}
-    no_meta = [r for rs in reviews.values() for r in rs
-               if r["parent_asin"] not in {m["parent_asin"] for ms in meta.values() for m in ms}]
+    no_meta = [
+        r
+        for rs in reviews.values()
+        for r in rs
+        if r["parent_asin"] not in {m["parent_asin"] for ms in meta.values() for m in ms}
+    ]
     assert [r["parent_asin"] for r in no_meta] == ["office-08304"]
     assert source.skipped == {"reviews_without_meta": 1}
     assert per_domain(items) == {d: len(ms) for d, ms in meta.items()}
@@ -255,9 +279,16 @@ def test_amazon2023_full_meta_fields_become_text_columns(tmp_path: Path) -> None
     # to check how lists are joined and long descriptions cut.
     meta = read_jsonl(AMAZON / "meta_Arts_Crafts_and_Sewing.jsonl")
     first = meta[0]
-    first.update(store="fletcher terry", features=[first["title"], first["categories"][0]],
-                 description=[first["title"]] * 30, categories=["Arts, Crafts & Sewing", "Crafting", None],
-                 details={"Brand": "fletcher terry"}, price=None, images=[], videos=[])
+    first.update(
+        store="fletcher terry",
+        features=[first["title"], first["categories"][0]],
+        description=[first["title"]] * 30,
+        categories=["Arts, Crafts & Sewing", "Crafting", None],
+        details={"Brand": "fletcher terry"},
+        price=None,
+        images=[],
+        videos=[],
+    )
     with open(tmp_path / "meta_Arts_Crafts_and_Sewing.jsonl", "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in meta)
     shutil.copy(AMAZON / "Arts_Crafts_and_Sewing.jsonl", tmp_path)
@@ -281,8 +312,11 @@ def test_amazon2023_bad_lines_are_named(tmp_path: Path) -> None:
     bad = json.loads(lines[4])
     del bad["user_id"]
     reviews.write_text("\n".join(lines[:4] + [json.dumps(bad)] + lines[5:]) + "\n")
-    with pytest.raises(DataError, match=r"Office_Products\.jsonl: column 'user_id' row 5: expected a non-empty "
-                                        r"string, got None"):
+    with pytest.raises(
+        DataError,
+        match=r"Office_Products\.jsonl: column 'user_id' row 5: expected a non-empty "
+        r"string, got None",
+    ):
         read_source(tmp_path, "amazon2023")
     bad = json.loads(lines[4]) | {"timestamp": "2020-09-13"}
     reviews.write_text("\n".join(lines[:4] + [json.dumps(bad)] + lines[5:]) + "\n")
@@ -306,6 +340,7 @@ def test_amazon2023_category_without_meta_is_refused(tmp_path: Path) -> None:
 
 
 # --- crossrec's own schema: JSONL, Parquet, CSV --------------------------------------------------------------------
+
 
 def test_jsonl_folder_matches_files() -> None:
     items, inters, _ = read_both(JSONL, "jsonl")

@@ -1,4 +1,5 @@
 """Popularity through the evaluator vs a brute-force recomputation of the protocol in plain Python."""
+
 import math
 from collections import Counter
 
@@ -42,7 +43,8 @@ def test_popularity_matches_brute_force(name, request):
     total = sum(res.n_targets[d] for d in sp.domains)
     assert res.n_targets["all"] == total
     assert res.metrics["all"]["recall@10"] == pytest.approx(
-        sum(res.metrics[d]["recall@10"] * res.n_targets[d] for d in sp.domains) / total)
+        sum(res.metrics[d]["recall@10"] * res.n_targets[d] for d in sp.domains) / total
+    )
 
 
 def test_target_counts_and_cold_item_slice(art_office):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from crossrec_cli import main
 from crossrec.dataset import Dataset, prepare
 from crossrec.schema import DataError
+from crossrec_cli import main
 
 
 def _rows(path: Path) -> list[dict]:
@@ -30,8 +30,10 @@ def test_prepare_csv_slice_counts_and_order(art_office, art_office_csv):
     # A real row survives with its text: the first art-office item.
     got = ds.items
     first = next(r for r in items if r["item_id"] == "arts-00000")
-    row = {k: v[0] for k, v in got.filter(got.column("item_id").to_numpy(zero_copy_only=False) == "arts-00000")
-           .to_pydict().items()}
+    row = {
+        k: v[0]
+        for k, v in got.filter(got.column("item_id").to_numpy(zero_copy_only=False) == "arts-00000").to_pydict().items()
+    }
     assert row["title"] == first["title"] and row["attributes"] == first["attributes"]
     # Stored sorted by (user, timestamp), ties in input order.
     users = ds.interactions.column("user_id").to_pylist()
@@ -70,25 +72,44 @@ def _swap_field(lines, row, col, value):
 
 BAD_CASES = {
     # name: (file, edit, expected message)
-    "missing column": ("interactions.csv",
-                       lambda ls: [",".join(x.rstrip("\n").split(",")[:3]) + "\n" for x in ls],
-                       r"interactions.csv: missing column 'timestamp'"),
-    "unknown domain": ("interactions.csv", lambda ls: _swap_field(ls, 5, "domain", "toys"),
-                       r"interactions.csv: column 'domain' row 5: unknown domain 'toys' \(domains in items: arts, office\)"),
-    "unknown item": ("interactions.csv", lambda ls: _swap_field(ls, 7, "item_id", "arts-99999"),
-                     r"interactions.csv: column 'item_id' row 7: item_id 'arts-99999' is not in the items"),
-    "wrong type": ("interactions.csv", lambda ls: _swap_field(ls, 3, "timestamp", "yesterday"),
-                   r"interactions.csv: column 'timestamp' row 3: expected an integer, got 'yesterday'"),
+    "missing column": (
+        "interactions.csv",
+        lambda ls: [",".join(x.rstrip("\n").split(",")[:3]) + "\n" for x in ls],
+        r"interactions.csv: missing column 'timestamp'",
+    ),
+    "unknown domain": (
+        "interactions.csv",
+        lambda ls: _swap_field(ls, 5, "domain", "toys"),
+        r"interactions.csv: column 'domain' row 5: unknown domain 'toys' \(domains in items: arts, office\)",
+    ),
+    "unknown item": (
+        "interactions.csv",
+        lambda ls: _swap_field(ls, 7, "item_id", "arts-99999"),
+        r"interactions.csv: column 'item_id' row 7: item_id 'arts-99999' is not in the items",
+    ),
+    "wrong type": (
+        "interactions.csv",
+        lambda ls: _swap_field(ls, 3, "timestamp", "yesterday"),
+        r"interactions.csv: column 'timestamp' row 3: expected an integer, got 'yesterday'",
+    ),
     "empty file": ("items.csv", lambda ls: [], r"items.csv: file is empty"),
     "header only": ("interactions.csv", lambda ls: ls[:1], r"interactions.csv: file is empty \(no rows\)"),
-    "empty id": ("interactions.csv", lambda ls: _swap_field(ls, 2, "user_id", ""),
-                 r"interactions.csv: column 'user_id' row 2: empty value"),
-    "duplicate item, other text": ("items.csv", lambda ls: ls + [_swap_field(ls, 1, "title", "another title")[1]],
-                                   r"items.csv: column 'item_id' row \d+: item_id 'arts-\d+' appears again with "
-                                   r"different title than at .*items.csv: row 1"),
-    "domain differs from item": ("interactions.csv", lambda ls: _swap_field(ls, 4, "domain", "office" if
-                                 "arts" in ls[4] else "arts"),
-                                 r"interactions.csv: column 'domain' row 4: domain '\w+' differs from item"),
+    "empty id": (
+        "interactions.csv",
+        lambda ls: _swap_field(ls, 2, "user_id", ""),
+        r"interactions.csv: column 'user_id' row 2: empty value",
+    ),
+    "duplicate item, other text": (
+        "items.csv",
+        lambda ls: ls + [_swap_field(ls, 1, "title", "another title")[1]],
+        r"items.csv: column 'item_id' row \d+: item_id 'arts-\d+' appears again with "
+        r"different title than at .*items.csv: row 1",
+    ),
+    "domain differs from item": (
+        "interactions.csv",
+        lambda ls: _swap_field(ls, 4, "domain", "office" if "arts" in ls[4] else "arts"),
+        r"interactions.csv: column 'domain' row 4: domain '\w+' differs from item",
+    ),
 }
 
 
@@ -139,8 +160,9 @@ def test_identity_table_unifies_users_across_platforms(tmp_path, food_kitchen_cs
     assert set(mapped) <= users
     assert "kitchen:k-" + kitchen_users[-1] in users  # unmapped users are namespaced by platform
     n_kitchen = sum(r["domain"] == "kitchen" for r in rows)
-    assert man["report"]["identity"]["interactions_unmapped"] + man["report"]["identity"]["interactions_mapped"] \
-        == len(rows)
+    assert man["report"]["identity"]["interactions_unmapped"] + man["report"]["identity"]["interactions_mapped"] == len(
+        rows
+    )
     assert man["report"]["identity"]["interactions_unmapped"] < len(rows) and n_kitchen > 0
     assert (tmp_path / "ds" / "identity.parquet").is_file()
 

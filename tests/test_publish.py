@@ -1,5 +1,6 @@
 """Publishing and input hygiene of `crossrec prepare`, through the real command in real subprocesses: a concurrent
 writer is refused, SIGKILL at every publish step leaves the target whole, bad names and encodings are refused."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ AO, FK = DATA / "amazon-art-office-mini", DATA / "amazon-food-kitchen-mini"
 
 def _prepare(src: Path, out: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
     env = {**os.environ, PAUSE_ENV: pause} if pause else {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
-    return subprocess.Popen([sys.executable, "-m", "crossrec_cli", "prepare", str(src), "--out", str(out),
-                             "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crossrec_cli", "prepare", str(src), "--out", str(out), "--quiet", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _paused(p: subprocess.Popen, step: str) -> None:
@@ -44,8 +50,10 @@ def test_a_concurrent_prepare_to_the_same_out_is_refused_with_one_line(tmp_path)
     _paused(first, "locked")
     second = _run(FK, out, "--force")
     assert second.returncode == 2
-    assert second.stderr == (f"crossrec prepare: error: {out} is being written by another process "
-                             f"(pid {first.pid}); wait for it to finish, or write elsewhere\n")
+    assert second.stderr == (
+        f"crossrec prepare: error: {out} is being written by another process "
+        f"(pid {first.pid}); wait for it to finish, or write elsewhere\n"
+    )
     os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=120) == 0
     assert Dataset.load(out).domains == ["arts", "office"]
@@ -100,8 +108,10 @@ def test_domain_names_that_are_not_plain_names_are_refused(tmp_path, domain):
     (src / "interactions.csv").write_text("user_id,item_id,domain,timestamp\nu1,i1,books,1\n", encoding="utf-8")
     r = _run(src, tmp_path / "out" / "ds")
     assert r.returncode == 2
-    assert r.stderr == (f"crossrec prepare: error: {src / 'items.csv'}: column 'domain' row 2: domain {domain!r} "
-                        "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ without '..'\n")
+    assert r.stderr == (
+        f"crossrec prepare: error: {src / 'items.csv'}: column 'domain' row 2: domain {domain!r} "
+        "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ without '..'\n"
+    )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     assert not (tmp_path / "x").exists()
 
@@ -109,16 +119,18 @@ def test_domain_names_that_are_not_plain_names_are_refused(tmp_path, domain):
 def test_domain_option_is_checked_too(tmp_path):
     r = _run(DATA / "recbole-mini" / "food.inter", tmp_path / "ds", "--domain", "../x")
     assert r.returncode == 2
-    assert r.stderr == ("crossrec prepare: error: --domain: domain '../x' must match "
-                        "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ without '..'\n")
+    assert r.stderr == (
+        "crossrec prepare: error: --domain: domain '../x' must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ without '..'\n"
+    )
 
 
 def test_a_byte_order_mark_keeps_leading_zeros(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "items.csv").write_bytes("\ufeffitem_id,domain,title\n0001,books,a\n0002,books,b\n".encode())
-    (src / "interactions.csv").write_bytes("\ufeffuser_id,item_id,domain,timestamp\n007,0001,books,1\n"
-                                           "007,0002,books,2\n".encode())
+    (src / "interactions.csv").write_bytes(
+        "\ufeffuser_id,item_id,domain,timestamp\n007,0001,books,1\n007,0002,books,2\n".encode()
+    )
     assert _run(src, tmp_path / "ds").returncode == 0
     ds = Dataset.load(tmp_path / "ds")
     assert ds.items.column("item_id").to_pylist() == ["0001", "0002"]
@@ -133,17 +145,21 @@ def test_text_that_is_not_utf8_is_named_by_file_column_and_row(tmp_path):
     (src / "interactions.csv").write_text("user_id,item_id,domain,timestamp\nu1,i1,books,1\n")
     r = _run(src, tmp_path / "ds")
     assert r.returncode == 2
-    assert r.stderr == (f"crossrec prepare: error: {src / 'items.csv'}: column 'title' row 2: not UTF-8 text "
-                        "(byte 0xe9); save the file as UTF-8\n")
+    assert r.stderr == (
+        f"crossrec prepare: error: {src / 'items.csv'}: column 'title' row 2: not UTF-8 text "
+        "(byte 0xe9); save the file as UTF-8\n"
+    )
     jsonl = tmp_path / "jsonl"
     jsonl.mkdir()
-    (jsonl / "items.jsonl").write_bytes(b'{"item_id": "i1", "domain": "books", "title": "a"}\n'
-                                        b'{"item_id": "i2", "domain": "books", "title": "caf\xe9"}\n')
-    (jsonl / "interactions.jsonl").write_text('{"user_id": "u1", "item_id": "i1", "domain": "books", '
-                                             '"timestamp": 1}\n')
+    (jsonl / "items.jsonl").write_bytes(
+        b'{"item_id": "i1", "domain": "books", "title": "a"}\n'
+        b'{"item_id": "i2", "domain": "books", "title": "caf\xe9"}\n'
+    )
+    (jsonl / "interactions.jsonl").write_text('{"user_id": "u1", "item_id": "i1", "domain": "books", "timestamp": 1}\n')
     r = _run(jsonl, tmp_path / "ds2")
-    assert r.returncode == 2 and r.stderr.startswith(f"crossrec prepare: error: {jsonl / 'items.jsonl'}: row 2: "
-                                                     "not UTF-8 text"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(
+        f"crossrec prepare: error: {jsonl / 'items.jsonl'}: row 2: not UTF-8 text"
+    ), r.stderr
 
 
 @pytest.mark.parametrize("domain", ["..", ".hidden", "-x", "a" * 65, "a b", "x..y"])

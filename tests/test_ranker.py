@@ -1,26 +1,50 @@
 """The second-stage ranker: trained with real Ray Train on a tiny real bundle (MiniLM vectors, art-office slice with
 attributes), re-ordering, bundle round trip, serving requests, and `crossrec evaluate` with and without it."""
+
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import _subset
+
 from crossrec.bundle import load_bundle
-from crossrec_cli import main
 from crossrec.config import RankerConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.graph import build_graph
 from crossrec.inference import bundle_scorer
-from crossrec.ranker import (FEATURES, RankRequest, Ranker, RankerNet, build_item_table, build_lists,
-                             candidate_lists, fit_standardizer, load_ranker, ranker_epoch, rerank_ndcg, save_ranker,
-                             table_rows_for)
+from crossrec.ranker import (
+    FEATURES,
+    Ranker,
+    RankerNet,
+    RankRequest,
+    build_item_table,
+    build_lists,
+    candidate_lists,
+    fit_standardizer,
+    load_ranker,
+    ranker_epoch,
+    rerank_ndcg,
+    save_ranker,
+    table_rows_for,
+)
 from crossrec.splits import Splits
+from crossrec_cli import main
 
-FAST = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "valid_max_targets=0", "patience=0",
-        "ranker.enabled=true", "ranker.epochs=2", "ranker.top_n=30", "ranker.patience=0"]
+FAST = [
+    "epochs=1",
+    "dim=32",
+    "layers=1",
+    "n_negatives=32",
+    "batch_size=32",
+    "valid_max_targets=0",
+    "patience=0",
+    "ranker.enabled=true",
+    "ranker.epochs=2",
+    "ranker.top_n=30",
+    "ranker.patience=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +62,22 @@ def small_ao(tmp_path_factory, art_office_csv):
 def ranked_bundle(ray_cluster, vector_cache, small_ao, tmp_path_factory):
     """`crossrec train` with ranker.enabled: retriever, then ranker, both through Ray Train."""
     out = tmp_path_factory.mktemp("bundles") / "ao"
-    assert main(["train", "--data", str(small_ao), "--out", str(out), "--workers", "1", "--quiet",
-                 *[x for kv in FAST for x in ("--set", kv)]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(small_ao),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--quiet",
+                *[x for kv in FAST for x in ("--set", kv)],
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -64,7 +102,11 @@ def test_train_stores_a_ranker_in_the_bundle(ranked_bundle, capsys):
     assert meta["metrics"]["valid"]["valid/ndcg@10"] >= hist[0]["valid/retrieval_ndcg@10"]
     assert meta["features"] == list(FEATURES) and meta["domains"] == ["arts", "office"]
     assert {p.name for p in (ranked_bundle / "ranker").iterdir()} == {
-        "ranker.json", "model.safetensors", "items.safetensors", "items.parquet"}
+        "ranker.json",
+        "model.safetensors",
+        "items.safetensors",
+        "items.parquet",
+    }
     assert load_bundle(ranked_bundle).has_ranker
 
 
@@ -99,8 +141,9 @@ def test_training_steps_reorder_candidates_and_round_trip(parts, tmp_path):
     assert rerank_ndcg(net, lists, "train")["ndcg"] > before["ndcg"]  # it fits its training lists
     ranker = Ranker(net, items, cfg, bundle.config.dim, bundle.config.max_len)
     batch = splits.batch(splits.targets("valid", "office")[:8], "office")
-    lists8, cols, _ = candidate_lists(retrieval, batch, table_rows_for(items, splits),
-                                      ranker.domain_id("office"), 30, bundle.config.max_len)
+    lists8, cols, _ = candidate_lists(
+        retrieval, batch, table_rows_for(items, splits), ranker.domain_id("office"), 30, bundle.config.max_len
+    )
     new = ranker.score_lists(lists8).numpy()
     assert (np.argsort(-new, 1, kind="stable") != np.arange(new.shape[1])).any()  # the order changed
     # Round trip through a bundle folder: same scores after load.
@@ -116,30 +159,57 @@ def test_serving_requests_match_batch_scores_and_tolerate_unknown_items(parts, r
     ranker = load_ranker(bundle)
     rows = table_rows_for(ranker.items, splits)
     batch = splits.batch(splits.targets("test", "arts")[:1], "arts")
-    lists1, cols, _ = candidate_lists(retrieval, batch, rows, ranker.domain_id("arts"), ranker.cfg.top_n,
-                                      ranker.max_len)
-    h = batch.histories[0][-ranker.max_len:]
+    lists1, cols, _ = candidate_lists(
+        retrieval, batch, rows, ranker.domain_id("arts"), ranker.cfg.top_n, ranker.max_len
+    )
+    h = batch.histories[0][-ranker.max_len :]
     off = splits.offset["arts"]
-    req = RankRequest(domain="arts", candidates=splits.item_ids[cols[0] + off].tolist(),
-                      retrieval_scores=lists1.scores[0].numpy(), user=lists1.user[0].numpy(),
-                      history=[(splits.domains[splits.item_domain[i]], splits.item_ids[i]) for i in h],
-                      history_vectors=retrieval.vecs[h].numpy(), candidate_vectors=lists1.cand[0].numpy())
+    req = RankRequest(
+        domain="arts",
+        candidates=splits.item_ids[cols[0] + off].tolist(),
+        retrieval_scores=lists1.scores[0].numpy(),
+        user=lists1.user[0].numpy(),
+        history=[(splits.domains[splits.item_domain[i]], splits.item_ids[i]) for i in h],
+        history_vectors=retrieval.vecs[h].numpy(),
+        candidate_vectors=lists1.cand[0].numpy(),
+    )
     np.testing.assert_allclose(ranker.score(req), ranker.score_lists(lists1)[0].numpy(), rtol=1e-5, atol=1e-5)
     # A new item (added online), a text-only history entry, an empty history, an unknown domain: scores, no error.
     req.candidates[0] = "brand-new-item"
     ranker.online_item("arts", "brand-new-item")
     req.history = [*req.history[:-1], ("arts", None)]
     assert np.isfinite(ranker.score(req)).all()
-    empty = RankRequest(domain="toys", candidates=req.candidates, retrieval_scores=req.retrieval_scores,
-                        user=req.user, history=[], history_vectors=np.zeros((0, len(req.user)), np.float32),
-                        candidate_vectors=req.candidate_vectors)
+    empty = RankRequest(
+        domain="toys",
+        candidates=req.candidates,
+        retrieval_scores=req.retrieval_scores,
+        user=req.user,
+        history=[],
+        history_vectors=np.zeros((0, len(req.user)), np.float32),
+        candidate_vectors=req.candidate_vectors,
+    )
     assert ranker.score(empty).shape == (len(req.candidates),)
 
 
 def test_evaluate_reports_the_pipeline_and_retrieval_alone(ranked_bundle, small_ao, tmp_path):
     js = tmp_path / "e.json"
-    assert main(["evaluate", "--bundle", str(ranked_bundle), "--data", str(small_ao), "--baselines", "popularity",
-                 "--json", str(js), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(ranked_bundle),
+                "--data",
+                str(small_ao),
+                "--baselines",
+                "popularity",
+                "--json",
+                str(js),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads(js.read_text())["metrics"]
     assert set(res) == {"crossrec", "crossrec-retrieval", "popularity"}
     meta = load_bundle(ranked_bundle).meta
@@ -172,14 +242,23 @@ def test_recommend_command_answers_in_the_rankers_order(parts, ranked_bundle, ca
     rec = Recommender(load_bundle(ranked_bundle))
     ranker = load_ranker(bundle)
     c = rec.candidates(history, "office", ranker.cfg.top_n)
-    scores = ranker.score(RankRequest(domain="office", candidates=c.item_ids, retrieval_scores=c.scores, user=c.user,
-                                      history=[(x.domain, x.item_id) for x in history],
-                                      history_vectors=c.history_vectors, candidate_vectors=c.candidate_vectors))
+    scores = ranker.score(
+        RankRequest(
+            domain="office",
+            candidates=c.item_ids,
+            retrieval_scores=c.scores,
+            user=c.user,
+            history=[(x.domain, x.item_id) for x in history],
+            history_vectors=c.history_vectors,
+            candidate_vectors=c.candidate_vectors,
+        )
+    )
     expected = [c.item_ids[j] for j in np.argsort(-scores, kind="stable")[:4]]
     capsys.readouterr()
     tokens = ",".join(f"{x.domain}:{x.item_id}" for x in history)
-    assert main(["recommend", "--bundle", str(ranked_bundle), "--domain", "office", "--history", tokens,
-                 "--k", "4"]) == 0
+    assert (
+        main(["recommend", "--bundle", str(ranked_bundle), "--domain", "office", "--history", tokens, "--k", "4"]) == 0
+    )
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:5].strip().rstrip(".").isdigit()]
     assert [ln[1] for ln in lines] == expected
     assert [float(ln[2]) for ln in lines] == pytest.approx(sorted(scores, reverse=True)[:4], abs=0.01)

@@ -1,6 +1,7 @@
 """The Serve graph over real HTTP on 127.0.0.1: small real bundles trained here on tiny_fk (MiniLM vectors), the
 shipped Serve config (with a small online-item bound), the session's 2-CPU Ray. The in-process side of every
 comparison is crossrec.recommender.Recommender, the code `crossrec recommend` runs."""
+
 import json
 import socket
 import threading
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from crossrec.bundle import load_bundle
-from crossrec_cli import main
 from crossrec.config import RunSettings, load_config
 from crossrec.recommender import CatalogFull, HistoryItem, Recommender
+from crossrec_cli import main
 
 FAST = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "valid_max_targets=0", "patience=0"]
 MAX_ONLINE = 12  # the module app's bound on items added online (the shipped config's, made small)
@@ -28,10 +29,16 @@ def bundles(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     from trainers.pipeline import train_bundle
 
     root = tmp_path_factory.mktemp("serve-bundles")
-    text = train_bundle(tiny_fk, root / "text", load_config(overrides=FAST), RunSettings(workers=1, name="text"),
-                        progress=False)
-    ids = train_bundle(tiny_fk, root / "ids", load_config(overrides=[*FAST, "item_encoder=id"]),
-                       RunSettings(workers=1, name="ids"), progress=False)
+    text = train_bundle(
+        tiny_fk, root / "text", load_config(overrides=FAST), RunSettings(workers=1, name="text"), progress=False
+    )
+    ids = train_bundle(
+        tiny_fk,
+        root / "ids",
+        load_config(overrides=[*FAST, "item_encoder=id"]),
+        RunSettings(workers=1, name="ids"),
+        progress=False,
+    )
     assert text["version"] != ids["version"]
     # A copy of the text bundle with a ranker; trained before Serve takes its CPUs (a 1-CPU Train worker would
     # wait forever beside the app on the session's 2 CPUs).
@@ -41,8 +48,13 @@ def bundles(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     from trainers.ranker import train_ranker
 
     shutil.copytree(root / "text", root / "ranked")
-    train_ranker(root / "ranked", tiny_fk, RunSettings(workers=1, name="serve-ranker", storage_path=str(root / "runs")),
-                 RankerConfig(enabled=True, top_n=20, epochs=3, patience=0), progress=False)
+    train_ranker(
+        root / "ranked",
+        tiny_fk,
+        RunSettings(workers=1, name="serve-ranker", storage_path=str(root / "runs")),
+        RankerConfig(enabled=True, top_n=20, epochs=3, patience=0),
+        progress=False,
+    )
     return root / "text", root / "ids", root / "ranked"
 
 
@@ -112,8 +124,9 @@ def catalog(bundles):
 
 def _history(catalog):
     ids, _ = catalog
-    return [{"item_id": i, "domain": "food"} for i in ids["food"][:3]] + [{"item_id": ids["kitchen"][0],
-                                                                          "domain": "kitchen"}]
+    return [{"item_id": i, "domain": "food"} for i in ids["food"][:3]] + [
+        {"item_id": ids["kitchen"][0], "domain": "kitchen"}
+    ]
 
 
 def _local_history(bundle, entries: list[dict], query: str | None = None, domain: str | None = None):
@@ -127,8 +140,12 @@ def _local_history(bundle, entries: list[dict], query: str | None = None, domain
         x = bundle_backbone(bundle).encode(texts, batch_size=32, max_length=bundle.config.max_tokens)
         with torch.inference_mode():
             vecs = iter(bundle.model.item_vectors(torch.from_numpy(x)))
-    out = [HistoryItem(e["domain"], item_id=e["item_id"]) if "item_id" in e else HistoryItem(e["domain"], vector=next(vecs))
-           for e in entries]
+    out = [
+        HistoryItem(e["domain"], item_id=e["item_id"])
+        if "item_id" in e
+        else HistoryItem(e["domain"], vector=next(vecs))
+        for e in entries
+    ]
     if query:
         out.append(HistoryItem(domain, vector=next(vecs)))
     return out
@@ -158,8 +175,9 @@ def test_history_only_request_mixing_domains_matches_the_in_process_recommender(
     assert scores == sorted(scores, reverse=True)
     assert ids["kitchen"][0] not in [it["item_id"] for it in out["items"]]  # exclude_seen
     # The bundle has no ranker: the graph answers exactly what the in-process recommender does.
-    _same_answer(out, Recommender(bundle).recommend([HistoryItem(h["domain"], h["item_id"]) for h in hist], "kitchen",
-                                                    k=5))
+    _same_answer(
+        out, Recommender(bundle).recommend([HistoryItem(h["domain"], h["item_id"]) for h in hist], "kitchen", k=5)
+    )
 
 
 def test_explain_and_query_match_the_in_process_recommender(url, catalog):
@@ -174,8 +192,9 @@ def test_explain_and_query_match_the_in_process_recommender(url, catalog):
         assert {r["item_id"] for r in it["reasons"]} <= named
         weights = [r["weight"] for r in it["reasons"]]
         assert weights == sorted(weights, reverse=True)
-    local = Recommender(bundle).recommend(_local_history(bundle, hist, "a teapot", "kitchen"), "kitchen", k=3,
-                                          explain=True)
+    local = Recommender(bundle).recommend(
+        _local_history(bundle, hist, "a teapot", "kitchen"), "kitchen", k=3, explain=True
+    )
     _same_answer(out, local, query_at=len(hist))
     # A query alone is enough; the same text again comes from the replica's cache, same answer.
     status, first = call(url, "/v1/recommend", {"domain": "food", "query": "dark chocolate", "k": 2})
@@ -202,8 +221,9 @@ def test_an_added_item_is_recommended_at_once_and_logged(url, catalog, tiny_fk, 
     assert logged[("kitchen", "new-twin")].bundle == bundle.version and logged[("kitchen", "new-twin")].text == text
     # The twin of the one history item has the same text: it must come out on top, on every replica.
     for _ in range(6):
-        status, out = call(url, "/v1/recommend", {"history": [{"item_id": seen, "domain": "kitchen"}],
-                                                  "domain": "kitchen", "k": 10})
+        status, out = call(
+            url, "/v1/recommend", {"history": [{"item_id": seen, "domain": "kitchen"}], "domain": "kitchen", "k": 10}
+        )
         assert status == 200, out
         assert out["items"][0]["item_id"] == "new-twin", out["items"][:3]
         assert out["items"][0]["title"] == "A twin of " + seen
@@ -211,8 +231,9 @@ def test_an_added_item_is_recommended_at_once_and_logged(url, catalog, tiny_fk, 
     body["items"][0]["title"] = "The twin of " + seen
     status, out = call(url, "/v1/items", body)
     assert status == 200 and out["updated"] == ["new-twin"] and out["added"] == [], out
-    status, out = call(url, "/v1/recommend", {"history": [{"item_id": seen, "domain": "kitchen"}],
-                                              "domain": "kitchen", "k": 10})
+    status, out = call(
+        url, "/v1/recommend", {"history": [{"item_id": seen, "domain": "kitchen"}], "domain": "kitchen", "k": 10}
+    )
     assert out["items"][0]["title"] == "The twin of " + seen
     assert [it["item_id"] for it in out["items"]].count("new-twin") == 1
 
@@ -240,26 +261,50 @@ def _bad_cases(catalog):
     n_kitchen = len(ids["kitchen"])
     return [
         ("/v1/recommend", {"history": [ok], "domain": "garden"}, 422, "`domain`"),
-        ("/v1/recommend", {"history": [{"item_id": "no-such-item", "domain": "food"}], "domain": "food"}, 422,
-         "`history[0]`"),
-        ("/v1/recommend", {"history": [ok, {"item_id": ids["food"][1], "domain": "garden"}], "domain": "food"}, 422,
-         "`history[1].domain`"),
+        (
+            "/v1/recommend",
+            {"history": [{"item_id": "no-such-item", "domain": "food"}], "domain": "food"},
+            422,
+            "`history[0]`",
+        ),
+        (
+            "/v1/recommend",
+            {"history": [ok, {"item_id": ids["food"][1], "domain": "garden"}], "domain": "food"},
+            422,
+            "`history[1].domain`",
+        ),
         ("/v1/recommend", {"history": [], "domain": "food"}, 422, "`history`"),
         ("/v1/recommend", {"domain": "food"}, 422, "`history`"),
         ("/v1/recommend", {"history": [ok], "domain": "food", "k": 0}, 422, "`k`"),
         ("/v1/recommend", {"history": [ok], "domain": "food", "k": 101}, 422, "`k`"),
-        ("/v1/recommend", {"history": [ok], "domain": "kitchen", "k": min(n_kitchen + 1, 100)},
-         422 if n_kitchen < 100 else 200, "`k`"),
+        (
+            "/v1/recommend",
+            {"history": [ok], "domain": "kitchen", "k": min(n_kitchen + 1, 100)},
+            422 if n_kitchen < 100 else 200,
+            "`k`",
+        ),
         ("/v1/recommend", {"history": [ok], "domain": "food", "k": "ten"}, 422, "`k`"),
         ("/v1/recommend", {"history": [{"domain": "food"}], "domain": "food"}, 422, "`item_id` or `text`"),
         ("/v1/recommend", {"history": [{**ok, "text": "x"}], "domain": "food"}, 422, "`item_id` or `text`"),
         ("/v1/recommend", {"history": [{"item_id": ids["food"][0]}], "domain": "food"}, 422, "`history[0].domain`"),
         ("/v1/recommend", {"history": [ok], "domain": "food", "colour": "red"}, 422, "`colour`"),
         ("/v1/recommend", {"history": [ok] * 501, "domain": "food"}, 422, "`history`"),
-        ("/v1/recommend", {"history": [{"text": f"tea {i}", "domain": "food"} for i in range(MAX_TEXTS)],
-                           "domain": "food", "query": "more tea"}, 422, f"limit of {MAX_TEXTS}"),
-        ("/v1/recommend", {"history": [{"text": "x" * 5000, "domain": "food"}], "domain": "food"}, 422,
-         "`history[0].text`"),
+        (
+            "/v1/recommend",
+            {
+                "history": [{"text": f"tea {i}", "domain": "food"} for i in range(MAX_TEXTS)],
+                "domain": "food",
+                "query": "more tea",
+            },
+            422,
+            f"limit of {MAX_TEXTS}",
+        ),
+        (
+            "/v1/recommend",
+            {"history": [{"text": "x" * 5000, "domain": "food"}], "domain": "food"},
+            422,
+            "`history[0].text`",
+        ),
         ("/v1/recommend", {"history": "abc", "domain": "food"}, 422, "`history`"),
         ("/v1/recommend", [1, 2], 422, "`body`"),
         ("/v1/recommend", b'{"history": [', 422, "`body`: malformed JSON"),
@@ -296,8 +341,12 @@ def test_a_burst_past_the_limits_gets_quick_503s_with_retry_after(url, catalog):
     """More requests at once than the replicas take (max_ongoing_requests) plus what callers may queue
     (max_queued_requests): the rest are refused at once, 503 + Retry-After, none waits until a timeout."""
     ids, _ = catalog
-    body = {"history": [{"item_id": i, "domain": "food"} for i in ids["food"][:10]], "domain": "kitchen", "k": 10,
-            "explain": True}
+    body = {
+        "history": [{"item_id": i, "domain": "food"} for i in ids["food"][:10]],
+        "domain": "kitchen",
+        "k": 10,
+        "explain": True,
+    }
     n = 120
     barrier, results, lock = threading.Barrier(n), [], threading.Lock()
 
@@ -347,15 +396,17 @@ def test_a_new_bundle_rolls_out_while_requests_flow(url, bundles, catalog, serve
     assert not failures, failures[:3]
     assert seen[0] == old and seen[-1] == new and set(seen) == {old, new}
     # An id-based bundle cannot embed text: the request names the field.
-    status, out = call(url, "/v1/recommend", {"history": [{"text": "a kettle", "domain": "kitchen"}],
-                                              "domain": "kitchen"})
+    status, out = call(
+        url, "/v1/recommend", {"history": [{"text": "a kettle", "domain": "kitchen"}], "domain": "kitchen"}
+    )
     assert status == 422 and "`history[0].text`" in out["detail"], out
     status, out = call(url, "/v1/items", {"items": [{"item_id": "a", "domain": "food", "title": "t"}]})
     assert status == 422 and "`items`" in out["detail"], out
 
 
-def test_a_bundle_with_a_ranker_is_served_in_the_rankers_order_and_explained_by_it(url, bundles, catalog,
-                                                                                  serve_config, state_dir):
+def test_a_bundle_with_a_ranker_is_served_in_the_rankers_order_and_explained_by_it(
+    url, bundles, catalog, serve_config, state_dir
+):
     """Rolls out a copy of the text bundle with a trained ranker: /v1/model names it; the answer (with a query and
     explain) is the in-process one; and each reason's weight is the drop of the RANKER's score (the order the
     user sees) when that entry is left out of the history, recomputed here from scratch."""
@@ -385,9 +436,17 @@ def test_a_bundle_with_a_ranker_is_served_in_the_rankers_order_and_explained_by_
         def ranked_scores(keep: list[int]) -> dict[str, float]:
             h = [local_hist[i] for i in keep]
             user = plain.candidates(h, "kitchen", 1).user
-            s = ranker.score(RankRequest(domain="kitchen", candidates=c.item_ids, retrieval_scores=c.candidate_vectors @ user,
-                                         user=user, history=[(x.domain, x.item_id) for x in h],
-                                         history_vectors=c.history_vectors[keep], candidate_vectors=c.candidate_vectors))
+            s = ranker.score(
+                RankRequest(
+                    domain="kitchen",
+                    candidates=c.item_ids,
+                    retrieval_scores=c.candidate_vectors @ user,
+                    user=user,
+                    history=[(x.domain, x.item_id) for x in h],
+                    history_vectors=c.history_vectors[keep],
+                    candidate_vectors=c.candidate_vectors,
+                )
+            )
             return dict(zip(c.item_ids, s.tolist()))
 
         full = ranked_scores(list(range(len(local_hist))))
@@ -440,8 +499,11 @@ def test_serving_needs_a_connected_ray(bundles):
     import subprocess
     import sys
 
-    code = ("from serving.app import serve_until_stopped\n"
-            "try:\n    serve_until_stopped(%r)\nexcept RuntimeError as e:\n    print('RuntimeError:', e)\n" % str(bundles[0]))
+    code = (
+        "from serving.app import serve_until_stopped\n"
+        f"try:\n    serve_until_stopped({str(bundles[0])!r})\nexcept RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "RuntimeError: Ray is not initialized" in out.stdout, out.stdout + out.stderr[-2000:]
 
@@ -477,8 +539,14 @@ def test_the_tower_trimmed_to_the_history_gives_the_full_windows_user_vector(cat
     hv, hd = rec._history(hist)
     names = sorted({"kitchen", "food"})
     codes = np.array([names.index(h.domain) for h in hist])
-    full = encode_users(rec.model, hv, [np.arange(len(hist))], [hd], np.array([bundle.domain_id("kitchen")]),
-                        prior_domains=([codes], np.array([names.index("kitchen")])))[0]  # max_len wide
+    full = encode_users(
+        rec.model,
+        hv,
+        [np.arange(len(hist))],
+        [hd],
+        np.array([bundle.domain_id("kitchen")]),
+        prior_domains=([codes], np.array([names.index("kitchen")])),
+    )[0]  # max_len wide
     assert bundle.config.max_len > len(hist)
     assert torch.allclose(rec._users(hv, hd, [h.domain for h in hist], "kitchen", [None])[0], full, atol=1e-5)
 
@@ -513,8 +581,11 @@ def test_the_item_log_keeps_the_last_line_of_an_id_and_skips_a_torn_one(tmp_path
 def _replicas(deployment: str = "Recommender") -> list[str]:
     import ray
 
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::crossrec#{deployment}#"))
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::crossrec#{deployment}#")
+    )
 
 
 def _running(deployment: str = "Recommender") -> int:
@@ -540,8 +611,20 @@ def test_killed_replicas_lose_no_item_and_at_most_one_percent_of_requests(url, c
     ids, _ = catalog
     seen = ids["kitchen"][2]
     # The text of the history item: the same vector, so it is the top recommendation for that history.
-    status, out = call(url, "/v1/items", {"items": [{"item_id": "durable-twin", "domain": "kitchen",
-                                                    "title": "durable twin", "text": _text_of(catalog, seen)}]})
+    status, out = call(
+        url,
+        "/v1/items",
+        {
+            "items": [
+                {
+                    "item_id": "durable-twin",
+                    "domain": "kitchen",
+                    "title": "durable twin",
+                    "text": _text_of(catalog, seen),
+                }
+            ]
+        },
+    )
     assert status == 200, out
     body = {"history": [{"item_id": seen, "domain": "kitchen"}], "domain": "kitchen", "k": 5}
     results, stop = [], threading.Event()
@@ -589,21 +672,32 @@ def _text_of(catalog, item_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_an_autoscaled_recommender_scales_up_under_load_and_back_down_when_idle(url, bundles, catalog, serve_config,
-                                                                               state_dir, tmp_path):
+def test_an_autoscaled_recommender_scales_up_under_load_and_back_down_when_idle(
+    url, bundles, catalog, serve_config, state_dir, tmp_path
+):
     import yaml
 
     raw = yaml.safe_load(serve_config.read_text())
     rec = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "Recommender")
     rec.pop("num_replicas")
     rec["ray_actor_options"] = {"num_cpus": 0.3}
-    rec["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2}
+    rec["autoscaling_config"] = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 3,
+        "look_back_period_s": 2,
+    }
     config = tmp_path / "autoscale.yaml"
     config.write_text(yaml.safe_dump(raw))
     ids, _ = catalog
-    body = {"history": [{"item_id": i, "domain": "food"} for i in ids["food"][:10]], "domain": "kitchen", "k": 10,
-            "explain": True}
+    body = {
+        "history": [{"item_id": i, "domain": "food"} for i in ids["food"][:10]],
+        "domain": "kitchen",
+        "k": 10,
+        "explain": True,
+    }
     try:
         redeploy(url, bundles[0], serve_config, state_dir, config=config)
         _wait(lambda: _running() == 1, 90, "one replica when idle")
@@ -631,6 +725,8 @@ def test_serve_command_rejects_a_bad_bundle_path(tmp_path, capsys):
     assert main(["serve", "--bundle", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a crossrec bundle" in err[0]
+
+
 @pytest.mark.slow
 def test_serve_command_serves_until_sigterm_then_exits_cleanly(bundles):
     import os
@@ -639,9 +735,13 @@ def test_serve_command_serves_until_sigterm_then_exits_cleanly(bundles):
     import sys
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "crossrec_cli", "serve", "--bundle", str(bundles[0]),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossrec_cli", "serve", "--bundle", str(bundles[0]), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     killer = threading.Timer(400, proc.kill)  # a hung start fails the test instead of hanging it
     killer.start()
     try:

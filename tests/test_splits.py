@@ -27,7 +27,7 @@ def _by_user_domain(sp: Splits):
 @pytest.mark.parametrize("which", ["ao", "fk"])
 def test_leave_one_out_per_user_and_domain(which, request):
     sp = request.getfixturevalue(which)
-    for (u, d), rows in _by_user_domain(sp).items():
+    for rows in _by_user_domain(sp).values():
         ts = sp.row_time[rows]
         assert list(ts) == sorted(ts)
         if len(rows) >= 3:
@@ -83,6 +83,6 @@ def test_min_per_domain_and_unknown_domain(food_kitchen):
 
 def test_item_index_is_domain_then_id_order(fk):
     for d in fk.domains:
-        ids = fk.item_ids[fk.offset[d]:fk.offset[d] + fk.n_items[d]]
+        ids = fk.item_ids[fk.offset[d] : fk.offset[d] + fk.n_items[d]]
         assert list(ids) == sorted(ids.tolist())
-        assert (fk.item_domain[fk.offset[d]:fk.offset[d] + fk.n_items[d]] == fk.domain_code[d]).all()
+        assert (fk.item_domain[fk.offset[d] : fk.offset[d] + fk.n_items[d]] == fk.domain_code[d]).all()

@@ -1,4 +1,5 @@
 """Item text rendering on real item rows, truncation with the real minilm tokenizer."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,7 +27,8 @@ def minilm_tokenizer():
 def test_default_renders_title_then_present_extras_from_real_rows():
     arts = pacsv.read_csv(DATA / "amazon-art-office-mini" / "items.csv").slice(3, 1)
     assert render_items(arts) == [
-        "omnigrid 60mm rotary cutter; Attributes: arts crafts sewing sewing quilting rotary cutters omnigrid"]
+        "omnigrid 60mm rotary cutter; Attributes: arts crafts sewing sewing quilting rotary cutters omnigrid"
+    ]
     food = pacsv.read_csv(DATA / "amazon-food-kitchen-mini" / "items.csv").slice(1, 2)
     assert render_items(food) == ["Mae Ploy Thai Green Curry Paste - 14 oz jar", "Ateco Food Coloring Kit, 6 colors"]
 
@@ -50,13 +52,20 @@ def test_user_template_and_extras():
     # A column the template uses is not appended again; other extras still are.
     assert render_items(rows, TextTemplate("{brand} {title} ({domain})")) == ["Clover clover wonder clips (arts)"]
     assert render_items(rows, TextTemplate(extras=["brand", "store"])) == [
-        "clover wonder clips; Brand: Clover; Store: Joann"]
+        "clover wonder clips; Brand: Clover; Store: Joann"
+    ]
     assert render_items(rows, TextTemplate(extras=())) == ["clover wonder clips"]
 
 
 def test_unknown_placeholder_names_it_and_the_available_columns():
-    table = pa.table({"item_id": ["a"], "domain": ["arts"], "title": ["pen"],
-                      "image": pa.array([[0.1, 0.2]], type=pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "item_id": ["a"],
+            "domain": ["arts"],
+            "title": ["pen"],
+            "image": pa.array([[0.1, 0.2]], type=pa.list_(pa.float32())),
+        }
+    )
     msg = "template placeholder {brand} is not an item column (available: item_id, domain, title)"
     with pytest.raises(ValueError, match=re.escape(msg)):
         render_items(table, TextTemplate("{title} by {brand}"))
@@ -77,8 +86,12 @@ def test_template_validation():
 
 
 def test_ray_style_numpy_batch():
-    batch = {"item_id": np.array(["a", "b"]), "title": np.array(["red pen", "blue ink"], dtype=object),
-             "brand": np.array(["Pilot", ""], dtype=object), "image": np.zeros((2, 4), dtype=np.float32)}
+    batch = {
+        "item_id": np.array(["a", "b"]),
+        "title": np.array(["red pen", "blue ink"], dtype=object),
+        "brand": np.array(["Pilot", ""], dtype=object),
+        "image": np.zeros((2, 4), dtype=np.float32),
+    }
     assert render_items(batch) == ["red pen; Brand: Pilot", "blue ink"]
     with pytest.raises(ValueError, match=re.escape("(available: item_id, title, brand)")):
         render_items(batch, TextTemplate("{image}"))
@@ -86,8 +99,11 @@ def test_ray_style_numpy_batch():
 
 def test_truncate_by_tokens_cuts_at_token_boundaries(minilm_tokenizer):
     tok = minilm_tokenizer
-    texts = ["PowerBar Harvest Energy Bars, Double Chocolate Crisp, 2.29-Ounce Bars (Pack of 15)",
-             "Crème brûlée torch kit", "pen"]
+    texts = [
+        "PowerBar Harvest Energy Bars, Double Chocolate Crisp, 2.29-Ounce Bars (Pack of 15)",
+        "Crème brûlée torch kit",
+        "pen",
+    ]
     cut = truncate_by_tokens(texts, tok, 5)
     assert cut[:2] == ["PowerBar Harvest Energy Bars", "Crème brûlée"]  # power ##bar harvest energy bars
     for original, c in zip(texts, cut):

@@ -1,4 +1,5 @@
 """textknn on the art-office slice with real minilm vectors: the formula by hand, recency, masking, and quality."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_weighted_mean_by_hand(ao):
     w = 0.5 ** np.arange(len(hist))[::-1]  # most recent (last) item: weight 1
     q = (w[:, None] * unit[hist]).sum(0) / w.sum()
     off, n = splits.offset["office"], splits.n_items["office"]
-    expected = unit[off:off + n] @ q / np.linalg.norm(q)
+    expected = unit[off : off + n] @ q / np.linalg.norm(q)
     np.testing.assert_allclose(TextKNN(splits, vectors, decay=0.5)(batch)[0], expected, atol=1e-5)
 
 
@@ -69,8 +70,9 @@ def test_recency_decay_matters(ao):
     # One-item histories do not depend on the decay.
     one = splits.batch(batch.rows[:1], "arts")
     one.histories = [one.histories[0][-1:]]
-    np.testing.assert_allclose(TextKNN(splits, vectors, decay=1.0)(one), TextKNN(splits, vectors, decay=0.5)(one),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        TextKNN(splits, vectors, decay=1.0)(one), TextKNN(splits, vectors, decay=0.5)(one), atol=1e-6
+    )
 
 
 def test_history_items_masked_by_evaluator(ao):
@@ -115,8 +117,7 @@ def test_registry_factories(ao, monkeypatch):
     assert isinstance(BASELINES["popularity"](splits, data, "minilm", "", 64), Popularity)
     knn = BASELINES["textknn"](splits, data, "minilm", "", 64)
     assert isinstance(knn, TextKNN)
-    np.testing.assert_allclose(knn.vectors.numpy(),
-                               vectors / np.linalg.norm(vectors, axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(knn.vectors.numpy(), vectors / np.linalg.norm(vectors, axis=1, keepdims=True), atol=1e-5)
 
 
 def test_bad_arguments(ao):
@@ -132,8 +133,9 @@ def test_cross_domain_weight_by_hand(ao):
     _, splits, vectors, _ = ao
     d = "office"
     batch = _batch(splits, d, min_history=4)
-    k = next(i for i, h in enumerate(batch.histories)
-             if len(set(splits.item_domain[h])) == 2)  # a history with both domains
+    k = next(
+        i for i, h in enumerate(batch.histories) if len(set(splits.item_domain[h])) == 2
+    )  # a history with both domains
     hist = batch.histories[k]
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     other = splits.item_domain[hist] != splits.domain_code[d]
@@ -141,9 +143,8 @@ def test_cross_domain_weight_by_hand(ao):
     for cw in (0.0, 0.25):
         w = 0.5 ** np.arange(len(hist))[::-1] * np.where(other, cw, 1.0)
         q = (w[:, None] * unit[hist]).sum(0)
-        expected = unit[off:off + n] @ q / np.linalg.norm(q)
-        np.testing.assert_allclose(TextKNN(splits, vectors, decay=0.5, cross_weight=cw)(batch)[k], expected,
-                                   atol=1e-5)
+        expected = unit[off : off + n] @ q / np.linalg.norm(q)
+        np.testing.assert_allclose(TextKNN(splits, vectors, decay=0.5, cross_weight=cw)(batch)[k], expected, atol=1e-5)
     with pytest.raises(ValueError, match="cross_weight"):
         TextKNN(splits, vectors, cross_weight=1.5)
 
@@ -152,9 +153,16 @@ def test_fit_textknn_picks_the_best_validation_point(ao):
     from crossrec.baselines.textknn import fit_textknn
 
     _, splits, vectors, _ = ao
-    grid = {(dc, cw): np.mean([evaluate(splits, TextKNN(splits, vectors, dc, cw), "valid", ks=(10,)).metrics[d]
-                               ["ndcg@10"] for d in splits.domains])
-            for dc in (0.3, 0.8) for cw in (0.0, 1.0)}
+    grid = {
+        (dc, cw): np.mean(
+            [
+                evaluate(splits, TextKNN(splits, vectors, dc, cw), "valid", ks=(10,)).metrics[d]["ndcg@10"]
+                for d in splits.domains
+            ]
+        )
+        for dc in (0.3, 0.8)
+        for cw in (0.0, 1.0)
+    }
     knn = fit_textknn(splits, vectors, decays=(0.3, 0.8), cross_weights=(0.0, 1.0), max_targets=0)
     assert (knn.decay, knn.cross_weight) == max(grid, key=grid.get)  # ties: the first grid point, as max
     assert knn.valid_ndcg10 == pytest.approx(max(grid.values()))
@@ -183,7 +191,7 @@ def test_model_text_prior_is_textknn_and_tells_unseen_domains_apart(ao):
         batch = _batch(splits, d, min_history=1)
         mixed = [h for h in batch.histories if len(set(splits.item_domain[h])) == 2]
         assert mixed and max(map(len, mixed)) > cfg.max_len
-        prior = scorer.user_vectors(mixed, d)[:, cfg.dim:] / beta
+        prior = scorer.user_vectors(mixed, d)[:, cfg.dim :] / beta
         np.testing.assert_allclose(prior.numpy(), knn.user_vectors(mixed, d).numpy(), atol=1e-5)
 
 

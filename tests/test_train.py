@@ -1,4 +1,5 @@
 """Training with real Ray Train (2 workers, DDP over gloo), real MiniLM vectors, a tiny real slice."""
+
 import json
 
 import numpy as np
@@ -6,12 +7,12 @@ import pytest
 import torch
 
 from crossrec.bundle import load_bundle
-from crossrec_cli import main
 from crossrec.config import RunSettings, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
 from crossrec.inference import bundle_scorer
 from crossrec.splits import Splits
+from crossrec_cli import main
 
 FAST = ["epochs=2", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "valid_max_targets=0", "patience=0"]
 
@@ -21,8 +22,7 @@ def first_run(ray_cluster, vector_cache, tiny_fk, tmp_path_factory):
     from trainers.pipeline import train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "fk"
-    meta = train_bundle(tiny_fk, out, load_config(overrides=FAST), RunSettings(workers=2, name="first"),
-                        progress=False)
+    meta = train_bundle(tiny_fk, out, load_config(overrides=FAST), RunSettings(workers=2, name="first"), progress=False)
     return out, meta
 
 
@@ -52,15 +52,20 @@ def test_resume_continues_from_the_last_checkpoint_and_reproduces(first_run, tin
     out, meta = first_run
     # Same storage and run name, one more epoch: Ray Train restores the run's latest checkpoint.
     more = load_config(overrides=[*FAST[1:], "epochs=3"])
-    resumed = train_bundle(tiny_fk, tmp_path / "resumed", more,
-                           RunSettings(workers=2, name="first", storage_path=str(out.parent / ".runs")),
-                           progress=False)
+    resumed = train_bundle(
+        tiny_fk,
+        tmp_path / "resumed",
+        more,
+        RunSettings(workers=2, name="first", storage_path=str(out.parent / ".runs")),
+        progress=False,
+    )
     hist = resumed["metrics"]["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     assert hist[:2] == meta["metrics"]["history"]  # epochs 1-2 were not rerun
     # A fresh run with the same seed reproduces the metric.
-    again = train_bundle(tiny_fk, tmp_path / "again", load_config(overrides=FAST),
-                         RunSettings(workers=2, name="again"), progress=False)
+    again = train_bundle(
+        tiny_fk, tmp_path / "again", load_config(overrides=FAST), RunSettings(workers=2, name="again"), progress=False
+    )
     assert again["metrics"]["history"][-1]["valid/ndcg@10"] == pytest.approx(hist[1]["valid/ndcg@10"])
 
 
@@ -79,9 +84,26 @@ def test_zero_shot_on_a_dataset_the_bundle_never_saw(first_run, tiny_ao, tmp_pat
     assert set(prior) == {"text_prior_decay", "text_prior_cross", "learned_weight"}
     assert "crossrec: text_prior_decay=" in printed and prior["learned_weight"] in (1.0, 0.5, 0.25, 0.0)
     assert (prior["text_prior_decay"], prior["text_prior_cross"]) in {
-        (d, c) for d in (0.3, 0.6, 0.8) for c in (0.0, 0.1, 1.0)}
-    assert main(["evaluate", "--bundle", str(out), "--data", str(tiny_ao), "--json", str(js), "--quiet",
-                 "--as-trained", "--baselines", "popularity"]) == 0
+        (d, c) for d in (0.3, 0.6, 0.8) for c in (0.0, 0.1, 1.0)
+    }
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(out),
+                "--data",
+                str(tiny_ao),
+                "--json",
+                str(js),
+                "--quiet",
+                "--as-trained",
+                "--baselines",
+                "popularity",
+            ]
+        )
+        == 0
+    )
     assert "crossrec" not in json.loads(js.read_text())["params"]
 
 
@@ -90,8 +112,9 @@ def test_recommend_prints_top_k_with_reasons(first_run, tiny_fk, capsys):
     data = Dataset.load(tiny_fk)
     food = data.interactions.filter(np.array(data.interactions.column("domain").to_pylist()) == "food")
     hist = food.column("item_id").to_pylist()[:3]
-    assert main(["recommend", "--bundle", str(out), "--domain", "kitchen", "--history", ",".join(hist),
-                 "--k", "3"]) == 0
+    assert (
+        main(["recommend", "--bundle", str(out), "--domain", "kitchen", "--history", ",".join(hist), "--k", "3"]) == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count("because of [food]") >= 3 and "top 3 in kitchen" in printed
     assert main(["recommend", "--bundle", str(out), "--domain", "toys", "--history", hist[0]]) == 2
@@ -101,14 +124,22 @@ def test_recommend_prints_top_k_with_reasons(first_run, tiny_fk, capsys):
 def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny_fk, tmp_path, monkeypatch):
     from trainers.pipeline import train_bundle
 
-    pre = train_bundle(tiny_fk, tmp_path / "pre", load_config(overrides=[*FAST, "train_domains=[food]"]),
-                       RunSettings(workers=1, name="pre"), progress=False)
+    pre = train_bundle(
+        tiny_fk,
+        tmp_path / "pre",
+        load_config(overrides=[*FAST, "train_domains=[food]"]),
+        RunSettings(workers=1, name="pre"),
+        progress=False,
+    )
     assert pre["domains"] == ["food"]
     monkeypatch.chdir(tmp_path)  # a relative --init works although the workers run elsewhere
-    ft = train_bundle(tiny_fk, tmp_path / "ft",
-                      load_config(overrides=[*FAST, "epochs=1", "train_domains=[kitchen]", "init_from=pre",
-                                             "finetune=adaptor"]),
-                      RunSettings(workers=1, name="ft"), progress=False)
+    ft = train_bundle(
+        tiny_fk,
+        tmp_path / "ft",
+        load_config(overrides=[*FAST, "epochs=1", "train_domains=[kitchen]", "init_from=pre", "finetune=adaptor"]),
+        RunSettings(workers=1, name="ft"),
+        progress=False,
+    )
     assert ft["domains"] == ["kitchen"] and ft["config"]["init_from"] == str(tmp_path / "pre")
     # The pre-training never saw a kitchen item: not in its catalog, not in its bundle.
     assert list(load_bundle(tmp_path / "pre").items) == ["food"]
@@ -139,8 +170,13 @@ def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny
         assert torch.equal(after[k], src[k]), k
     assert any(not torch.equal(after[k], src[k]) for k in after if k.startswith("adaptor."))  # it did train
     with pytest.raises(ValueError, match="`init_from`: .*nowhere is not a crossrec bundle"):
-        train_bundle(tiny_fk, tmp_path / "bad", load_config(overrides=[*FAST, "init_from=nowhere"]),
-                     RunSettings(workers=1), progress=False)
+        train_bundle(
+            tiny_fk,
+            tmp_path / "bad",
+            load_config(overrides=[*FAST, "init_from=nowhere"]),
+            RunSettings(workers=1),
+            progress=False,
+        )
 
 
 def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsys):
@@ -159,19 +195,42 @@ def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsy
     assert "`mode` must be one of cached, end-to-end, got 'fast'" in capsys.readouterr().err
 
 
-def test_cold_user_bundle_is_evaluated_under_its_protocol_only(ray_cluster, vector_cache, cross_fk, tmp_path,
-                                                               capsys, first_run, tiny_fk):
+def test_cold_user_bundle_is_evaluated_under_its_protocol_only(
+    ray_cluster, vector_cache, cross_fk, tmp_path, capsys, first_run, tiny_fk
+):
     from crossrec.baselines import Popularity
     from trainers.pipeline import train_bundle
 
     out = tmp_path / "cold"
-    meta = train_bundle(cross_fk, out, load_config(overrides=[*FAST, "protocol=cold-user", "cold_fraction=0.5"]),
-                        RunSettings(workers=1, name="cold"), progress=False)
+    meta = train_bundle(
+        cross_fk,
+        out,
+        load_config(overrides=[*FAST, "protocol=cold-user", "cold_fraction=0.5"]),
+        RunSettings(workers=1, name="cold"),
+        progress=False,
+    )
     sp = Splits(Dataset.load(cross_fk), protocol="cold-user", cold_fraction=0.5)
     assert meta["metrics"]["n_targets"]["all"] == len(sp.targets("test")) > 0
     js = tmp_path / "cold.json"
-    assert main(["evaluate", "--bundle", str(out), "--data", str(cross_fk), "--protocol", "cold-user",
-                 "--baselines", "popularity,textknn", "--json", str(js), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(out),
+                "--data",
+                str(cross_fk),
+                "--protocol",
+                "cold-user",
+                "--baselines",
+                "popularity,textknn",
+                "--json",
+                str(js),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads(js.read_text())
     assert res["protocol"]["protocol"] == "cold-user" and res["protocol"]["cold_fraction"] == 0.5
     assert res["n_targets"]["all"] == len(sp.targets("test"))
@@ -182,6 +241,8 @@ def test_cold_user_bundle_is_evaluated_under_its_protocol_only(ray_cluster, vect
         assert main(["evaluate", "--bundle", str(out), "--data", str(cross_fk), *argv, "--quiet"]) == 2
         assert "the bundle was trained under protocol=cold-user" in capsys.readouterr().err
     # And the other way round: a leave-one-out bundle has trained on every cold-user target.
-    assert main(["evaluate", "--bundle", str(first_run[0]), "--data", str(tiny_fk), "--protocol", "cold-user",
-                 "--quiet"]) == 2
+    assert (
+        main(["evaluate", "--bundle", str(first_run[0]), "--data", str(tiny_fk), "--protocol", "cold-user", "--quiet"])
+        == 2
+    )
     assert "the bundle was trained under protocol=leave-one-out, min_per_domain=3" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Transfer protocols and objectives on tiny real slices: the cold-user split (exact ids hidden from training),
 held-out domains that never reach a training batch, the content-addressed vector cache, and the alignment and
 self-supervised loss terms (each changes the loss and trains). Real MiniLM vectors, no Ray."""
+
 import hashlib
 
 import numpy as np
@@ -17,7 +18,7 @@ def _held_out(users, fraction, seed):
     """Written from DESIGN.md's protocol, not from splits.py: sha256("seed:user") as a fraction of 2^64."""
     out = {}
     for u in users:
-        x = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big") / 2.0 ** 64
+        x = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big") / 2.0**64
         if x < fraction:
             out[u] = "valid" if x < fraction / 2 else "test"
     return out
@@ -46,7 +47,7 @@ def test_cold_user_split_hides_exactly_the_right_interactions(cross_fk):
     for u, role in roles.items():
         first = rows[u][0][3]
         seen = set()
-        for s, k, i, d in rows[u]:
+        for s, _k, i, d in rows[u]:
             if d != first:
                 hidden.add((u, i, s))
                 if d not in seen:
@@ -112,9 +113,17 @@ def test_held_out_domain_never_reaches_a_training_batch(cross_fk):
     # The held-out domain's validation targets are not there to select epochs or fit the text prior with.
     assert len(sp.targets("valid")) == len(full.targets("valid", "food"))
     # Same food targets as on the whole dataset (evaluating the bundle there is fair), shorter histories.
-    assert set(map(tuple, zip(sp.users[sp.row_user[sp.targets("test")]], sp.item_ids[sp.row_item[sp.targets("test")]]))) \
-        == set(map(tuple, zip(full.users[full.row_user[full.targets("test", "food")]],
-                              full.item_ids[full.row_item[full.targets("test", "food")]])))
+    assert set(
+        map(tuple, zip(sp.users[sp.row_user[sp.targets("test")]], sp.item_ids[sp.row_item[sp.targets("test")]]))
+    ) == set(
+        map(
+            tuple,
+            zip(
+                full.users[full.row_user[full.targets("test", "food")]],
+                full.item_ids[full.row_item[full.targets("test", "food")]],
+            ),
+        )
+    )
 
 
 def test_vector_cache_is_per_text_pooling_embeds_only_new_texts(vector_cache, tiny_ao, tiny_fk, tmp_path):
@@ -140,9 +149,9 @@ def test_vector_cache_is_per_text_pooling_embeds_only_new_texts(vector_cache, ti
     new_text = "a brand-new item nobody embedded: ceramic pour-over kettle, matte black"
     vecs, n = cached_text_vectors([*pool_texts, *fk_texts, new_text], "minilm", 64, embed)
     assert n == 1 and embedded == [new_text]  # only the one new text went through the backbone
-    np.testing.assert_allclose(vecs[:len(pool_texts)], backbone_vectors(pd, ps, "minilm", "", 64), atol=1e-5)
+    np.testing.assert_allclose(vecs[: len(pool_texts)], backbone_vectors(pd, ps, "minilm", "", 64), atol=1e-5)
     direct = embed_texts(fk_texts[:5], "minilm", 64)
-    np.testing.assert_allclose(vecs[len(pool_texts):len(pool_texts) + 5], direct, atol=1e-5)
+    np.testing.assert_allclose(vecs[len(pool_texts) : len(pool_texts) + 5], direct, atol=1e-5)
     # Another truncation is another vector: not served from the 64-token entries.
     _, n16 = cached_text_vectors(fk_texts[:3], "minilm", 16, lambda new: embed_texts(new, "minilm", 16))
     assert n16 == 3
@@ -155,17 +164,33 @@ def _loss_setup(data_path, **overrides):
     data = Dataset.load(data_path)
     sp = Splits(data)
     vecs = torch.from_numpy(backbone_vectors(data, sp, "minilm", "", 64))
-    cfg = TrainConfig(dim=32, layers=1, dropout=0.0, domain_dropout=0.0, text_prior_decay=0.6,
-                      text_prior_cross=0.1, n_negatives=16, **overrides)
+    cfg = TrainConfig(
+        dim=32,
+        layers=1,
+        dropout=0.0,
+        domain_dropout=0.0,
+        text_prior_decay=0.6,
+        text_prior_cross=0.1,
+        n_negatives=16,
+        **overrides,
+    )
     torch.manual_seed(0)
     model = CrossRecModel(cfg, len(sp.domains), in_dim=vecs.shape[1])
     model.adaptor.init_from_vectors(vecs)
     seqs = SequenceData(sp, cfg.max_len)
     batch = next(seqs.batches(32, np.random.default_rng(0)))
     domain_items = [torch.arange(sp.offset[d], sp.offset[d] + sp.n_items[d]) for d in sp.domains]
-    inputs = loss_inputs(batch, lambda idx: vecs[idx], torch.from_numpy(sp.item_domain), domain_items,
-                         cfg.n_negatives, np.random.default_rng(1), len(sp.domains), 0.0,
-                         cfg.ssl_mask if cfg.ssl_weight else None)
+    inputs = loss_inputs(
+        batch,
+        lambda idx: vecs[idx],
+        torch.from_numpy(sp.item_domain),
+        domain_items,
+        cfg.n_negatives,
+        np.random.default_rng(1),
+        len(sp.domains),
+        0.0,
+        cfg.ssl_mask if cfg.ssl_weight else None,
+    )
     return model, inputs
 
 
@@ -177,6 +202,7 @@ def test_each_loss_term_changes_the_loss_and_trains(vector_cache, tiny_fk, term)
     with torch.no_grad():
         with_term, without = float(model(**inputs)), float(base(**inputs))
     assert with_term != pytest.approx(without, abs=1e-6)  # the term is in the loss (same weights, same batch)
+
     # Training on the total loss lowers the term itself (it is not a constant).
     def term_value():
         with torch.no_grad():

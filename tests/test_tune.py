@@ -1,4 +1,5 @@
 """Sweeps with real Ray Tune over the real train_func (TorchTrainer per trial), MiniLM vectors, a tiny real slice."""
+
 import csv
 import json
 import os
@@ -10,8 +11,8 @@ import pytest
 import yaml
 
 from crossrec.baselines.textknn import CROSS_WEIGHTS, DECAYS
-from crossrec_cli import main
 from crossrec.sweep import load_sweep, sweep_from_dict
+from crossrec_cli import main
 
 REPO = Path(__file__).parents[1]
 TINY = {"dim": 32, "layers": 1, "batch_size": 32, "n_negatives": 32, "valid_max_targets": 0, "patience": 0}
@@ -35,16 +36,22 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_three_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, vector_cache, tiny_fk,
-                                                                    tmp_path, capsys):
+def test_three_trial_sweep_stops_trials_early_and_exports_the_best(
+    ray_cluster, vector_cache, tiny_fk, tmp_path, capsys
+):
     # One sensible learning rate first, then two that wreck the model: ASHA (grace 1, factor 2) must stop
     # the later trials at their first rung, below the first trial's epoch-1 score. The graph's vectors are
     # built once for all trials, as `crossrec train` builds them.
-    sweep = _write(tmp_path / "sweep.yaml", {
-        "base": {**TINY, "epochs": 4, "graph": {"enabled": True}, "fusion": "attention"},
-        "space": {"lr": {"type": "grid", "values": [3.0e-3, 10.0, 30.0]}},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent_trials": 1, "workers_per_trial": 1})
+    sweep = _write(
+        tmp_path / "sweep.yaml",
+        {
+            "base": {**TINY, "epochs": 4, "graph": {"enabled": True}, "fusion": "attention"},
+            "space": {"lr": {"type": "grid", "values": [3.0e-3, 10.0, 30.0]}},
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+            "workers_per_trial": 1,
+        },
+    )
     out = tmp_path / "sweep"
     assert main(["tune", str(sweep), "--data", str(tiny_fk), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -63,8 +70,12 @@ def test_three_trial_sweep_stops_trials_early_and_exports_the_best(ray_cluster, 
     # The text prior's weights were chosen once for the sweep (textknn's grid on validation) and exported.
     assert meta["config"]["text_prior_decay"] in DECAYS and meta["config"]["text_prior_cross"] in CROSS_WEIGHTS
     assert meta["metrics"]["valid"]["valid/ndcg@10"] == pytest.approx(float(rows[0]["best valid/ndcg@10"]))
-    assert main(["evaluate", "--bundle", str(out / "best"), "--data", str(tiny_fk), "--baselines", "popularity",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["evaluate", "--bundle", str(out / "best"), "--data", str(tiny_fk), "--baselines", "popularity", "--quiet"]
+        )
+        == 0
+    )
     assert "crossrec" in capsys.readouterr().out
     # The folder is taken: a second run must say how to continue instead of mixing two sweeps.
     assert main(["tune", str(sweep), "--data", str(tiny_fk), "--out", str(out)]) == 2
@@ -92,11 +103,16 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(ray_cluster, vector_cache
     from trainers.tune import run_sweep
 
     # A good learning rate, then one that wrecks the model; Ctrl+C during the first trial's first epochs.
-    path = _write(tmp_path / "sweep.yaml", {
-        "base": {**TINY, "epochs": 4},
-        "space": {"lr": {"type": "grid", "values": [3.0e-3, 30.0]}},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent_trials": 1, "workers_per_trial": 1})
+    path = _write(
+        tmp_path / "sweep.yaml",
+        {
+            "base": {**TINY, "epochs": 4},
+            "space": {"lr": {"type": "grid", "values": [3.0e-3, 30.0]}},
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+            "workers_per_trial": 1,
+        },
+    )
     out = tmp_path / "sweep"
     first = run_sweep(load_sweep(path), tiny_fk, out, progress=False, callbacks=[_InterruptAtFirstResult()])
     assert first.interrupted and first.bundle is None and not (out / "best").exists()
@@ -133,8 +149,9 @@ def test_shipped_sweeps_validate(tiny_fk, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(ray_cluster, vector_cache, micro_fk,
-                                                                             tmp_path, capsys):
+def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(
+    ray_cluster, vector_cache, micro_fk, tmp_path, capsys
+):
     """End-to-end trials (LoRA rank x learning rate) through the same train_func; the best bundle's adapter/ is
     peft's own format. MiniLM with 16-token texts keeps it small; the shipped file runs SmolLM2."""
     import torch
@@ -144,11 +161,25 @@ def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(ray
     from crossrec.backbones import resolve_backbone
 
     shipped = yaml.safe_load((REPO / "tune_configs" / "lora_lr_rank.yaml").read_text())
-    sweep = _write(tmp_path / "lora.yaml", {
-        **shipped,
-        "base": {**shipped["base"], "backbone": "minilm", "epochs": 1, "dim": 32, "layers": 1, "batch_size": 8,
-                 "n_negatives": 4, "max_tokens": 16, "valid_max_targets": 0, "patience": 0},
-        "space": {"lr": {"type": "grid", "values": [1.0e-3]}, "lora.rank": {"type": "grid", "values": [2, 4]}}})
+    sweep = _write(
+        tmp_path / "lora.yaml",
+        {
+            **shipped,
+            "base": {
+                **shipped["base"],
+                "backbone": "minilm",
+                "epochs": 1,
+                "dim": 32,
+                "layers": 1,
+                "batch_size": 8,
+                "n_negatives": 4,
+                "max_tokens": 16,
+                "valid_max_targets": 0,
+                "patience": 0,
+            },
+            "space": {"lr": {"type": "grid", "values": [1.0e-3]}, "lora.rank": {"type": "grid", "values": [2, 4]}},
+        },
+    )
     out = tmp_path / "lora"
     assert main(["tune", str(sweep), "--data", str(micro_fk), "--out", str(out), "--users", "20", "--quiet"]) == 0
     rows = _csv(out / "trials.csv")
@@ -160,9 +191,9 @@ def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(ray
     # Outside crossrec: plain transformers + peft load the adapter, with the best trial's rank.
     cfg = json.loads((out / "best" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == int(best["lora.rank"])
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(resolve_backbone("minilm").path,
-                                                                local_files_only=True),
-                                      str(out / "best" / "adapter"))
+    model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(resolve_backbone("minilm").path, local_files_only=True), str(out / "best" / "adapter")
+    )
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(torch.abs(p).max()) > 0 for p in lora_b)  # trained: B starts at zero
 
@@ -170,34 +201,57 @@ def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(ray
 BASE_SWEEP = {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"space": {"lora.rnak": {"type": "grid", "values": [4, 8]}}},
-     r"`space.lora.rnak`: unknown config key `lora.rnak` \(accepted: lora.alpha, lora.dropout, lora.enabled, "
-     r"lora.per_domain, lora.rank, lora.target_modules\)"),
-    ({"schedular": {"type": "asha"}}, r"unknown sweep key `schedular` \(accepted: base, cpus_per_worker, "
-                                      r"gpus_per_worker, include_base, max_concurrent_trials, metric, mode, "
-                                      r"num_samples, scheduler, search, space, workers_per_trial\)"),
-    ({"scheduler": {"type": "asha", "grace": 1}}, r"unknown sweep key `scheduler.grace` \(accepted: "
-                                                  r"scheduler.grace_period, scheduler.max_t"),
-    ({"space": {"lr": {"type": "loguniform", "low": 0, "high": 1}}}, r"`space.lr.low` must be > 0 for loguniform"),
-    ({"space": {"lr": {"type": "normal", "low": 0, "high": 1}}},
-     r"`space.lr.type` must be one of loguniform, uniform, randint, choice, grid, got 'normal'"),
-    ({"space": {"layers": {"type": "uniform", "low": 1, "high": 3}}},
-     r"`space.layers`: `layers` is an integer; uniform \[1, 3\] does not give one \(use randint, choice or grid\)"),
-    ({"space": {"lora.rank": {"type": "choice", "values": [8, 0]}}}, r"`space.lora.rank`: `lora.rank` must be > 0"),
-    ({"space": {"dim": {"type": "choice", "values": [32, 30]}, "heads": {"type": "grid", "values": [2, 4]}}},
-     r"`space`: the combination dim=30, heads=4 is not a valid config: `dim` \(30\) must be a multiple of "
-     r"`heads` \(4\)"),
-    ({"space": {"backbone": {"type": "choice", "values": ["minilm", "smollm2-135m"]}}},
-     r"`space.backbone`: `backbone` cannot be searched: the catalog vectors are computed once per sweep"),
-    ({"space": {"graph.layers": {"type": "grid", "values": [1, 2]}}},
-     r"`space.graph.layers`: `graph.layers` cannot be searched: the catalog vectors are computed once"),
-    ({"base": {"epoch": 3}}, r"`base`: unknown config key `epoch`"),
-    ({"mode": "maximize"}, r"`mode` must be max or min, got 'maximize'"),
-    ({"metric": "ndcg"}, r"`metric` must be a reported metric"),
-    ({"search": {"type": "optuna"}, "space": {"lr": {"type": "grid", "values": [1e-3]}}},
-     r"optuna samples; it cannot run `grid` keys"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"space": {"lora.rnak": {"type": "grid", "values": [4, 8]}}},
+            r"`space.lora.rnak`: unknown config key `lora.rnak` \(accepted: lora.alpha, lora.dropout, lora.enabled, "
+            r"lora.per_domain, lora.rank, lora.target_modules\)",
+        ),
+        (
+            {"schedular": {"type": "asha"}},
+            r"unknown sweep key `schedular` \(accepted: base, cpus_per_worker, "
+            r"gpus_per_worker, include_base, max_concurrent_trials, metric, mode, "
+            r"num_samples, scheduler, search, space, workers_per_trial\)",
+        ),
+        (
+            {"scheduler": {"type": "asha", "grace": 1}},
+            r"unknown sweep key `scheduler.grace` \(accepted: "
+            r"scheduler.grace_period, scheduler.max_t",
+        ),
+        ({"space": {"lr": {"type": "loguniform", "low": 0, "high": 1}}}, r"`space.lr.low` must be > 0 for loguniform"),
+        (
+            {"space": {"lr": {"type": "normal", "low": 0, "high": 1}}},
+            r"`space.lr.type` must be one of loguniform, uniform, randint, choice, grid, got 'normal'",
+        ),
+        (
+            {"space": {"layers": {"type": "uniform", "low": 1, "high": 3}}},
+            r"`space.layers`: `layers` is an integer; uniform \[1, 3\] does not give one \(use randint, choice or grid\)",
+        ),
+        ({"space": {"lora.rank": {"type": "choice", "values": [8, 0]}}}, r"`space.lora.rank`: `lora.rank` must be > 0"),
+        (
+            {"space": {"dim": {"type": "choice", "values": [32, 30]}, "heads": {"type": "grid", "values": [2, 4]}}},
+            r"`space`: the combination dim=30, heads=4 is not a valid config: `dim` \(30\) must be a multiple of "
+            r"`heads` \(4\)",
+        ),
+        (
+            {"space": {"backbone": {"type": "choice", "values": ["minilm", "smollm2-135m"]}}},
+            r"`space.backbone`: `backbone` cannot be searched: the catalog vectors are computed once per sweep",
+        ),
+        (
+            {"space": {"graph.layers": {"type": "grid", "values": [1, 2]}}},
+            r"`space.graph.layers`: `graph.layers` cannot be searched: the catalog vectors are computed once",
+        ),
+        ({"base": {"epoch": 3}}, r"`base`: unknown config key `epoch`"),
+        ({"mode": "maximize"}, r"`mode` must be max or min, got 'maximize'"),
+        ({"metric": "ndcg"}, r"`metric` must be a reported metric"),
+        (
+            {"search": {"type": "optuna"}, "space": {"lr": {"type": "grid", "values": [1e-3]}}},
+            r"optuna samples; it cannot run `grid` keys",
+        ),
+    ],
+)
 def test_bad_sweep_files_fail_naming_the_key(tmp_path, change, message):
     path = _write(tmp_path / "bad.yaml", {**BASE_SWEEP, **change})
     with pytest.raises(ValueError, match=message):
@@ -214,7 +268,13 @@ def test_bad_sweep_reaches_the_cli_as_one_line(tiny_fk, tmp_path, capsys):
 
 
 def test_yaml_numbers_and_randint_bounds():
-    s = sweep_from_dict({"space": {"lr": {"type": "loguniform", "low": "3e-4", "high": "1e-2"},
-                                   "layers": {"type": "randint", "low": 1, "high": 3}}})
+    s = sweep_from_dict(
+        {
+            "space": {
+                "lr": {"type": "loguniform", "low": "3e-4", "high": "1e-2"},
+                "layers": {"type": "randint", "low": 1, "high": 3},
+            }
+        }
+    )
     assert s.space["lr"].low == 3e-4 and s.space["layers"].high == 3
     assert s.trial_config({"lr": 5e-4, "layers": 3}).layers == 3

@@ -4,6 +4,7 @@ SASRec (Kang & McAuley, ICDM 2018) is the model with `item_encoder: id`: an embe
 the text adaptor, the same causal user tower and InfoNCE loss. Its bundle is cached per dataset and config,
 so `crossrec evaluate --baselines sasrec` trains once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,12 +21,19 @@ from crossrec.splits import Splits
 __all__ = ["SASREC", "sasrec_scorer"]
 
 # The usual SASRec settings for sparse Amazon data; dropout is high because ID embeddings overfit fast.
-SASREC = dict(item_encoder="id", dim=64, layers=2, heads=2, dropout=0.3, lr=1e-3, epochs=30, patience=3,
-              domain_dropout=0.0)
+SASREC = dict(
+    item_encoder="id", dim=64, layers=2, heads=2, dropout=0.3, lr=1e-3, epochs=30, patience=3, domain_dropout=0.0
+)
 
 
-def sasrec_scorer(data_path: str | Path, data: Dataset, splits: Splits, address: str | None = None,
-                  progress: bool = True, overrides: dict | None = None):
+def sasrec_scorer(
+    data_path: str | Path,
+    data: Dataset,
+    splits: Splits,
+    address: str | None = None,
+    progress: bool = True,
+    overrides: dict | None = None,
+):
     from trainers.pipeline import train_bundle
 
     proto = {k: v for k, v in splits.protocol_info.items() if k != "min_per_domain"}  # trained on the same split

@@ -5,14 +5,15 @@ so the result is put back in `Splits`' global item order whatever order the acto
 to the same on-disk cache as the in-process path (`crossrec.inference.backbone_vectors`), under the same key,
 so whichever ran first serves the other and a cache hit starts no Ray work at all.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +23,14 @@ import ray.data  # ray
 from crossrec.backbones import BackboneSpec, prepare_backbone
 from crossrec.config import TrainConfig
 from crossrec.dataset import Dataset
-from crossrec.embedding import (cached_text_vectors, catalog_texts, load_cached_vectors, save_cached_vectors,
-                                template_of, vector_cache_path)
+from crossrec.embedding import (
+    cached_text_vectors,
+    catalog_texts,
+    load_cached_vectors,
+    save_cached_vectors,
+    template_of,
+    vector_cache_path,
+)
 from crossrec.splits import Splits
 from trainers.runtime import init_ray
 
@@ -68,8 +75,10 @@ def _actor_plan(actors: int | None, cpus_per_actor: float | None) -> tuple[int, 
     per = cpus_per_actor or 1.0
     n = actors or max(1, int(cpus // per))  # none free (a busy cluster): one actor, started when a CPU frees up
     if n * per > total.get("CPU", 0):
-        raise ValueError(f"{n} actors x {per:g} CPUs need {n * per:g} CPUs, the cluster has "
-                         f"{total.get('CPU', 0):g}: lower `actors` or `cpus_per_actor`")
+        raise ValueError(
+            f"{n} actors x {per:g} CPUs need {n * per:g} CPUs, the cluster has "
+            f"{total.get('CPU', 0):g}: lower `actors` or `cpus_per_actor`"
+        )
     return n, per, 0
 
 
@@ -91,9 +100,15 @@ def _ray_data_progress(show: bool) -> Iterator[None]:
         data_log.setLevel(level)
 
 
-def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: int, batch_size: int = 128,
-                    actors: int | None = None, cpus_per_actor: float | None = None,
-                    progress: bool = False) -> np.ndarray:
+def embed_texts_ray(
+    texts: list[str],
+    backbone: str | BackboneSpec,
+    max_tokens: int,
+    batch_size: int = 128,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Texts -> (N, D) float32 vectors in input order, computed by a Ray Data actor pool (Ray must be up).
 
     actors: pool size (default: one per free GPU, else one per `cpus_per_actor` free CPUs, default 1 CPU each);
@@ -125,17 +140,24 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         ds = ray.data.from_arrow(blocks).map_batches(  # ray
             BackboneEncoder,
-            fn_constructor_kwargs={"spec": spec, "max_tokens": max_tokens, "threads": max(1, int(cpus)),
-                                   "use_gpu": gpus > 0},
-            batch_size=batch_size, batch_format="numpy",
+            fn_constructor_kwargs={
+                "spec": spec,
+                "max_tokens": max_tokens,
+                "threads": max(1, int(cpus)),
+                "use_gpu": gpus > 0,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors),  # ray
-            num_cpus=cpus, num_gpus=gpus or None,
+            num_cpus=cpus,
+            num_gpus=gpus or None,
             udf_modifying_row_count=False,
             # One node: an actor that dies (out of memory) dies again on restart, and restartable actors make the
             # core worker print an error line about constructor arguments in the object store to every user.
             # Several nodes: restarts survive a lost node. (Ray 2.60 takes it only as a bare remote arg, and warns
             # that these go in 2.64: the pin is 2.60.)
-            **({"max_restarts": 0} if len(ray.nodes()) == 1 else {}))
+            **({"max_restarts": 0} if len(ray.nodes()) == 1 else {}),
+        )
         out = np.empty((n, spec.dim), dtype=np.float32)
         done = np.zeros(n, dtype=bool)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # ray
@@ -147,8 +169,9 @@ def embed_texts_ray(texts: list[str], backbone: str | BackboneSpec, max_tokens: 
     return out
 
 
-def embed_catalog(dataset: Dataset, splits: Splits, cfg: TrainConfig, progress: bool = True,
-                  address: str | None = None) -> Path:
+def embed_catalog(
+    dataset: Dataset, splits: Splits, cfg: TrainConfig, progress: bool = True, address: str | None = None
+) -> Path:
     """The .npy of frozen-backbone vectors of `dataset`'s catalog in `splits`' global item order: from the cache
     when present, else computed on Ray (joined at `address`, else the running or a new local Ray; see
     `trainers.runtime.init_ray`) and cached."""

@@ -7,6 +7,7 @@ submitted. Dependencies are not shipped (no `pip` by default): cluster nodes hav
 from `cluster.yaml`'s setup commands. Relative paths in ARGS resolve inside the uploaded copy, which Ray deletes
 with the job, so outputs (`--out`, `--json`, `--storage`) must be absolute paths on storage the nodes share, or URIs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,17 +18,32 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from ray.exceptions import AuthenticationError  # ray
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient  # ray
 
 import crossrec
 
-__all__ = ["JobsError", "auth_token", "runtime_env", "client", "submit", "follow", "exit_code",
-           "list_jobs", "format_jobs", "job_info", "job_logs", "stop_job", "report", "repo_root"]
+__all__ = [
+    "JobsError",
+    "auth_token",
+    "runtime_env",
+    "client",
+    "submit",
+    "follow",
+    "exit_code",
+    "list_jobs",
+    "format_jobs",
+    "job_info",
+    "job_logs",
+    "stop_job",
+    "report",
+    "repo_root",
+]
 
 # What a job never needs: caches, environments, local outputs (Ray also honours .gitignore / .rayignore).
 EXCLUDES = [".git", ".venv", "out", "build", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ray_tmp"]
@@ -67,30 +83,44 @@ def _auth_headers() -> dict[str, str]:
 def _auth_message(address: str, error: str) -> str:
     token, where = auth_token()
     if token is None:
-        return (f"the Jobs API at {address} requires Ray's token auth and no token is configured here: put the "
-                f"cluster's token (`ray get-auth-token` on the head) in {TOKEN_WHERE}")
-    return (f"the Jobs API at {address} refused the token from {where} ({error}): put the cluster's token "
-            f"(`ray get-auth-token` on the head) in {TOKEN_WHERE}")
+        return (
+            f"the Jobs API at {address} requires Ray's token auth and no token is configured here: put the "
+            f"cluster's token (`ray get-auth-token` on the head) in {TOKEN_WHERE}"
+        )
+    return (
+        f"the Jobs API at {address} refused the token from {where} ({error}): put the cluster's token "
+        f"(`ray get-auth-token` on the head) in {TOKEN_WHERE}"
+    )
 
 
 def repo_root() -> Path:
     """The checkout this code runs from (holds pyproject.toml, trainers/ and platform/crossrec/)."""
     root = Path(__file__).resolve().parents[1]
     if not ((root / "pyproject.toml").is_file() and (root / "platform" / "crossrec").is_dir()):
-        raise JobsError(f"{root} is not a crossrec checkout (crossrec is installed without its sources): pass "
-                        f"--working-dir CHECKOUT")
+        raise JobsError(
+            f"{root} is not a crossrec checkout (crossrec is installed without its sources): pass "
+            f"--working-dir CHECKOUT"
+        )
     return root
 
 
-def runtime_env(working_dir: str | Path | None = None, env: dict[str, str] | None = None,
-                excludes: list[str] | None = None, pip: list[str] | None = None) -> dict:
+def runtime_env(
+    working_dir: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    excludes: list[str] | None = None,
+    pip: list[str] | None = None,
+) -> dict:
     """The job's runtime env: this checkout uploaded (working_dir + the core package), JOB_ENV plus `env`."""
     root = Path(working_dir).resolve() if working_dir else repo_root()
     core = root / "platform" / "crossrec"
     if not core.is_dir():
         raise JobsError(f"--working-dir {root}: no platform/crossrec in it (not a crossrec checkout)")
-    renv = {"working_dir": str(root), "py_modules": [str(core)], "excludes": [*EXCLUDES, *(excludes or [])],
-            "env_vars": {**JOB_ENV, **(env or {})}}
+    renv = {
+        "working_dir": str(root),
+        "py_modules": [str(core)],
+        "excludes": [*EXCLUDES, *(excludes or [])],
+        "env_vars": {**JOB_ENV, **(env or {})},
+    }
     if pip:
         renv["pip"] = list(pip)
     return renv
@@ -128,8 +158,11 @@ class _DropNotices(logging.Filter):
 def _quiet_sdk_logs() -> None:
     """The SDK logs each upload step at INFO (files skipped, package already there, socket closed): keep its
     warnings and errors only, so the output is the job's."""
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
-                 "ray.dashboard.modules.job.sdk"):
+    for name in (
+        "ray.dashboard.modules.dashboard_sdk",
+        "ray._private.runtime_env.packaging",
+        "ray.dashboard.modules.job.sdk",
+    ):
         log = logging.getLogger(name)
         log.setLevel(logging.WARNING)
         if not any(isinstance(f, _DropNotices) for f in log.filters):
@@ -143,10 +176,18 @@ def client(address: str | None = None) -> JobSubmissionClient:
         return JobSubmissionClient(address, headers=_auth_headers())
 
 
-def submit(address: str | None, argv: list[str], *, working_dir: str | Path | None = None,
-           env: dict[str, str] | None = None, excludes: list[str] | None = None, pip: list[str] | None = None,
-           python: str = "python", submission_id: str | None = None,
-           entrypoint_num_gpus: float | None = None) -> tuple[JobSubmissionClient, str]:
+def submit(
+    address: str | None,
+    argv: list[str],
+    *,
+    working_dir: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    excludes: list[str] | None = None,
+    pip: list[str] | None = None,
+    python: str = "python",
+    submission_id: str | None = None,
+    entrypoint_num_gpus: float | None = None,
+) -> tuple[JobSubmissionClient, str]:
     """Submits `crossrec ARGV` as a job; returns (the client, the submission id). ARGV is run as given: the CLI
     checks it with its own parser first (`crossrec_cli.cluster.job_argv`)."""
     renv = runtime_env(working_dir, env, excludes, pip)
@@ -158,9 +199,13 @@ def submit(address: str | None, argv: list[str], *, working_dir: str | Path | No
     while True:
         try:
             with _errors("submission failed", c.get_address()):
-                sid = c.submit_job(entrypoint=shlex.join([python, "-m", "crossrec_cli", *argv]), runtime_env=renv,
-                                   submission_id=sid, entrypoint_num_gpus=entrypoint_num_gpus,
-                                   metadata={"crossrec": crossrec.__version__, "command": argv[0]})
+                sid = c.submit_job(
+                    entrypoint=shlex.join([python, "-m", "crossrec_cli", *argv]),
+                    runtime_env=renv,
+                    submission_id=sid,
+                    entrypoint_num_gpus=entrypoint_num_gpus,
+                    metadata={"crossrec": crossrec.__version__, "command": argv[0]},
+                )
             return c, sid
         except JobsError as e:
             if "No available agent" not in str(e) or time.monotonic() > deadline:
@@ -177,8 +222,9 @@ async def _tail(c: JobSubmissionClient, job_id: str, out: TextIO) -> int:
     return n
 
 
-def follow(c: JobSubmissionClient, job_id: str, out: TextIO | None = None, err: TextIO | None = None,
-           poll_s: float = 1.0) -> JobStatus:
+def follow(
+    c: JobSubmissionClient, job_id: str, out: TextIO | None = None, err: TextIO | None = None, poll_s: float = 1.0
+) -> JobStatus:
     """Streams the job's logs to `out` (stdout) until it ends; then writes its final status (and, if it did not
     succeed, Ray's reason) to `err` (stderr) and returns the status."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -247,7 +293,14 @@ def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
         entry = j.entrypoint
         if " -m crossrec_cli " in entry:  # the interpreter is noise: show what a user would type
             entry = "crossrec " + entry.split(" -m crossrec_cli ", 1)[1]
-        rows.append((j.submission_id, str(j.status), started, took,
-                     entry if len(entry) <= width else entry[:width - 3] + "..."))
+        rows.append(
+            (
+                j.submission_id,
+                str(j.status),
+                started,
+                took,
+                entry if len(entry) <= width else entry[: width - 3] + "...",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)

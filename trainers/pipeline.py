@@ -3,6 +3,7 @@ export -> second-stage ranker (Ray Train). It imports the stages; no stage impor
 
 `export_bundle` also turns the best trial of a sweep into a bundle (`trainers.tune`).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,16 @@ from trainers.train import fit, make_item_input, model_domains, resolved_init, r
 __all__ = ["train_bundle", "export_bundle", "claim_run"]
 
 
-def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSettings,
-                 resume_from: str | Path | None = None, progress: bool = True, resume: bool = False,
-                 force: bool = False) -> dict:
+def train_bundle(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    run: RunSettings,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    force: bool = False,
+) -> dict:
     """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json.
     A run name that already holds a run continues it only with the same fingerprint (`claim_run`)."""
 
@@ -62,9 +70,20 @@ def train_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, run: RunSe
     _, _, result = fit(data, cfg, run, vec_path, resume_from, progress)
     best, valid_metrics, history = best_checkpoint(result)
     t_fit = time.time() - t0 - t_embed
-    meta = export_bundle(data, out, cfg, best, valid_metrics, history, vec_path,
-                         {"embed": round(t_embed, 1), "fit": round(t_fit, 1)},
-                         {"run": {"workers": run.workers, "name": run.name}}, progress, dataset, splits)
+    meta = export_bundle(
+        data,
+        out,
+        cfg,
+        best,
+        valid_metrics,
+        history,
+        vec_path,
+        {"embed": round(t_embed, 1), "fit": round(t_fit, 1)},
+        {"run": {"workers": run.workers, "name": run.name}},
+        progress,
+        dataset,
+        splits,
+    )
     if cfg.ranker.enabled:  # second stage, trained on the exported retriever (trainers/ranker.py)
         from trainers.ranker import train_ranker
 
@@ -86,10 +105,20 @@ def claim_run(data_hash: str, cfg: TrainConfig, run: RunSettings, resume: bool =
     return action
 
 
-def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ray.train.Checkpoint",
-                  valid_metrics: dict, history: list[dict], vec_path: str | Path | None, time_s: dict,
-                  extra: dict | None = None, progress: bool = True, dataset: Dataset | None = None,
-                  splits: Splits | None = None) -> dict:
+def export_bundle(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    best: ray.train.Checkpoint,
+    valid_metrics: dict,
+    history: list[dict],
+    vec_path: str | Path | None,
+    time_s: dict,
+    extra: dict | None = None,
+    progress: bool = True,
+    dataset: Dataset | None = None,
+    splits: Splits | None = None,
+) -> dict:
     """A checkpoint of `train_func` -> test evaluation -> bundle at `out` (used by `crossrec train` and, for the
     best trial, `crossrec tune`). Returns bundle.json."""
     from crossrec.bundle import load_bundle, save_bundle
@@ -111,23 +140,49 @@ def export_bundle(data: str | Path, out: str | Path, cfg: TrainConfig, best: "ra
     model.eval()
     with torch.inference_mode():
         item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
-        item_vecs = torch.cat([model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
-                               for s in range(0, n_items, 8192)])
+        item_vecs = torch.cat(
+            [model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items)))) for s in range(0, n_items, 8192)]
+        )
     from crossrec.progress import interactive
 
-    test = evaluate(splits, ModelScorer(model, item_vecs, splits, dmap), split="test",
-                    progress=progress and interactive(), desc="test")
+    test = evaluate(
+        splits,
+        ModelScorer(model, item_vecs, splits, dmap),
+        split="test",
+        progress=progress and interactive(),
+        desc="test",
+    )
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
     for d in splits.domains:
         off, n = splits.offset[d], splits.n_items[d]
-        items[d] = (splits.item_ids[off:off + n].tolist(), titles[off:off + n], item_vecs[off:off + n].numpy())
-    metrics = {"valid": {k: v for k, v in valid_metrics.items() if k.startswith("valid/")},
-               "test": test.metrics, "n_targets": test.n_targets, "history": history, "time_s": time_s}
-    save_bundle(out, model, cfg, domains, None if vectors is None else vectors.shape[1],
-                n_items if cfg.item_encoder == "id" or cfg.item_ids else None, items, metrics, dataset.content_hash,
-                extra={"dataset": str(data), "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-                       "checkpoint": best.path, "libraries": _libraries(), **(extra or {})}, adapter_dir=adapter_dir)
+        items[d] = (splits.item_ids[off : off + n].tolist(), titles[off : off + n], item_vecs[off : off + n].numpy())
+    metrics = {
+        "valid": {k: v for k, v in valid_metrics.items() if k.startswith("valid/")},
+        "test": test.metrics,
+        "n_targets": test.n_targets,
+        "history": history,
+        "time_s": time_s,
+    }
+    save_bundle(
+        out,
+        model,
+        cfg,
+        domains,
+        None if vectors is None else vectors.shape[1],
+        n_items if cfg.item_encoder == "id" or cfg.item_ids else None,
+        items,
+        metrics,
+        dataset.content_hash,
+        extra={
+            "dataset": str(data),
+            "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
+            "checkpoint": best.path,
+            "libraries": _libraries(),
+            **(extra or {}),
+        },
+        adapter_dir=adapter_dir,
+    )
     shutil.rmtree(work, ignore_errors=True)
     if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose
         from crossrec.plots import plot_curves
@@ -149,8 +204,9 @@ def _libraries() -> dict[str, str]:
     return out
 
 
-def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Splits, work: Path,
-                     progress: bool) -> tuple[Path, np.ndarray]:
+def _export_backbone(
+    cfg: TrainConfig, folder: str, dataset: Dataset, splits: Splits, work: Path, progress: bool
+) -> tuple[Path, np.ndarray]:
     """End-to-end checkpoint -> (peft adapter folder, the catalog's vectors from the adapted backbone). The
     vectors come from the Ray Data embedding job reading a merged copy of the backbone, so a bundle's item
     vectors match the backbone it serves with. On a multi-node cluster `work` must be on shared storage."""
@@ -170,7 +226,7 @@ def _export_backbone(cfg: TrainConfig, folder: str, dataset: Dataset, splits: Sp
         for d in splits.domains:
             merged = write_merged(backbone, work / f"merged-{d}", domain=d)
             off, n = splits.offset[d], splits.n_items[d]
-            part = embed_texts_ray(texts[off:off + n], str(merged), cfg.max_tokens, progress=progress)
+            part = embed_texts_ray(texts[off : off + n], str(merged), cfg.max_tokens, progress=progress)
             vectors = part if vectors is None else np.concatenate([vectors, part])
         return adapter, vectors
     merged = write_merged(backbone, work / "merged")

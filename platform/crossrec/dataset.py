@@ -1,20 +1,21 @@
 """A prepared dataset: a folder of Parquet files plus `manifest.json`, written atomically by `prepare`.
 
-    items.parquet          item_id, domain, title, optional text / feature columns; sorted by (domain, item_id)
-    interactions.parquet   user_id, item_id, domain, timestamp[, rating, event, platform]; sorted by
-                           (user_id, timestamp), ties in input order
-    identity.parquet       optional: platform, platform_user_id -> user_id
-    manifest.json          schema version, source, counts per domain, what was merged or skipped, hashes
+items.parquet          item_id, domain, title, optional text / feature columns; sorted by (domain, item_id)
+interactions.parquet   user_id, item_id, domain, timestamp[, rating, event, platform]; sorted by
+                       (user_id, timestamp), ties in input order
+identity.parquet       optional: platform, platform_user_id -> user_id
+manifest.json          schema version, source, counts per domain, what was merged or skipped, hashes
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,8 +26,14 @@ import crossrec
 from crossrec.atomic import publishing
 from crossrec.ingest import read_source
 from crossrec.ingest.tables import CSV, JSONL, PARQUET
-from crossrec.schema import (SCHEMA_VERSION, DataError, SourceTable, validate_identity, validate_interactions,
-                             validate_items)
+from crossrec.schema import (
+    SCHEMA_VERSION,
+    DataError,
+    SourceTable,
+    validate_identity,
+    validate_interactions,
+    validate_items,
+)
 
 __all__ = ["Dataset", "prepare", "MANIFEST"]
 
@@ -45,20 +52,28 @@ class Dataset:
     manifest: dict
 
     @classmethod
-    def load(cls, path: str | Path) -> "Dataset":
+    def load(cls, path: str | Path) -> Dataset:
         path = Path(path)
         man = path / MANIFEST
         if not man.is_file():
-            raise DataError(f"{path}: not a prepared crossrec dataset (no {MANIFEST}); "
-                            f"run `crossrec prepare SRC --out {path}` first")
+            raise DataError(
+                f"{path}: not a prepared crossrec dataset (no {MANIFEST}); "
+                f"run `crossrec prepare SRC --out {path}` first"
+            )
         manifest = json.loads(man.read_text())
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(f"{man}: schema version {manifest.get('schema_version')!r}, this crossrec reads "
-                            f"{SCHEMA_VERSION}; prepare the data again")
+            raise DataError(
+                f"{man}: schema version {manifest.get('schema_version')!r}, this crossrec reads "
+                f"{SCHEMA_VERSION}; prepare the data again"
+            )
         ident = path / "identity.parquet"
-        return cls(path=path, items=pq.read_table(path / "items.parquet"),
-                   interactions=pq.read_table(path / "interactions.parquet"),
-                   identity=pq.read_table(ident) if ident.is_file() else None, manifest=manifest)
+        return cls(
+            path=path,
+            items=pq.read_table(path / "items.parquet"),
+            interactions=pq.read_table(path / "interactions.parquet"),
+            identity=pq.read_table(ident) if ident.is_file() else None,
+            manifest=manifest,
+        )
 
     @property
     def domains(self) -> list[str]:
@@ -93,15 +108,27 @@ def _sort_interactions(inters: pa.Table) -> pa.Table:
 
 
 def _counts(items: pa.Table, inters: pa.Table) -> dict:
-    item_n = dict(zip(*(items.group_by("domain").aggregate([("item_id", "count")]).column(c).to_pylist()
-                        for c in ("domain", "item_id_count"))))
+    item_n = dict(
+        zip(
+            *(
+                items.group_by("domain").aggregate([("item_id", "count")]).column(c).to_pylist()
+                for c in ("domain", "item_id_count")
+            )
+        )
+    )
     per_dom = inters.group_by("domain").aggregate([("user_id", "count"), ("user_id", "count_distinct")])
     inter_n = dict(zip(per_dom.column("domain").to_pylist(), per_dom.column("user_id_count").to_pylist()))
     user_n = dict(zip(per_dom.column("domain").to_pylist(), per_dom.column("user_id_count_distinct").to_pylist()))
-    per = {d: {"items": int(item_n[d]), "interactions": int(inter_n.get(d, 0)), "users": int(user_n.get(d, 0))}
-           for d in sorted(item_n)}
-    return {"users": int(pc.count_distinct(inters.column("user_id")).as_py()), "items": items.num_rows,
-            "interactions": inters.num_rows, "domains": per}
+    per = {
+        d: {"items": int(item_n[d]), "interactions": int(inter_n.get(d, 0)), "users": int(user_n.get(d, 0))}
+        for d in sorted(item_n)
+    }
+    return {
+        "users": int(pc.count_distinct(inters.column("user_id")).as_py()),
+        "items": items.num_rows,
+        "interactions": inters.num_rows,
+        "domains": per,
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -112,8 +139,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", domain: str | None = None,
-            identity: str | Path | None = None, force: bool = False, progress: bool = True) -> dict:
+def prepare(
+    sources: Sequence[str | Path],
+    out: str | Path,
+    fmt: str = "auto",
+    domain: str | None = None,
+    identity: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Reads, validates and writes a dataset; returns its manifest.
 
     Published with `crossrec.atomic.publishing`: the writer lock is taken first (a concurrent `prepare` of the
@@ -136,8 +170,9 @@ def prepare(sources: Sequence[str | Path], out: str | Path, fmt: str = "auto", d
         bar.close()
 
 
-def _prepare_into(tmp: Path, sources: Sequence[str | Path], fmt: str, domain: str | None,
-                  identity: str | Path | None, bar: tqdm) -> dict:
+def _prepare_into(
+    tmp: Path, sources: Sequence[str | Path], fmt: str, domain: str | None, identity: str | Path | None, bar: tqdm
+) -> dict:
     read = []
     for src in sources:
         bar.set_postfix_str(f"read {src}")

@@ -2,6 +2,7 @@
 
 The unknown id is `len(domains)`: its embedding is trained by `domain_dropout` and is what zero-shot domains use.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

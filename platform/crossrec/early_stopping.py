@@ -3,6 +3,7 @@
 `train_func`s keep a `state` dict (epoch, best, bad_epochs, history) in their checkpoints; `record_epoch` updates
 it, and `out_of_patience` tells from a finished run's history whether that rule ended it (the sweep's report).
 """
+
 from __future__ import annotations
 
 __all__ = ["VALID_METRIC", "new_state", "record_epoch", "out_of_patience"]

@@ -6,6 +6,7 @@ derived from it, one .npy per catalog in global item order (`vector_cache_path`)
 The Ray Data job (`trainers/embed.py`) computes the same vectors on a cluster and stores them in the same
 cache, so whichever ran first serves the other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,16 @@ import pyarrow as pa
 from crossrec.backbones import cache_dir, resolve_backbone
 from crossrec.text import TextTemplate, render_items
 
-__all__ = ["template_of", "catalog_texts", "vector_cache_path", "load_cached_vectors", "save_cached_vectors",
-           "embed_texts", "TextVectorStore", "cached_text_vectors"]
+__all__ = [
+    "template_of",
+    "catalog_texts",
+    "vector_cache_path",
+    "load_cached_vectors",
+    "save_cached_vectors",
+    "embed_texts",
+    "TextVectorStore",
+    "cached_text_vectors",
+]
 
 
 def template_of(text_template: str, max_tokens: int) -> TextTemplate:
@@ -35,8 +44,17 @@ def catalog_texts(items: pa.Table, template: TextTemplate) -> list[str]:
 def _key(item_ids: list[str], texts_hash: str, backbone: str, template: TextTemplate) -> str:
     spec = resolve_backbone(backbone)
     h = hashlib.sha256()
-    h.update(json.dumps({"backbone": spec.name, "template": template.template, "extras": template.extras,
-                         "max_tokens": template.max_tokens, "texts": texts_hash}).encode())
+    h.update(
+        json.dumps(
+            {
+                "backbone": spec.name,
+                "template": template.template,
+                "extras": template.extras,
+                "max_tokens": template.max_tokens,
+                "texts": texts_hash,
+            }
+        ).encode()
+    )
     h.update("\x1f".join(item_ids).encode())
     return h.hexdigest()[:24]
 
@@ -61,8 +79,9 @@ def save_cached_vectors(path: Path, vectors: np.ndarray) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
-def embed_texts(texts: list[str], backbone: str, max_tokens: int, batch_size: int = 64,
-                progress: bool = False) -> np.ndarray:
+def embed_texts(
+    texts: list[str], backbone: str, max_tokens: int, batch_size: int = 64, progress: bool = False
+) -> np.ndarray:
     """In-process encoding with the frozen backbone: (N, backbone dim) float32."""
     from crossrec.backbones import load_backbone
 
@@ -87,9 +106,10 @@ class TextVectorStore:
         return [hashlib.sha256(prefix + t.encode()).digest()[:16] for t in texts]
 
     def _index(self) -> tuple[dict[bytes, tuple[int, int]], list[Path]]:
-        index, shards = {}, []
+        index: dict[bytes, tuple[int, int]] = {}
+        shards: list[Path] = []
         for kf in sorted(self.folder.glob("keys-*.npy")) if self.folder.is_dir() else []:
-            vf = kf.with_name("vecs-" + kf.name[len("keys-"):])
+            vf = kf.with_name("vecs-" + kf.name[len("keys-") :])
             if not vf.is_file():
                 continue
             keys = np.load(kf)
@@ -128,15 +148,16 @@ class TextVectorStore:
         save_cached_vectors(self.folder / f"keys-{sid}.npy", keys)
 
 
-def cached_text_vectors(texts: list[str], backbone: str, max_tokens: int, embed, progress: bool = False
-                        ) -> tuple[np.ndarray, int]:
+def cached_text_vectors(
+    texts: list[str], backbone: str, max_tokens: int, embed, progress: bool = False
+) -> tuple[np.ndarray, int]:
     """(N, D) vectors of `texts` from the content-addressed store; `embed(list of texts) -> (n, D)` computes the
     ones it lacks (each distinct text once), which are then stored. Returns (vectors, number of texts embedded)."""
     store = TextVectorStore(backbone, max_tokens)
     out, found = store.lookup(texts)
     missing = np.flatnonzero(~found)
-    if not len(missing):
-        return out, 0
+    if not len(missing):  # all found (or no text at all)
+        return (out if out is not None else np.zeros((0, 0), np.float32)), 0
     uniq = list(dict.fromkeys(texts[i] for i in missing))
     new = np.asarray(embed(uniq), dtype=np.float32)
     store.add(uniq, new)

@@ -1,6 +1,7 @@
 """Explanations in words: the instruct backbone (SmolLM2-135M-Instruct) writes one short sentence per recommended
 item from the titles of the history items that contributed most to it (the occlusion reasons). Opt-in, one
 batched generation per request, bounded in tokens; plain weighted reasons stay the default. No Ray."""
+
 from __future__ import annotations
 
 import time
@@ -43,10 +44,15 @@ class Explainer:
 
     def prompt(self, title: str, because: list[str]) -> str:
         history = "; ".join(t[:80] for t in because) or "nothing yet"
-        messages = [{"role": "system", "content": _SYSTEM},
-                    {"role": "user", "content": f"The shopper liked: {history}. We recommend: {title[:100]}. "
-                                                "In one short sentence, why might they like it?"}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = [
+            {"role": "system", "content": _SYSTEM},
+            {
+                "role": "user",
+                "content": f"The shopper liked: {history}. We recommend: {title[:100]}. "
+                "In one short sentence, why might they like it?",
+            },
+        ]
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def explain(self, items: list[tuple[str, list[str]]]) -> Explained:
         """items: (recommended title, titles of the history items behind it, strongest first) -> one sentence
@@ -58,12 +64,13 @@ class Explainer:
         t0 = time.perf_counter()
         enc = self.tokenizer([self.prompt(t, b) for t, b in items], return_tensors="pt", padding=True)
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
+            out = self.model.generate(
+                **enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, <= max_new_tokens)
         texts = []
         for row in new:
-            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            text = str(self.tokenizer.decode(row, skip_special_tokens=True)).strip()
             end = min((text.find(c) + 1 for c in ".!?" if c in text), default=len(text))
             texts.append(text[:end].strip())
         n_new = int((new != self.tokenizer.pad_token_id).sum())

@@ -12,11 +12,12 @@ Per-domain adapters (`lora.per_domain`): one LoRA adapter per domain on one shar
 an item's text goes through its domain's adapter. Saved as peft saves several adapters: one peft folder per
 domain (`adapter/<domain>/`), each loadable on its own with `PeftModel.from_pretrained`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -25,10 +26,27 @@ from crossrec.backbones import Backbone, load_backbone, lora_target_modules
 from crossrec.config import LoraConfig, TrainConfig
 from crossrec.model import CrossRecModel
 
-__all__ = ["build_end_to_end", "apply_lora", "ItemTextEncoder", "EndToEndModel", "trainable_backbone_state", "load_backbone_state",
-           "save_adapter", "load_adapted_backbone", "merge_adapter", "write_merged", "is_adapter_dir",
-           "domain_adapters", "adapter_names", "activate_adapter", "init_backbone_from_bundle", "grad_rows",
-           "memory_estimate", "backbone_size", "check_memory"]
+__all__ = [
+    "build_end_to_end",
+    "apply_lora",
+    "ItemTextEncoder",
+    "EndToEndModel",
+    "trainable_backbone_state",
+    "load_backbone_state",
+    "save_adapter",
+    "load_adapted_backbone",
+    "merge_adapter",
+    "write_merged",
+    "is_adapter_dir",
+    "domain_adapters",
+    "adapter_names",
+    "activate_adapter",
+    "init_backbone_from_bundle",
+    "grad_rows",
+    "memory_estimate",
+    "backbone_size",
+    "check_memory",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file name: marks a LoRA adapter folder
 
@@ -46,23 +64,33 @@ def apply_lora(backbone: Backbone, lora: LoraConfig, domains: Sequence[str] = ()
             raise ValueError("`lora.per_domain` needs `lora.enabled: true` (a full fine-tune has one backbone)")
         bad = [d for d in domains if not d or "." in d or d == "default"]
         if not domains or bad:
-            raise ValueError(f"`lora.per_domain` names one adapter per domain; domain names must be non-empty, "
-                             f"without '.', and not 'default' (got {list(domains)!r})")
+            raise ValueError(
+                f"`lora.per_domain` names one adapter per domain; domain names must be non-empty, "
+                f"without '.', and not 'default' (got {list(domains)!r})"
+            )
     if not lora.enabled:
         for p in backbone.model.parameters():
             p.requires_grad_(True)
         return backbone
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     targets = list(lora.target_modules) if lora.target_modules else lora_target_modules(backbone.spec.family)
     names = _module_names(backbone.model)
     missing = [t for t in targets if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"`lora.target_modules`: {', '.join(missing)} not in backbone {backbone.spec.name!r} "
-                         f"(its linear layers: {', '.join(linear)})")
-    config = PeftLoraConfig(r=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                            target_modules=targets, bias="none")
+        raise ValueError(
+            f"`lora.target_modules`: {', '.join(missing)} not in backbone {backbone.spec.name!r} "
+            f"(its linear layers: {', '.join(linear)})"
+        )
+    config = PeftLoraConfig(
+        r=int(lora.rank),
+        lora_alpha=float(lora.alpha),  # type: ignore[arg-type]  # peft's stub says int; it scales by a float
+        lora_dropout=float(lora.dropout),
+        target_modules=targets,
+        bias="none",
+    )
     if not lora.per_domain:
         backbone.model = get_peft_model(backbone.model, config)
         return backbone
@@ -99,8 +127,9 @@ class ItemTextEncoder(nn.Module):
     (truncated to max_tokens); a batch is cut to its own longest text. Tokens are plain attributes, not
     buffers: nothing for DDP to broadcast or for checkpoints to store."""
 
-    def __init__(self, backbone: Backbone, texts: Sequence[str], max_tokens: int,
-                 item_adapter: Sequence[str] | None = None):
+    def __init__(
+        self, backbone: Backbone, texts: Sequence[str], max_tokens: int, item_adapter: Sequence[str] | None = None
+    ):
         """item_adapter: with per-domain adapters, the adapter (domain) of each text."""
         super().__init__()
         self.backbone = backbone
@@ -138,7 +167,9 @@ class ItemTextEncoder(nn.Module):
         # without items here encodes one item at weight zero, which also gives its weights the exact zero
         # gradient DDP and ZeRO expect from every trainable weight.
         codes = self.item_adapter[idx]
-        parts, rows, idle = [], [], 0.0
+        parts: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        idle: torch.Tensor | float = 0.0
         for code, name in enumerate(self.adapters):
             at = torch.nonzero(codes == code).squeeze(1)
             activate_adapter(self.backbone, name)
@@ -159,7 +190,7 @@ class ItemTextEncoder(nn.Module):
             out = torch.empty(len(idx), self.dim)
             pos = {int(g): k for k, g in enumerate(idx)}
             for s in range(0, len(order), batch_size):
-                part = order[s:s + batch_size]
+                part = order[s : s + batch_size]
                 rows = torch.tensor([pos[int(g)] for g in part], dtype=torch.long)
                 out[rows] = self(part).float().cpu()
             return out
@@ -175,8 +206,7 @@ class EndToEndModel(nn.Module):
     negatives, overflow) in one forward without gradients, whose activations are freed layer by layer. Their
     vectors still enter the loss (as fixed vectors this step), like the cached negatives of a memory bank."""
 
-    def __init__(self, recommender: CrossRecModel, encoder: ItemTextEncoder, grad_items: int = 0,
-                 max_items: int = 0):
+    def __init__(self, recommender: CrossRecModel, encoder: ItemTextEncoder, grad_items: int = 0, max_items: int = 0):
         """max_items > 0: every step runs the forwards of that many items without gradients, whatever its
         items (ZeRO-3 gathers each layer's shards collectively: all ranks must run the same forwards)."""
         super().__init__()
@@ -197,13 +227,13 @@ class EndToEndModel(nn.Module):
     def _encode_bounded(self, idx: torch.Tensor, inputs: dict) -> torch.Tensor:
         n = len(idx)
         rows = grad_rows(n, inputs, self.grad_items)  # (n,) positions in idx, gradient rows first
-        grad, rest = rows[:self.grad_items], rows[self.grad_items:]
+        grad, rest = rows[: self.grad_items], rows[self.grad_items :]
         with_grad = self.encoder(idx[grad]).float()  # (G, D)
         chunks = max(-(-len(rest) // NO_GRAD_CHUNK), -(-max(0, self.max_items - self.grad_items) // NO_GRAD_CHUNK))
         parts = []
         with torch.no_grad():  # in chunks: the peak is one chunk's layer, whatever the step's items
             for c in range(chunks):
-                part = rest[c * NO_GRAD_CHUNK:(c + 1) * NO_GRAD_CHUNK]
+                part = rest[c * NO_GRAD_CHUNK : (c + 1) * NO_GRAD_CHUNK]
                 if len(part):
                     parts.append(self.encoder(idx[part]).float())
                 else:  # ZeRO-3 padding: the same forwards on every rank
@@ -218,8 +248,7 @@ def grad_rows(n: int, inputs: dict, limit: int) -> torch.Tensor:
     targets = inputs["cand_index"][inputs["labels"]]  # (P,) positions of the targets
     history = inputs["hist_index"][inputs["valid"]]  # positions of the real history items
     order = torch.cat([targets.reshape(-1), history.reshape(-1), torch.arange(n)]).cpu()
-    first = torch.full((n,), len(order), dtype=torch.long).scatter_reduce(0, order, torch.arange(len(order)),
-                                                                          "amin")
+    first = torch.full((n,), len(order), dtype=torch.long).scatter_reduce(0, order, torch.arange(len(order)), "amin")
     return torch.argsort(first, stable=True)
 
 
@@ -241,11 +270,17 @@ def memory_estimate(cfg: TrainConfig, hidden: int, layers: int, n_params: int, w
     measured model; used to refuse a run that cannot fit."""
     step_items = _items_per_step(cfg, workers)
     items = min(cfg.backbone_grad_items, step_items) if cfg.backbone_grad_items else step_items
-    act = items * cfg.max_tokens * hidden * layers * _GRAD_BYTES_PER_TOKEN_UNIT_LAYER / 2 ** 30
-    rest = min(step_items - items, NO_GRAD_CHUNK) * cfg.max_tokens * hidden * _NOGRAD_FLOATS_PER_TOKEN_UNIT * 4 / 2 ** 30
-    weights = n_params * 4 / 2 ** 30
-    return {"weights": weights, "activations": act, "no_grad": rest, "base": _WORKER_BASE_GB,
-            "total": weights + act + rest + _WORKER_BASE_GB, "grad_items": items}
+    act = items * cfg.max_tokens * hidden * layers * _GRAD_BYTES_PER_TOKEN_UNIT_LAYER / 2**30
+    rest = min(step_items - items, NO_GRAD_CHUNK) * cfg.max_tokens * hidden * _NOGRAD_FLOATS_PER_TOKEN_UNIT * 4 / 2**30
+    weights = n_params * 4 / 2**30
+    return {
+        "weights": weights,
+        "activations": act,
+        "no_grad": rest,
+        "base": _WORKER_BASE_GB,
+        "total": weights + act + rest + _WORKER_BASE_GB,
+        "grad_items": items,
+    }
 
 
 def backbone_size(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -270,16 +305,32 @@ def check_memory(cfg: TrainConfig, backbone_path: str | os.PathLike, workers: in
     est = memory_estimate(cfg, *backbone_size(backbone_path), workers=workers)
     need = workers * est["total"]
     if need > available_gb:
-        fit = max(0, int(est["grad_items"] * (available_gb / workers - est["total"] + est["activations"])
-                         / max(est["activations"], 1e-9))) if cfg.backbone_grad_items else 0
-        hint = (f"lower `backbone_grad_items` (to about {fit}) or `max_tokens`" if cfg.backbone_grad_items and fit
-                else "set `backbone_grad_items` (e.g. 16) or lower `max_tokens`" if not cfg.backbone_grad_items
-                else "lower `max_tokens` or use fewer --workers")
-        raise ValueError(f"end-to-end training needs about {need:.1f} GiB ({workers} worker(s) x {est['total']:.1f}: "
-                         f"backbone {est['weights']:.1f}, activations of {est['grad_items']} items x "
-                         f"{cfg.max_tokens} tokens {est['activations']:.1f}, the other items without gradients "
-                         f"{est['no_grad']:.1f}, worker {est['base']:.1f}), "
-                         f"{available_gb:.1f} GiB are available: {hint}")
+        fit = (
+            max(
+                0,
+                int(
+                    est["grad_items"]
+                    * (available_gb / workers - est["total"] + est["activations"])
+                    / max(est["activations"], 1e-9)
+                ),
+            )
+            if cfg.backbone_grad_items
+            else 0
+        )
+        hint = (
+            f"lower `backbone_grad_items` (to about {fit}) or `max_tokens`"
+            if cfg.backbone_grad_items and fit
+            else "set `backbone_grad_items` (e.g. 16) or lower `max_tokens`"
+            if not cfg.backbone_grad_items
+            else "lower `max_tokens` or use fewer --workers"
+        )
+        raise ValueError(
+            f"end-to-end training needs about {need:.1f} GiB ({workers} worker(s) x {est['total']:.1f}: "
+            f"backbone {est['weights']:.1f}, activations of {est['grad_items']} items x "
+            f"{cfg.max_tokens} tokens {est['activations']:.1f}, the other items without gradients "
+            f"{est['no_grad']:.1f}, worker {est['base']:.1f}), "
+            f"{available_gb:.1f} GiB are available: {hint}"
+        )
     return est
 
 
@@ -299,8 +350,10 @@ def load_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> N
     own = {n for n, p in backbone.named_parameters() if p.requires_grad}
     missing, extra = own - set(state), set(state) - own
     if missing or extra:
-        raise ValueError(f"backbone checkpoint does not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(extra)[:3]} (different lora settings?)")
+        raise ValueError(
+            f"backbone checkpoint does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]} (different lora settings?)"
+        )
     backbone.load_state_dict(state, strict=False)
 
 
@@ -309,7 +362,7 @@ def save_adapter(backbone: Backbone, folder: str | os.PathLike) -> Path:
     (full fine-tune) at `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    backbone.model.save_pretrained(folder)  # PeftModel: adapter_config.json + adapter_model.safetensors
+    backbone.model.save_pretrained(folder)  # type: ignore[operator]  # PeftModel: adapter_config.json + adapter_model.safetensors
     if not is_adapter_dir(folder) and not domain_adapters(folder):
         backbone.tokenizer.save_pretrained(folder)
     return folder
@@ -336,8 +389,9 @@ def merge_adapter(backbone: Backbone) -> Backbone:
     return backbone
 
 
-def load_adapted_backbone(base: str, folder: str | os.PathLike, merge: bool = True,
-                          domain: str | None = None) -> Backbone:
+def load_adapted_backbone(
+    base: str, folder: str | os.PathLike, merge: bool = True, domain: str | None = None
+) -> Backbone:
     """The base backbone with the adapter in `folder` (merged unless merge=False), or the full fine-tuned
     model that `folder` holds. `base`: the registry name or directory the adapter was trained on.
     Per-domain adapters: `domain`'s adapter, or the base backbone for a domain without one (a new domain)."""
@@ -371,13 +425,18 @@ def write_merged(backbone: Backbone, folder: str | os.PathLike, domain: str | No
     if isinstance(model, PeftModel):
         model = copy.deepcopy(model)
         model = model.merge_and_unload(adapter_names=[domain]) if domain else model.merge_and_unload()
-    model.save_pretrained(folder)
+    model.save_pretrained(folder)  # type: ignore[operator]  # a transformers model
     backbone.tokenizer.save_pretrained(folder)
     return folder
 
 
-def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequence[str],
-                     item_domains: Sequence[str] | None = None, workers: int = 1) -> EndToEndModel:
+def build_end_to_end(
+    cfg: TrainConfig,
+    recommender: CrossRecModel,
+    texts: Sequence[str],
+    item_domains: Sequence[str] | None = None,
+    workers: int = 1,
+) -> EndToEndModel:
     """Loads cfg.backbone, applies cfg.lora, and joins it to `recommender`. item_domains: each text's domain
     (needed by per-domain adapters); workers: the ranks sharing each step's batch."""
     zero3 = cfg.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3 and bool(cfg.backbone_grad_items)
@@ -385,11 +444,12 @@ def build_end_to_end(cfg: TrainConfig, recommender: CrossRecModel, texts: Sequen
         # The encoder yields text vectors only; graph/feature side vectors are a cached-mode input for now.
         raise ValueError("`mode` end-to-end does not take side vectors (graph/feature columns) yet; use `mode` cached")
     backbone = apply_lora(load_backbone(cfg.backbone), cfg.lora, sorted(set(item_domains or [])))
-    return EndToEndModel(recommender, ItemTextEncoder(backbone, texts, cfg.max_tokens,
-                                                      item_domains if cfg.lora.per_domain else None),
-                         grad_items=cfg.backbone_grad_items,
-                         max_items=_items_per_step(cfg, workers, len(set(item_domains or [])) or 2) if zero3 else 0)
-
+    return EndToEndModel(
+        recommender,
+        ItemTextEncoder(backbone, texts, cfg.max_tokens, item_domains if cfg.lora.per_domain else None),
+        grad_items=cfg.backbone_grad_items,
+        max_items=_items_per_step(cfg, workers, len(set(item_domains or [])) or 2) if zero3 else 0,
+    )
 
 
 def init_backbone_from_bundle(backbone: Backbone, cfg: TrainConfig, bundle_path: str | os.PathLike) -> list[str]:
@@ -407,14 +467,18 @@ def init_backbone_from_bundle(backbone: Backbone, cfg: TrainConfig, bundle_path:
     mine = adapter_names(backbone) or (["default"] if isinstance(backbone.model, PeftModel) else [])
     if not is_adapter_dir(folder) and not domain_adapters(folder):  # a full fine-tune: a whole model directory
         if mine:
-            raise ValueError("`init_from`: the bundle fine-tuned every backbone weight; this run trains LoRA "
-                             "adapters (set `lora.enabled: false` to continue a full fine-tune)")
+            raise ValueError(
+                "`init_from`: the bundle fine-tuned every backbone weight; this run trains LoRA "
+                "adapters (set `lora.enabled: false` to continue a full fine-tune)"
+            )
         src = load_backbone(folder).model.state_dict()
         backbone.model.load_state_dict(src)
         return ["full"]
     if not mine:
-        raise ValueError("`init_from`: the bundle has LoRA adapters; this run fine-tunes every weight "
-                         "(`lora.enabled: false`): set `lora.enabled: true` to continue from them")
+        raise ValueError(
+            "`init_from`: the bundle has LoRA adapters; this run fine-tunes every weight "
+            "(`lora.enabled: false`): set `lora.enabled: true` to continue from them"
+        )
     src = {d: folder / d for d in domain_adapters(folder)} or {"default": folder}
     loaded = []
     for name in mine:
@@ -427,13 +491,19 @@ def init_backbone_from_bundle(backbone: Backbone, cfg: TrainConfig, bundle_path:
         want = {"r": int(cfg.lora.rank), "lora_alpha": float(cfg.lora.alpha)}
         have = {"r": int(conf.get("r")), "lora_alpha": float(conf.get("lora_alpha"))}
         if want != have:
-            raise ValueError(f"`init_from`: the bundle's adapter has lora.rank={have['r']}, lora.alpha="
-                             f"{have['lora_alpha']:g}; this run lora.rank={want['r']}, lora.alpha="
-                             f"{want['lora_alpha']:g}: they must match")
-        result = set_peft_model_state_dict(backbone.model, load_file(str(source / "adapter_model.safetensors")),
-                                           adapter_name=name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"`init_from`: the bundle's adapter does not fit this backbone (unexpected "
-                             f"{result.unexpected_keys[:3]}; different lora.target_modules?)")
+            raise ValueError(
+                f"`init_from`: the bundle's adapter has lora.rank={have['r']}, lora.alpha="
+                f"{have['lora_alpha']:g}; this run lora.rank={want['r']}, lora.alpha="
+                f"{want['lora_alpha']:g}: they must match"
+            )
+        result = set_peft_model_state_dict(
+            backbone.model, load_file(str(source / "adapter_model.safetensors")), adapter_name=name
+        )
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise ValueError(
+                f"`init_from`: the bundle's adapter does not fit this backbone (unexpected "
+                f"{unexpected[:3]}; different lora.target_modules?)"
+            )
         loaded.append(name)
     return loaded

@@ -5,13 +5,24 @@ in its run folder (`RUN_FILE`, beside Ray Train's checkpoints) and `crossrec tun
 re-run compares them with `check_run` and refuses a mismatch naming what differs, unless the user said what they
 want: `resume` (continue; only with the same fingerprint) or `force` (start over).
 """
+
 from __future__ import annotations
 
 import json
 from typing import Any
 
-__all__ = ["RUN_FILE", "RUN_LENGTH_KEYS", "RunConflict", "fingerprint", "differences", "check_run",
-           "read_fingerprint", "write_fingerprint", "has_run", "clear_run"]
+__all__ = [
+    "RUN_FILE",
+    "RUN_LENGTH_KEYS",
+    "RunConflict",
+    "fingerprint",
+    "differences",
+    "check_run",
+    "read_fingerprint",
+    "write_fingerprint",
+    "has_run",
+    "clear_run",
+]
 
 RUN_FILE = "crossrec_fingerprint.json"
 # How long a run goes, not what it learns: raising `epochs` and re-running continues the same run.
@@ -54,9 +65,16 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def check_run(saved: dict | None, current: dict, where: str, resume: bool = False, force: bool = False,
-              started: bool = True, remedy: str = "pass --force to start over, or another --name / --out",
-              config_name: str = "config") -> str:
+def check_run(
+    saved: dict | None,
+    current: dict,
+    where: str,
+    resume: bool = False,
+    force: bool = False,
+    started: bool = True,
+    remedy: str = "pass --force to start over, or another --name / --out",
+    config_name: str = "config",
+) -> str:
     """Decides what a run into `where` does: "new" (nothing there), "continue" (same fingerprint), "restart"
     (force: the caller clears `where`). Raises RunConflict naming what differs, then `remedy`, for a different
     fingerprint without `force`, and for `resume` of a run that does not exist. `started`: `where` holds a run."""

@@ -9,6 +9,7 @@ falls back to its text. Modes (`fusion`):
     gate       t + sum_m sigmoid(g_m([t; s_m])) s_m
     attention  sum over present modalities m of softmax_m(<q(t), k(s_m)> / sqrt(D)) s_m, text always present
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class Fusion(nn.Module):
         if self.kind == "concat":
             return self.out(torch.cat([text, *hs], -1))
         if self.kind == "gate":
-            return text + sum(torch.sigmoid(g(torch.cat([text, h], -1))) * h * p
-                              for g, h, p in zip(self.gates, hs, present))
+            return text + sum(
+                torch.sigmoid(g(torch.cat([text, h], -1))) * h * p for g, h, p in zip(self.gates, hs, present)
+            )
         tokens = torch.stack([text, *hs], 1)  # (N, M + 1, D)
         mask = torch.cat([torch.ones_like(present[0]), *present], -1) if present else None  # (N, M + 1)
         att = torch.einsum("nd,nmd->nm", self.q(text), self.k(tokens)) / math.sqrt(text.shape[-1])
@@ -60,8 +62,7 @@ class Fusion(nn.Module):
         return torch.einsum("nm,nmd->nd", torch.softmax(att, -1), tokens)
 
 
-def split_sides(x: torch.Tensor, side_dims: list[int] | None,
-                text_dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def split_sides(x: torch.Tensor, side_dims: list[int] | None, text_dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """[text | side_1 | ...] (N, text_dim + sum(side_dims)) -> text (N, text_dim), [side_m (N, side_dims[m])].
     Text alone (N, text_dim) - a new item embedded from its text, by inference or serving - gets zero sides."""
     if not side_dims:
@@ -75,16 +76,19 @@ def split_sides(x: torch.Tensor, side_dims: list[int] | None,
 def feature_column_vectors(items: pa.Table, column: str) -> np.ndarray:
     """A `list<float32>` item column as (n, d); empty or null rows (no such feature) become zeros."""
     if column not in items.column_names:
-        raise ValueError(f"`feature_columns`: no column {column!r} in the items table "
-                         f"(columns: {', '.join(items.column_names)})")
+        raise ValueError(
+            f"`feature_columns`: no column {column!r} in the items table (columns: {', '.join(items.column_names)})"
+        )
     col = items.column(column)
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
         raise ValueError(f"`feature_columns`: column {column!r} is {col.type}, expected a list of floats")
     rows = col.to_pylist()
     dims = {len(r) for r in rows if r}
     if len(dims) != 1:
-        raise ValueError(f"`feature_columns`: column {column!r} must hold vectors of one length, got lengths "
-                         f"{sorted(dims) or 'none'}")
+        raise ValueError(
+            f"`feature_columns`: column {column!r} must hold vectors of one length, got lengths "
+            f"{sorted(dims) or 'none'}"
+        )
     d = dims.pop()
     out = np.zeros((len(rows), d), np.float32)
     for i, r in enumerate(rows):
@@ -117,9 +121,20 @@ def with_side_vectors(data, splits, cfg, text_path) -> tuple[str, list[int]]:
     from pathlib import Path
 
     text = np.load(text_path)
-    key = hashlib.sha256(json.dumps([str(text_path), data.content_hash, cfg.graph.enabled, cfg.graph.layers,
-                                     cfg.graph.co_interaction, cfg.graph.columns, cfg.feature_columns,
-                                     cfg.min_per_domain]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                str(text_path),
+                data.content_hash,
+                cfg.graph.enabled,
+                cfg.graph.layers,
+                cfg.graph.co_interaction,
+                cfg.graph.columns,
+                cfg.feature_columns,
+                cfg.min_per_domain,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     path = Path(text_path).with_name(f"{Path(text_path).stem}-side-{key}.npy")
     blocks = side_vectors(data, splits, cfg, text)
     dims = [b.shape[1] for b in blocks]

@@ -10,6 +10,7 @@ non-linearity in propagation; the node vector is the mean of e^(0..K). Here e^(0
 vectors (attribute nodes start at zero), so an item's graph vector mixes the text of items that share its
 category/brand tokens or its co-interactions. Items with no edges get a zero graph vector (text-only fallback).
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,7 @@ import torch
 from crossrec.dataset import Dataset
 from crossrec.splits import Splits
 
-__all__ = ["ItemGraph", "build_graph", "attribute_columns", "normalized_adjacency", "propagate",
-           "graph_item_vectors"]
+__all__ = ["ItemGraph", "build_graph", "attribute_columns", "normalized_adjacency", "propagate", "graph_item_vectors"]
 
 NOT_CATEGORICAL = ("item_id", "domain", "title", "description", "text", "review")
 _SPLIT = re.compile(r"[\s,;|>/]+")
@@ -83,8 +83,9 @@ def attribute_columns(items: pa.Table) -> list[str]:
     return [f.name for f in items.schema if pa.types.is_string(f.type) and f.name not in NOT_CATEGORICAL]
 
 
-def build_graph(data: Dataset, splits: Splits, columns: list[str] | None = None, co_interaction: bool = True,
-                min_items: int = 2) -> ItemGraph:
+def build_graph(
+    data: Dataset, splits: Splits, columns: list[str] | None = None, co_interaction: bool = True, min_items: int = 2
+) -> ItemGraph:
     """The item-attribute(-item) graph of a dataset. Tokens shared by fewer than `min_items` items are dropped
     (a token of one item links nothing)."""
     items = data.items.take(splits.item_row)  # global item order
@@ -119,8 +120,12 @@ def normalized_adjacency(graph: ItemGraph) -> torch.Tensor:
     dst = np.concatenate([e[:, 1], e[:, 0]])
     deg = np.bincount(src, minlength=graph.n_nodes).astype(np.float64)
     w = 1.0 / np.sqrt(deg[src] * deg[dst]) if len(src) else np.zeros(0)
-    return torch.sparse_coo_tensor(torch.from_numpy(np.stack([src, dst])), torch.from_numpy(w).float(),
-                                   (graph.n_nodes, graph.n_nodes), check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([src, dst])),
+        torch.from_numpy(w).float(),
+        (graph.n_nodes, graph.n_nodes),
+        check_invariants=False,
+    ).coalesce()
 
 
 def propagate(adj: torch.Tensor, x0: torch.Tensor, layers: int) -> torch.Tensor:
@@ -137,6 +142,6 @@ def graph_item_vectors(graph: ItemGraph, item_x0: np.ndarray | torch.Tensor, lay
     zero). Items without edges get zeros, so a model sees "no graph information" rather than a copy of text."""
     x_items = torch.as_tensor(np.asarray(item_x0, dtype=np.float32))
     x0 = torch.cat([x_items, torch.zeros(len(graph.attributes), x_items.shape[1])])
-    out = propagate(normalized_adjacency(graph), x0, layers)[:graph.n_items]
-    out[torch.from_numpy(graph.degree()[:graph.n_items] == 0)] = 0.0
+    out = propagate(normalized_adjacency(graph), x0, layers)[: graph.n_items]
+    out[torch.from_numpy(graph.degree()[: graph.n_items] == 0)] = 0.0
     return out.numpy()

@@ -4,6 +4,7 @@ Items the bundle already has (same domain, same id) keep the bundle's vectors; a
 or a whole domain the model never saw (zero-shot) - is embedded from its text with the bundle's backbone and
 adaptor. Domains the model never trained on use its "unknown" domain id.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,13 +14,27 @@ from crossrec.backbones import Backbone, load_backbone
 from crossrec.bundle import Bundle
 from crossrec.dataset import Dataset
 from crossrec.domains import domain_ids
-from crossrec.embedding import (cached_text_vectors, catalog_texts, embed_texts, load_cached_vectors,
-                                save_cached_vectors, template_of, vector_cache_path)
+from crossrec.embedding import (
+    cached_text_vectors,
+    catalog_texts,
+    embed_texts,
+    load_cached_vectors,
+    save_cached_vectors,
+    template_of,
+    vector_cache_path,
+)
 from crossrec.splits import Splits
 from crossrec.training import ModelScorer
 
-__all__ = ["domain_map_for", "catalog_vectors", "bundle_scorer", "backbone_vectors", "bundle_backbone",
-           "has_domain_adapters", "calibrate_zero_shot"]
+__all__ = [
+    "domain_map_for",
+    "catalog_vectors",
+    "bundle_scorer",
+    "backbone_vectors",
+    "bundle_backbone",
+    "has_domain_adapters",
+    "calibrate_zero_shot",
+]
 
 
 def bundle_backbone(bundle: Bundle, domain: str | None = None) -> Backbone:
@@ -48,8 +63,9 @@ def domain_map_for(bundle_domains: list[str], splits: Splits) -> np.ndarray:
     return domain_ids(bundle_domains, splits.domains)
 
 
-def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template: str, max_tokens: int,
-                     progress: bool = False) -> np.ndarray:
+def backbone_vectors(
+    data: Dataset, splits: Splits, backbone: str, text_template: str, max_tokens: int, progress: bool = False
+) -> np.ndarray:
     """Frozen-backbone vectors of the catalog in `splits`' global item order, cached on disk."""
     items = data.items.take(splits.item_row)
     template = template_of(text_template, max_tokens)
@@ -57,8 +73,9 @@ def backbone_vectors(data: Dataset, splits: Splits, backbone: str, text_template
     path = vector_cache_path(splits.item_ids.tolist(), texts, backbone, template)
     vecs = load_cached_vectors(path, len(texts))
     if vecs is None:  # assembled from the per-text store: only texts never embedded before are encoded
-        vecs, _ = cached_text_vectors(texts, backbone, max_tokens,
-                                      lambda new: embed_texts(new, backbone, max_tokens, progress=progress), progress)
+        vecs, _ = cached_text_vectors(
+            texts, backbone, max_tokens, lambda new: embed_texts(new, backbone, max_tokens, progress=progress), progress
+        )
         save_cached_vectors(path, vecs)
     return vecs
 
@@ -74,7 +91,7 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
         ids, vecs = bundle.item_matrix(d)
         pos = {iid: k for k, iid in enumerate(ids)}
         off = splits.offset[d]
-        for j, iid in enumerate(splits.item_ids[off:off + splits.n_items[d]]):
+        for j, iid in enumerate(splits.item_ids[off : off + splits.n_items[d]]):
             k = pos.get(iid)
             if k is not None:
                 out[off + j] = vecs[k]
@@ -83,19 +100,23 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
     if len(missing):
         cfg = bundle.config
         if cfg.item_encoder != "text":
-            raise ValueError(f"{len(missing)} items of the dataset are not in the bundle, and an ID-based model "
-                             "(item_encoder id) cannot embed new items")
+            raise ValueError(
+                f"{len(missing)} items of the dataset are not in the bundle, and an ID-based model "
+                "(item_encoder id) cannot embed new items"
+            )
         if (bundle.path / "adapter").is_dir():
             # A fine-tuned backbone is the bundle's own: embed just the missing items with it (no shared cache).
-            texts = catalog_texts(data.items.take(splits.item_row[missing]), template_of(cfg.text_template,
-                                                                                          cfg.max_tokens))
+            texts = catalog_texts(
+                data.items.take(splits.item_row[missing]), template_of(cfg.text_template, cfg.max_tokens)
+            )
             if has_domain_adapters(bundle):  # each domain through its own adapter (base for a new domain)
                 bb = np.zeros((len(missing), bundle.meta["in_dim"]), np.float32)
                 dom = splits.item_domain[missing]
                 for code in np.unique(dom):
                     at = np.flatnonzero(dom == code)
                     bb[at] = bundle_backbone(bundle, splits.domains[code]).encode(
-                        [texts[i] for i in at], max_length=cfg.max_tokens, progress=progress)
+                        [texts[i] for i in at], max_length=cfg.max_tokens, progress=progress
+                    )
             else:
                 bb = bundle_backbone(bundle).encode(texts, max_length=cfg.max_tokens, progress=progress)
             rows = np.arange(len(missing))
@@ -105,20 +126,20 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
             rows = missing
         with torch.inference_mode():
             for s in range(0, len(missing), 4096):
-                out[missing[s:s + 4096]] = bundle.model.item_vectors(torch.from_numpy(bb[rows[s:s + 4096]]))
+                out[missing[s : s + 4096]] = bundle.model.item_vectors(torch.from_numpy(bb[rows[s : s + 4096]]))
     return out
 
 
 def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> ModelScorer:
-    return ModelScorer(bundle.model, catalog_vectors(bundle, data, splits, progress), splits,
-                       domain_map_for(bundle.domains, splits))
+    return ModelScorer(
+        bundle.model, catalog_vectors(bundle, data, splits, progress), splits, domain_map_for(bundle.domains, splits)
+    )
 
 
 LEARNED_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
 
-def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None,
-                        max_targets: int = 1500) -> dict | None:
+def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None, max_targets: int = 1500) -> dict | None:
     """Zero-shot on a dataset the bundle never saw, calibrated on that dataset's validation split as the
     textknn baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid
     over the prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0
@@ -134,8 +155,7 @@ def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None,
     if not model.text_prior:
         return None
     domains = list(domains or scorer.catalog.domains)
-    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim:].numpy(), domains=domains,
-                      max_targets=max_targets)
+    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim :].numpy(), domains=domains, max_targets=max_targets)
     model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
     best, best_score = 1.0, -1.0
     for w in LEARNED_WEIGHTS:  # ties keep the larger weight: the model as trained

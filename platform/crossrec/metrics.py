@@ -4,6 +4,7 @@ Rank (1-based) of a target = 1 + #candidates scoring higher + #candidates scorin
 (item id order) comes first. Masked candidates (history items) are not ranked; a masked target is a miss
 (rank = inf), so "recommend what they already have" earns nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,6 +10,7 @@ is told at each position which domain the next item comes from, so one pass trai
 is "unknown": used for domains never trained on (zero-shot) and, with `domain_dropout`, in training.
 Plain PyTorch; no Ray, no strategy code.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,9 @@ class ItemAdaptor(nn.Module):
             self.gate = nn.Linear(in_dim, cfg.n_experts, bias=False)
             nn.init.zeros_(self.gate.weight)  # start as the plain average of experts
         elif self.kind == "mlp":
-            self.net: nn.Module = nn.Sequential(nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
-                                     nn.Linear(2 * d, d))
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d)
+            )
         else:
             self.net = nn.Linear(in_dim, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -56,15 +58,16 @@ class ItemAdaptor(nn.Module):
         instead of from noise) and training refines it."""
         mean = x.mean(0)
         xc = x - mean
-        _, _, vt = torch.linalg.svd(xc[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:20000]],
-                                    full_matrices=False)
+        _, _, vt = torch.linalg.svd(
+            xc[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:20000]], full_matrices=False
+        )
         d = self.proj.shape[-1] if self.kind == "moe" else None
         if self.kind == "moe":
             comps = vt[:d].T  # (in_dim, D)
             self.proj.copy_(comps.unsqueeze(0).expand_as(self.proj) + 0.01 * torch.randn_like(self.proj))
             self.bias.copy_(mean.unsqueeze(0).expand_as(self.bias))
         elif isinstance(self.net, nn.Linear):
-            self.net.weight.copy_(vt[:self.net.out_features])
+            self.net.weight.copy_(vt[: self.net.out_features])
             self.net.bias.copy_(-(self.net.weight @ mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in_dim) -> (N, D)
@@ -89,16 +92,24 @@ class UserTower(nn.Module):
         # Small embeddings at start: the residual stream is then mostly the items themselves.
         for emb in (self.pos, self.domain, self.next_domain):
             nn.init.normal_(emb.weight, std=0.02)
-        layer = nn.TransformerEncoderLayer(d, cfg.heads, dim_feedforward=2 * d, dropout=cfg.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d,
+            cfg.heads,
+            dim_feedforward=2 * d,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm_in = nn.LayerNorm(d)
         self.norm_out = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.heads = cfg.heads
 
-    def forward(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """items (B, L, D) item vectors; domains, next_domains (B, L) ids; valid (B, L) bool, left-padded.
         Returns (B, L, D) L2-normalised user vectors: position t has read items <= t."""
         b, length, d = items.shape
@@ -108,8 +119,9 @@ class UserTower(nn.Module):
         x = self.drop(self.norm_in(x))
         # Causal, and padded keys hidden; a padded query still sees itself (no all-masked rows -> no NaN).
         causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-        allowed = causal.unsqueeze(0) & (valid.unsqueeze(1) | torch.eye(length, dtype=torch.bool,
-                                                                         device=items.device).unsqueeze(0))
+        allowed = causal.unsqueeze(0) & (
+            valid.unsqueeze(1) | torch.eye(length, dtype=torch.bool, device=items.device).unsqueeze(0)
+        )
         mask = torch.zeros(b, length, length, device=items.device).masked_fill(~allowed, float("-inf"))
         mask = mask.repeat_interleave(self.heads, dim=0)  # (B * heads, L, L)
         h = self.encoder(x, mask=mask)
@@ -155,12 +167,13 @@ class CrossRecModel(nn.Module):
             self.item_emb = nn.Embedding(n_items, cfg.dim)
             nn.init.normal_(self.item_emb.weight, std=0.1)
         self.tower = UserTower(n_domains, cfg)
-        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.temperature)),
-                                    requires_grad=cfg.learn_temperature)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
         if self.text_prior:
             if cfg.text_prior_decay is None or cfg.text_prior_cross is None:
-                raise ValueError("`text_prior_decay` / `text_prior_cross` are unset (null: chosen on validation): "
-                                 "resolve them first with crossrec.training.resolve_text_prior")
+                raise ValueError(
+                    "`text_prior_decay` / `text_prior_cross` are unset (null: chosen on validation): "
+                    "resolve them first with crossrec.training.resolve_text_prior"
+                )
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.text_prior_weight)))
 
     @property
@@ -200,13 +213,15 @@ class CrossRecModel(nn.Module):
         v = F.normalize(v, dim=-1)
         return torch.cat([v, F.normalize(x, dim=-1)], dim=-1) if self.text_prior else v
 
-    def learned_user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
-                             valid: torch.Tensor) -> torch.Tensor:
+    def learned_user_vectors(
+        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """The learned part of user_vectors: (B, L, dim) tower outputs over the items' learned columns, / tau."""
         return self.tower(items, domains, next_domains, valid) / self.tau
 
-    def user_vectors(self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor,
-                     valid: torch.Tensor) -> torch.Tensor:
+    def user_vectors(
+        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>: at
         every position (training). Inference reads the last position's with the prior over the whole history
         (crossrec.training.encode_users)."""
@@ -220,8 +235,10 @@ class CrossRecModel(nn.Module):
         age = steps.unsqueeze(1) - steps.unsqueeze(0)  # (L, L) t - s
         decay, cross = self.cfg.text_prior_decay, self.cfg.text_prior_cross
         if decay is None or cross is None:
-            raise ValueError("`text_prior_decay` / `text_prior_cross` are unset: training chooses them before the "
-                             "model runs (crossrec.training.resolve_text_prior)")
+            raise ValueError(
+                "`text_prior_decay` / `text_prior_cross` are unset: training chooses them before the "
+                "model runs (crossrec.training.resolve_text_prior)"
+            )
         w = torch.where(age >= 0, decay ** age.clamp(min=0).float(), torch.zeros((), device=items.device))
         w = w.unsqueeze(0) * valid.unsqueeze(1)  # (B, L, L)
         if cross != 1.0:
@@ -231,10 +248,20 @@ class CrossRecModel(nn.Module):
         raw = F.normalize(w @ items[..., d:], dim=-1)  # (B, L, in_dim)
         return torch.cat([u, self.log_beta.exp() * raw], dim=-1)
 
-    def forward(self, item_x: torch.Tensor, hist_index: torch.Tensor, domains: torch.Tensor,
-                next_domains: torch.Tensor, valid: torch.Tensor, target_valid: torch.Tensor,
-                cand_index: torch.Tensor, wrong_domain: torch.Tensor, labels: torch.Tensor,
-                target_domain: torch.Tensor | None = None, ssl_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        item_x: torch.Tensor,
+        hist_index: torch.Tensor,
+        domains: torch.Tensor,
+        next_domains: torch.Tensor,
+        valid: torch.Tensor,
+        target_valid: torch.Tensor,
+        cand_index: torch.Tensor,
+        wrong_domain: torch.Tensor,
+        labels: torch.Tensor,
+        target_domain: torch.Tensor | None = None,
+        ssl_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The training loss in one forward pass (so DDP/DeepSpeed see every parameter once): InfoNCE, plus
         `align_weight` * MMD between target domains' user vectors and `ssl_weight` * a contrastive loss between
         two views of each history, when those are on.
@@ -269,8 +296,12 @@ def view_infonce(a: torch.Tensor, b: torch.Tensor, tau: float = SSL_TAU) -> torc
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def domain_mmd(users: torch.Tensor, domain: torch.Tensor, max_per_domain: int = 256,
-               bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0)) -> torch.Tensor:
+def domain_mmd(
+    users: torch.Tensor,
+    domain: torch.Tensor,
+    max_per_domain: int = 256,
+    bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0),
+) -> torch.Tensor:
     """Mean over pairs of domains present in the batch of the squared MMD (Gretton et al., JMLR 2012, eq. 5,
     biased estimate) between their users' vectors (P, D), with a sum of RBF kernels exp(-|x - y|^2 / (2 s^2)).
     Zero when the batch holds one domain only. Each domain is capped at `max_per_domain` vectors (its first
@@ -281,7 +312,7 @@ def domain_mmd(users: torch.Tensor, domain: torch.Tensor, max_per_domain: int = 
 
     def k(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d2 = torch.cdist(x, y).pow(2)
-        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths).mean()
+        return torch.stack([torch.exp(-d2 / (2 * s * s)) for s in bandwidths]).sum(0).mean()
 
     total, n = users.new_zeros(()), 0
     for i in range(len(groups)):

@@ -1,5 +1,6 @@
 """Pictures for people who look rather than read: a bundle's learning curves (`curves.png`) and an evaluation's
 per-domain metrics beside the baselines (`crossrec evaluate --plot`). Matplotlib, files only (Agg); no Ray."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,17 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     overall = [h.get("valid/ndcg@10") for h in history]
     right.plot(epochs, overall, "o-", color="black", label="all")
     if any(v is not None for v in overall):
-        best = max(range(len(history)), key=lambda i: overall[i] if overall[i] is not None else -1)
-        right.scatter([epochs[best]], [overall[best]], s=120, facecolors="none", edgecolors="tab:green", zorder=3,
-                      label=f"best (epoch {epochs[best]}: {overall[best]:.4f})")
+        ranked = [-1.0 if v is None else float(v) for v in overall]
+        best = max(range(len(history)), key=ranked.__getitem__)
+        right.scatter(
+            [epochs[best]],
+            [overall[best]],
+            s=120,
+            facecolors="none",
+            edgecolors="tab:green",
+            zorder=3,
+            label=f"best (epoch {epochs[best]}: {overall[best]:.4f})",
+        )
     right.set_title("validation NDCG@10 (full ranking)", fontsize=9)
     right.legend(fontsize=7)
     for ax in (left, right):
@@ -50,8 +59,13 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     return path
 
 
-def plot_evaluation(metrics: dict, path: str | Path, metric_names: tuple = ("ndcg@10", "recall@10"),
-                    beyond: dict | None = None, title: str = "") -> Path:
+def plot_evaluation(
+    metrics: dict,
+    path: str | Path,
+    metric_names: tuple = ("ndcg@10", "recall@10"),
+    beyond: dict | None = None,
+    title: str = "",
+) -> Path:
     """PNG of an evaluation: for each metric a panel of grouped bars, one group per domain (and `all`), one bar
     per model (crossrec first, then the baselines). beyond: {MODEL: {DOMAIN: {"coverage@10", ...}}} adds
     catalog coverage and the share of recommendations from the most popular 10% of items."""
@@ -60,8 +74,10 @@ def plot_evaluation(metrics: dict, path: str | Path, metric_names: tuple = ("ndc
     plt = _pyplot()
     models = sorted(metrics, key=lambda m: (not m.startswith("crossrec"), m))
     domains = list(dict.fromkeys(d for m in models for d in metrics[m]))
-    panels = [(name, {m: {d: metrics[m][d].get(name) for d in domains if d in metrics[m]} for m in models})
-              for name in metric_names]
+    panels = [
+        (name, {m: {d: metrics[m][d].get(name) for d in domains if d in metrics[m]} for m in models})
+        for name in metric_names
+    ]
     for name in ("coverage@10", "popular_share@10"):
         if beyond:
             panels.append((name, {m: {d: v.get(name) for d, v in beyond.get(m, {}).items()} for m in models}))

@@ -1,5 +1,6 @@
 """Progress for people at a terminal and for logs: a bar with rate and ETA when stdout is a terminal, one line
 per stage (when it ends) otherwise, so a CI log or `| tee` gets no wall of carriage returns. No Ray."""
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,7 @@ class Progress:
             print(f"{self.desc}: {self.n}{of} {self.unit}s in {took:.0f}s{note}", flush=True)
         self.enabled = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

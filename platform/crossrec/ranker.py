@@ -14,6 +14,7 @@ scores there are optimistic (the targets were its positives); on validation targ
 will at test time. Validation users are split: `valid_fraction` of them are held out for early stopping.
 Test targets are never used. Plain PyTorch: the Ray Train driver is `trainers/ranker.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,49 @@ from crossrec.domains import domain_id
 from crossrec.splits import Splits, TargetBatch
 from crossrec.training import ModelScorer
 
-__all__ = ["FEATURES", "RankRequest", "ItemTable", "ListBatch", "RankerNet", "Ranker", "RankLists",
-           "build_item_table", "build_lists", "list_features", "ranker_epoch", "rerank_ndcg", "RankedScorer",
-           "save_ranker", "load_ranker", "RANKER_DIR", "candidate_lists", "table_rows_for", "fit_standardizer", "two_hop"]
+__all__ = [
+    "FEATURES",
+    "RankRequest",
+    "ItemTable",
+    "ListBatch",
+    "RankerNet",
+    "Ranker",
+    "RankLists",
+    "build_item_table",
+    "build_lists",
+    "list_features",
+    "ranker_epoch",
+    "rerank_ndcg",
+    "RankedScorer",
+    "save_ranker",
+    "load_ranker",
+    "RANKER_DIR",
+    "candidate_lists",
+    "table_rows_for",
+    "fit_standardizer",
+    "two_hop",
+]
 
 RANKER_DIR = "ranker"
 RANKER_FORMAT = 1
-FEATURES = ("retrieval", "retrieval_gap", "retrieval_z", "rank", "learned", "text_prior", "popularity", "known",
-            "cos_max", "cos_mean", "cos_recent", "recency_of_best", "same_domain_share", "history_len",
-            "graph_max", "graph_recent")
+FEATURES = (
+    "retrieval",
+    "retrieval_gap",
+    "retrieval_z",
+    "rank",
+    "learned",
+    "text_prior",
+    "popularity",
+    "known",
+    "cos_max",
+    "cos_mean",
+    "cos_recent",
+    "recency_of_best",
+    "same_domain_share",
+    "history_len",
+    "graph_max",
+    "graph_recent",
+)
 RECENCY_DECAY = 0.8  # weight of a history item k steps older than the latest: 0.8^k
 
 
@@ -94,8 +129,12 @@ def build_item_table(splits: Splits, domains: list[str], graph=None) -> ItemTabl
     arrays = {"log_pop": torch.from_numpy(np.log1p(splits.train_count).astype(np.float32))}
     if graph is not None:
         arrays.update({k: torch.from_numpy(v) for k, v in graph.item_arrays().items()})
-    return ItemTable(domains=list(domains), item_domain=[splits.domains[c] for c in splits.item_domain],
-                     item_ids=splits.item_ids.tolist(), arrays=arrays)
+    return ItemTable(
+        domains=list(domains),
+        item_domain=[splits.domains[c] for c in splits.item_domain],
+        item_ids=splits.item_ids.tolist(),
+        arrays=arrays,
+    )
 
 
 @dataclass
@@ -135,7 +174,11 @@ def two_hop(items: ItemTable, cand_rows: torch.Tensor, hist_rows: torch.Tensor) 
     hidx[ha >= 0] = inv
     rows = torch.zeros(b, h, u + 1).scatter_add_(2, hidx, hw)  # (B, H, U + 1)
     cidx = torch.searchsorted(uniq, ca.clamp(min=0))
-    found = (ca >= 0) & (cidx < u) & (uniq[cidx.clamp(max=max(u - 1, 0))] == ca) if u else torch.zeros_like(ca, dtype=torch.bool)
+    found = (
+        (ca >= 0) & (cidx < u) & (uniq[cidx.clamp(max=max(u - 1, 0))] == ca)
+        if u
+        else torch.zeros_like(ca, dtype=torch.bool)
+    )
     cidx = torch.where(found, cidx, torch.full_like(cidx, u)).reshape(b, -1)  # (B, N * A)
     picked = rows.transpose(1, 2).gather(1, cidx[..., None].expand(-1, -1, h))  # (B, N * A, H)
     sim = (picked.reshape(b, n, -1, h) * cw[..., None]).sum(2)  # (B, N, H)
@@ -160,7 +203,7 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
     # Cosines between candidates and history items, recency weights over valid history positions.
     hv = b.hist_valid.float()
     age = (hv.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)  # (B, H): 0 = most recent valid item
-    w = (RECENCY_DECAY ** age) * hv
+    w = (RECENCY_DECAY**age) * hv
     cos = torch.einsum("bnv,bhv->bnh", F.normalize(b.cand, dim=-1), F.normalize(b.hist, dim=-1))  # (B, N, H)
     has_hist = hv.sum(1, keepdim=True) > 0  # (B, 1)
     cos_m = cos.masked_fill(~b.hist_valid[:, None, :], -math.inf)
@@ -169,7 +212,9 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
     cos_recent = (cos * w[:, None, :]).sum(-1) / w.sum(1, keepdim=True).clamp(min=1e-9)
     best_age = age.gather(1, cos_m.argmax(-1))  # (B, N)
     recency_best = torch.where(has_hist, 1.0 / (1.0 + best_age), torch.zeros(()))
-    same_share = ((b.hist_same & b.hist_valid).sum(1, keepdim=True) / hv.sum(1, keepdim=True).clamp(min=1)).expand(-1, n)
+    same_share = ((b.hist_same & b.hist_valid).sum(1, keepdim=True) / hv.sum(1, keepdim=True).clamp(min=1)).expand(
+        -1, n
+    )
     hist_len = torch.log1p(hv.sum(1, keepdim=True)).expand(-1, n)
     if items.has_graph:
         g = two_hop(items, b.cand_rows, b.hist_rows) * hv[:, None, :]  # (B, N, H)
@@ -177,13 +222,35 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
         g_recent = (g * w[:, None, :]).sum(-1) / w.sum(1, keepdim=True).clamp(min=1e-9)
     else:
         g_max = g_recent = torch.zeros(bsz, n)
-    feats = torch.stack([s, s - top, (s - mean) / std, torch.log1p(rank), learned, prior, pop, known, cos_max,
-                         cos_mean, cos_recent, recency_best, same_share, hist_len, g_max, g_recent], -1)
+    feats = torch.stack(
+        [
+            s,
+            s - top,
+            (s - mean) / std,
+            torch.log1p(rank),
+            learned,
+            prior,
+            pop,
+            known,
+            cos_max,
+            cos_mean,
+            cos_recent,
+            recency_best,
+            same_share,
+            hist_len,
+            g_max,
+            g_recent,
+        ],
+        -1,
+    )
     return feats.masked_fill(~b.cand_valid[..., None], 0.0)
 
 
 class RankerNet(nn.Module):
     """a * retrieval score + MLP(standardised features, domain embedding)."""
+
+    feat_mean: torch.Tensor  # buffers (register_buffer): the training lists' feature statistics
+    feat_std: torch.Tensor
 
     def __init__(self, n_features: int, n_domains: int, hidden: int, domain_dim: int = 8, dropout: float = 0.1):
         super().__init__()
@@ -191,10 +258,18 @@ class RankerNet(nn.Module):
         self.register_buffer("feat_std", torch.ones(n_features))
         self.domain = nn.Embedding(n_domains + 1, domain_dim)  # + unknown
         nn.init.zeros_(self.domain.weight)
-        self.mlp = nn.Sequential(nn.Linear(n_features + domain_dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp[-1].weight)  # start exactly at retrieval's order
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_features + domain_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 1),
+        )
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)  # start exactly at retrieval's order
+        nn.init.zeros_(last.bias)
         self.retrieval_weight = nn.Parameter(torch.ones(()))
 
     def forward(self, feats: torch.Tensor, domain: torch.Tensor, cand_valid: torch.Tensor) -> torch.Tensor:
@@ -206,14 +281,15 @@ class RankerNet(nn.Module):
 
 
 # -- candidate lists -----------------------------------------------------------------------------------------
-def candidate_lists(scorer: ModelScorer, batch: TargetBatch, table_rows: np.ndarray, domain_id: int, top_n: int,
-                    max_len: int) -> tuple[ListBatch, np.ndarray, np.ndarray]:
+def candidate_lists(
+    scorer: ModelScorer, batch: TargetBatch, table_rows: np.ndarray, domain_id: int, top_n: int, max_len: int
+) -> tuple[ListBatch, np.ndarray, np.ndarray]:
     """Retrieval's top-N for a batch of targets (history items of the domain excluded, as evaluation does).
     table_rows: catalog global index -> ItemTable row. Returns (lists, top columns (B, N), full scores (B, n))."""
     c = scorer.catalog
     off, n = c.offset[batch.domain], c.n_items[batch.domain]
     users = scorer.user_vectors(batch.histories, batch.domain)  # (B, V)
-    block = scorer.vecs[off:off + n]
+    block = scorer.vecs[off : off + n]
     full = users @ block.T  # (B, n)
     for r, h in enumerate(batch.histories):
         own = h[(h >= off) & (h < off + n)] - off
@@ -226,18 +302,23 @@ def candidate_lists(scorer: ModelScorer, batch: TargetBatch, table_rows: np.ndar
     hist_valid = np.zeros((b, max_len), bool)
     for r, h in enumerate(batch.histories):
         h = h[-max_len:]
-        hist_items[r, max_len - len(h):] = h
-        hist_valid[r, max_len - len(h):] = True
+        hist_items[r, max_len - len(h) :] = h
+        hist_valid[r, max_len - len(h) :] = True
     hi = torch.from_numpy(hist_items)
     hv = torch.from_numpy(hist_valid)
     tcode = c.domain_code[batch.domain]
     lists = ListBatch(
-        user=users, cand=block[cols], scores=scores.masked_fill(~valid, 0.0), cand_valid=valid,
+        user=users,
+        cand=block[cols],
+        scores=scores.masked_fill(~valid, 0.0),
+        cand_valid=valid,
         cand_rows=torch.from_numpy(table_rows[(cols + off).numpy()]),
-        hist=scorer.vecs[hi] * hv[..., None], hist_valid=hv,
+        hist=scorer.vecs[hi] * hv[..., None],
+        hist_valid=hv,
         hist_same=torch.from_numpy(c.item_domain[hist_items] == tcode) & hv,
         hist_rows=torch.from_numpy(table_rows[hist_items]).masked_fill(~hv, -1),
-        domain=torch.full((b,), domain_id, dtype=torch.long))
+        domain=torch.full((b,), domain_id, dtype=torch.long),
+    )
     return lists, cols.numpy(), full.numpy()
 
 
@@ -255,11 +336,17 @@ class RankLists:
     missed: torch.Tensor  # (2,) long
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"feats": self.feats, "valid": self.valid, "domain": self.domain, "label": self.label,
-                "holdout": self.holdout, "missed": self.missed}
+        return {
+            "feats": self.feats,
+            "valid": self.valid,
+            "domain": self.domain,
+            "label": self.label,
+            "holdout": self.holdout,
+            "missed": self.missed,
+        }
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "RankLists":
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> RankLists:
         return cls(**{k: t[k] for k in ("feats", "valid", "domain", "label", "holdout", "missed")})
 
 
@@ -268,26 +355,34 @@ def table_rows_for(items: ItemTable, splits: Splits) -> np.ndarray:
     return items.rows([(splits.domains[d], i) for d, i in zip(splits.item_domain, splits.item_ids)]).numpy()
 
 
-def build_lists(scorer: ModelScorer, splits: Splits, items: ItemTable, cfg: RankerConfig, learned_dim: int,
-                max_len: int, split: str = "valid", batch_size: int = 64) -> RankLists:
+def build_lists(
+    scorer: ModelScorer,
+    splits: Splits,
+    items: ItemTable,
+    cfg: RankerConfig,
+    learned_dim: int,
+    max_len: int,
+    split: str = "valid",
+    batch_size: int = 64,
+) -> RankLists:
     """Features of retrieval's top-N for every `split` target (validation: see the module docstring)."""
     if split == "test":
         raise ValueError("the ranker never trains on test targets")
     rows_of = table_rows_for(items, splits)
-    out = {k: [] for k in ("feats", "valid", "domain", "label", "holdout")}
+    out: dict[str, list] = {k: [] for k in ("feats", "valid", "domain", "label", "holdout")}
     missed = torch.zeros(2, dtype=torch.long)
     for d in splits.domains:
         did = domain_id(items.domains, d)
         rows = splits.targets(split, d)
         for s in range(0, len(rows), batch_size):
-            batch = splits.batch(rows[s:s + batch_size], d)
+            batch = splits.batch(rows[s : s + batch_size], d)
             lists, cols, _ = candidate_lists(scorer, batch, rows_of, did, cfg.top_n, max_len)
             target = (splits.row_item[batch.rows] - splits.offset[d])[:, None]
             hit = cols == target
             found = hit.any(1)
             # Held-out users by a fixed hash of the user index: the same users for every domain.
             u = splits.row_user[batch.rows].astype(np.uint64)
-            holdout = ((u * np.uint64(2654435761)) % np.uint64(2 ** 32)).astype(np.float64) / 2 ** 32 < cfg.valid_fraction
+            holdout = ((u * np.uint64(2654435761)) % np.uint64(2**32)).astype(np.float64) / 2**32 < cfg.valid_fraction
             missed += torch.tensor([int((~found & ~holdout).sum()), int((~found & holdout).sum())])
             if not found.any():
                 continue
@@ -301,12 +396,24 @@ def build_lists(scorer: ModelScorer, splits: Splits, items: ItemTable, cfg: Rank
     n = max((f.shape[1] for f in out["feats"]), default=0)
 
     def cat(key: str, fill) -> torch.Tensor:
-        parts = [F.pad(t, (0, 0, 0, n - t.shape[1]), value=fill) if key == "feats" else
-                 F.pad(t, (0, n - t.shape[1]), value=fill) if t.dim() == 2 else t for t in out[key]]
+        parts = [
+            F.pad(t, (0, 0, 0, n - t.shape[1]), value=fill)
+            if key == "feats"
+            else F.pad(t, (0, n - t.shape[1]), value=fill)
+            if t.dim() == 2
+            else t
+            for t in out[key]
+        ]
         return torch.cat(parts) if parts else torch.zeros(0)
 
-    return RankLists(feats=cat("feats", 0.0), valid=cat("valid", False), domain=cat("domain", 0),
-                     label=cat("label", -1), holdout=cat("holdout", False), missed=missed)
+    return RankLists(
+        feats=cat("feats", 0.0),
+        valid=cat("valid", False),
+        domain=cat("domain", 0),
+        label=cat("label", -1),
+        holdout=cat("holdout", False),
+        missed=missed,
+    )
 
 
 # -- training steps (shared by the Ray Train worker) -----------------------------------------------------------
@@ -318,17 +425,24 @@ def fit_standardizer(net: RankerNet, lists: RankLists) -> None:
         net.feat_std.copy_(f.std(0).clamp(min=1e-4) if len(f) > 1 else torch.ones(f.shape[1]))
 
 
-def ranker_epoch(net: nn.Module, opt: torch.optim.Optimizer, lists: RankLists, batch_size: int,
-                 rng: np.random.Generator, rank: int = 0, world: int = 1) -> float:
+def ranker_epoch(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    lists: RankLists,
+    batch_size: int,
+    rng: np.random.Generator,
+    rank: int = 0,
+    world: int = 1,
+) -> float:
     """One epoch of listwise softmax cross-entropy over the training lists."""
     net.train()
     idx = np.flatnonzero((~lists.holdout).numpy())
     order = rng.permutation(idx)
     per_rank = len(order) // world if world > 1 else len(order)
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
     losses = []
     for s in range(0, len(mine), batch_size):
-        q = torch.from_numpy(mine[s:s + batch_size])
+        q = torch.from_numpy(mine[s : s + batch_size])
         logits = net(lists.feats[q], lists.domain[q], lists.valid[q])
         loss = F.cross_entropy(logits, lists.label[q])
         opt.zero_grad(set_to_none=True)
@@ -353,23 +467,37 @@ def rerank_ndcg(net: RankerNet, lists: RankLists, which: str = "holdout", k: int
     n_missed = int(lists.missed[1 if which == "holdout" else 0])
     if len(q) == 0:
         return {"ndcg": 0.0, "retrieval_ndcg": 0.0, "n": n_missed}
-    scores = torch.cat([net(lists.feats[q[s:s + 1024]], lists.domain[q[s:s + 1024]], lists.valid[q[s:s + 1024]])
-                        for s in range(0, len(q), 1024)])
+    scores = torch.cat(
+        [
+            net(lists.feats[q[s : s + 1024]], lists.domain[q[s : s + 1024]], lists.valid[q[s : s + 1024]])
+            for s in range(0, len(q), 1024)
+        ]
+    )
     label = lists.label[q]
     t = scores.gather(1, label[:, None])
     pos = torch.arange(scores.shape[1])[None, :]
     ahead = (scores > t) | ((scores == t) & (pos < label[:, None]))
     n = len(q) + n_missed
-    return {"ndcg": float(_ndcg_at(1 + ahead.sum(1), k).sum()) / n,
-            "retrieval_ndcg": float(_ndcg_at(label + 1, k).sum()) / n, "n": n}
+    return {
+        "ndcg": float(_ndcg_at(1 + ahead.sum(1), k).sum()) / n,
+        "retrieval_ndcg": float(_ndcg_at(label + 1, k).sum()) / n,
+        "n": n,
+    }
 
 
 # -- the trained ranker -----------------------------------------------------------------------------------
 class Ranker:
     """A trained second stage: `score(RankRequest)` for serving, `RankedScorer` for evaluation."""
 
-    def __init__(self, net: RankerNet, items: ItemTable, cfg: RankerConfig, learned_dim: int, max_len: int,
-                 meta: dict | None = None):
+    def __init__(
+        self,
+        net: RankerNet,
+        items: ItemTable,
+        cfg: RankerConfig,
+        learned_dim: int,
+        max_len: int,
+        meta: dict | None = None,
+    ):
         self.net = net.eval()
         self.items = items
         self.cfg = cfg
@@ -406,18 +534,26 @@ class Ranker:
             p = width - len(req.history) + i  # its slot; an entry older than the window has none
             if p >= width - shown:
                 valid[r, p], rows[r, p], same[r, p] = False, -1, False
-        lists = ListBatch(user=users_t, cand=one.cand.expand(b, -1, -1), scores=users_t @ one.cand[0].T,
-                          cand_valid=one.cand_valid.expand(b, -1), cand_rows=one.cand_rows.expand(b, -1),
-                          hist=one.hist.expand(b, -1, -1), hist_valid=valid, hist_same=same, hist_rows=rows,
-                          domain=one.domain.expand(b))
+        lists = ListBatch(
+            user=users_t,
+            cand=one.cand.expand(b, -1, -1),
+            scores=users_t @ one.cand[0].T,
+            cand_valid=one.cand_valid.expand(b, -1),
+            cand_rows=one.cand_rows.expand(b, -1),
+            hist=one.hist.expand(b, -1, -1),
+            hist_valid=valid,
+            hist_same=same,
+            hist_rows=rows,
+            domain=one.domain.expand(b),
+        )
         return self.score_lists(lists).numpy().reshape(b, n)
 
     def _request_list(self, req: RankRequest) -> ListBatch:
         """One request as a batch of one list."""
         n = len(req.candidates)
         cand = torch.from_numpy(np.array(req.candidate_vectors, dtype=np.float32)).reshape(n, -1)
-        hist_keys = list(req.history)[-self.max_len:]
-        hvec = np.array(req.history_vectors, dtype=np.float32).reshape(len(req.history), cand.shape[1])[-self.max_len:]
+        hist_keys = list(req.history)[-self.max_len :]
+        hvec = np.array(req.history_vectors, dtype=np.float32).reshape(len(req.history), cand.shape[1])[-self.max_len :]
         h = len(hist_keys)
         width = max(h, 1)  # one padded slot when there is no history
         hist = torch.zeros(1, width, cand.shape[1])
@@ -425,17 +561,22 @@ class Ranker:
         rows = torch.full((1, width), -1, dtype=torch.long)
         same = torch.zeros(1, width, dtype=torch.bool)
         if h:
-            hist[0, width - h:] = torch.from_numpy(hvec)
-            valid[0, width - h:] = True
-            rows[0, width - h:] = self.items.rows([(d, i) for d, i in hist_keys])
-            same[0, width - h:] = torch.tensor([d == req.domain for d, _ in hist_keys])
+            hist[0, width - h :] = torch.from_numpy(hvec)
+            valid[0, width - h :] = True
+            rows[0, width - h :] = self.items.rows([(d, i) for d, i in hist_keys])
+            same[0, width - h :] = torch.tensor([d == req.domain for d, _ in hist_keys])
         return ListBatch(
-            user=torch.from_numpy(np.array(req.user, dtype=np.float32)).reshape(1, -1), cand=cand[None],
+            user=torch.from_numpy(np.array(req.user, dtype=np.float32)).reshape(1, -1),
+            cand=cand[None],
             scores=torch.from_numpy(np.array(req.retrieval_scores, dtype=np.float32)).reshape(1, n),
             cand_valid=torch.ones(1, n, dtype=torch.bool),
             cand_rows=self.items.rows([(req.domain, c) for c in req.candidates])[None],
-            hist=hist, hist_valid=valid, hist_same=same, hist_rows=rows,
-            domain=torch.tensor([self.domain_id(req.domain)]))
+            hist=hist,
+            hist_valid=valid,
+            hist_same=same,
+            hist_rows=rows,
+            domain=torch.tensor([self.domain_id(req.domain)]),
+        )
 
     def online_item(self, domain: str, item_id: str, text_vector: np.ndarray | None = None) -> None:
         """An item added through POST /v1/items: scored with zero popularity and no graph links."""
@@ -456,10 +597,17 @@ class RankedScorer:
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         if len(batch) > 64:  # features are (B, N, H, ...): a few lists at a time
             cat = self.retrieval.catalog
-            return np.concatenate([self(cat.batch(batch.rows[s:s + 64], batch.domain))
-                                   for s in range(0, len(batch), 64)])
-        lists, cols, full = candidate_lists(self.retrieval, batch, self.rows, self.ranker.domain_id(batch.domain),
-                                            self.ranker.cfg.top_n, self.ranker.max_len)
+            return np.concatenate(
+                [self(cat.batch(batch.rows[s : s + 64], batch.domain)) for s in range(0, len(batch), 64)]
+            )
+        lists, cols, full = candidate_lists(
+            self.retrieval,
+            batch,
+            self.rows,
+            self.ranker.domain_id(batch.domain),
+            self.ranker.cfg.top_n,
+            self.ranker.max_len,
+        )
         new = self.ranker.score_lists(lists).numpy().astype(np.float64)  # (B, N)
         full = full.astype(np.float64)
         rest = full.copy()
@@ -472,8 +620,15 @@ class RankedScorer:
 
 
 # -- persistence ------------------------------------------------------------------------------------------
-def save_ranker(bundle_path: str | Path, net: RankerNet, items: ItemTable, cfg: RankerConfig, learned_dim: int,
-                max_len: int, metrics: dict) -> Path:
+def save_ranker(
+    bundle_path: str | Path,
+    net: RankerNet,
+    items: ItemTable,
+    cfg: RankerConfig,
+    learned_dim: int,
+    max_len: int,
+    metrics: dict,
+) -> Path:
     """Writes `ranker/` into a bundle, all-or-nothing: ranker.json, model.safetensors, items.safetensors,
     items.parquet (domain, item_id of each row)."""
     from crossrec.atomic import building
@@ -484,9 +639,16 @@ def save_ranker(bundle_path: str | Path, net: RankerNet, items: ItemTable, cfg: 
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in items.arrays.items()}, str(tmp / "items.safetensors"))
         pq.write_table(pa.table({"domain": items.item_domain, "item_id": items.item_ids}), tmp / "items.parquet")
-        meta = {"format": RANKER_FORMAT, "config": config_to_dict(cfg), "features": list(FEATURES),
-                "domains": items.domains, "learned_dim": learned_dim, "max_len": max_len,
-                "n_features": len(FEATURES), "metrics": metrics}
+        meta = {
+            "format": RANKER_FORMAT,
+            "config": config_to_dict(cfg),
+            "features": list(FEATURES),
+            "domains": items.domains,
+            "learned_dim": learned_dim,
+            "max_len": max_len,
+            "n_features": len(FEATURES),
+            "metrics": metrics,
+        }
         (tmp / "ranker.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
@@ -500,12 +662,17 @@ def load_ranker(bundle) -> Ranker | None:
     if meta.get("format") != RANKER_FORMAT:
         raise ValueError(f"{path}: ranker format {meta.get('format')!r}, this crossrec reads {RANKER_FORMAT}")
     if meta["features"] != list(FEATURES):
-        raise ValueError(f"{path}: the ranker was trained on features {meta['features']}, this crossrec computes "
-                         f"{list(FEATURES)}")
+        raise ValueError(
+            f"{path}: the ranker was trained on features {meta['features']}, this crossrec computes {list(FEATURES)}"
+        )
     cfg = RankerConfig(**meta["config"])
     net = RankerNet(meta["n_features"], len(meta["domains"]), cfg.hidden)
     net.load_state_dict(load_file(str(path / "model.safetensors")))
     t = pq.read_table(path / "items.parquet")
-    items = ItemTable(domains=list(meta["domains"]), item_domain=t.column("domain").to_pylist(),
-                      item_ids=t.column("item_id").to_pylist(), arrays=load_file(str(path / "items.safetensors")))
+    items = ItemTable(
+        domains=list(meta["domains"]),
+        item_domain=t.column("domain").to_pylist(),
+        item_ids=t.column("item_id").to_pylist(),
+        arrays=load_file(str(path / "items.safetensors")),
+    )
     return Ranker(net, items, cfg, meta["learned_dim"], meta["max_len"], meta)

@@ -8,6 +8,7 @@ by it. On request each item names the history entries that contributed most to t
 (occlusion: how much that score drops when the entry is left out), computed in the same pass from the vectors
 already in hand.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,17 @@ from crossrec.training import _prior_query, history_arrays
 if TYPE_CHECKING:  # the ranker is optional: only its type is needed here
     from crossrec.ranker import Ranker
 
-__all__ = ["HistoryItem", "Recommendation", "Candidates", "Recommender", "UnknownItem", "UnknownDomain",
-           "CatalogFull", "EXPLAIN_HISTORY", "N_REASONS"]
+__all__ = [
+    "HistoryItem",
+    "Recommendation",
+    "Candidates",
+    "Recommender",
+    "UnknownItem",
+    "UnknownDomain",
+    "CatalogFull",
+    "EXPLAIN_HISTORY",
+    "N_REASONS",
+]
 
 EXPLAIN_HISTORY = 20  # most recent history entries weighed by `explain` (one tower pass per entry)
 N_REASONS = 3  # reasons per item, strongest first
@@ -62,6 +72,7 @@ class Recommendation:
 @dataclass
 class Candidates:
     """Retrieval's top-N with what a second stage (crossrec.ranker) rescores them from."""
+
     item_ids: list[str]
     scores: np.ndarray  # (N,) retrieval scores, descending
     user: np.ndarray  # (V,) the user vector that produced them
@@ -77,8 +88,14 @@ class Recommender:
     explain_history: the most recent history entries that `explain` weighs; older ones are never named.
     """
 
-    def __init__(self, bundle: Bundle, ranker: Ranker | None = None, *, max_online_items: int | None = None,
-                 explain_history: int = EXPLAIN_HISTORY):
+    def __init__(
+        self,
+        bundle: Bundle,
+        ranker: Ranker | None = None,
+        *,
+        max_online_items: int | None = None,
+        explain_history: int = EXPLAIN_HISTORY,
+    ):
         if max_online_items is not None and max_online_items < 0:
             raise ValueError(f"`max_online_items` must be >= 0, got {max_online_items}")
         if explain_history < 1:
@@ -103,7 +120,7 @@ class Recommender:
             self.pos[d] = {iid: k for k, iid in enumerate(ids)}
 
     @classmethod
-    def load(cls, bundle: Bundle, **kwargs) -> "Recommender":
+    def load(cls, bundle: Bundle, **kwargs) -> Recommender:
         """The bundle's recommender with its ranker when it has one (what `crossrec recommend` and Serve answer)."""
         from crossrec.ranker import load_ranker
 
@@ -136,8 +153,10 @@ class Recommender:
             return
         new = {k for k in keys if k[1] not in self.pos.get(k[0], {})}
         if len(self.online) + len(new) > self.max_online_items:
-            raise CatalogFull(f"`{field}`: {len(new)} new items do not fit: {len(self.online)} of max_online_items="
-                              f"{self.max_online_items} items added online are in use")
+            raise CatalogFull(
+                f"`{field}`: {len(new)} new items do not fit: {len(self.online)} of max_online_items="
+                f"{self.max_online_items} items added online are in use"
+            )
 
     def upsert(self, domain: str, item_id: str, title: str, vector: torch.Tensor) -> bool:
         """Adds or replaces an item (recommendable at once). Returns True if it was new."""
@@ -154,7 +173,7 @@ class Recommender:
             grown[:n] = block[:n]
             self._block[domain] = block = grown
         block[n] = vector.reshape(-1)
-        self.vecs[domain] = block[:n + 1]
+        self.vecs[domain] = block[: n + 1]
         self.pos[domain][item_id] = n
         self.ids[domain].append(item_id)
         self.titles[domain].append(title)
@@ -168,14 +187,17 @@ class Recommender:
             if h.vector is not None:
                 vecs.append(torch.as_tensor(h.vector, dtype=torch.float32).reshape(-1))
             else:
+                if h.item_id is None:
+                    raise UnknownItem(f"history[{k}]: an entry needs an item_id or a vector")
                 vecs.append(self.item_vector(h.domain, h.item_id, f"history[{k}]"))
             doms.append(self.bundle.domain_id(h.domain))
         dim = self.model.vector_dim
         return (torch.stack(vecs) if vecs else torch.zeros(0, dim)), np.array(doms, dtype=np.int64)
 
     @torch.inference_mode()
-    def _users(self, hvecs: torch.Tensor, hdoms: np.ndarray, hnames: list[str], domain: str,
-               drop: list[int | None]) -> torch.Tensor:
+    def _users(
+        self, hvecs: torch.Tensor, hdoms: np.ndarray, hnames: list[str], domain: str, drop: list[int | None]
+    ) -> torch.Tensor:
         """(B, V) user vectors for the history with each `drop` position left out (None: the full history).
         hnames: the history's domain names (two domains the bundle never saw share one model id, not a name).
 
@@ -194,15 +216,25 @@ class Recommender:
             hvecs = torch.zeros(1, model.vector_dim)
         d = model.cfg.dim
         hv = hvecs[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
-        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
-                                       torch.from_numpy(valid))[:, -1]
+        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))[
+            :, -1
+        ]
         if model.text_prior:  # over the whole history, as encode_users does
-            u = torch.cat([u, model.log_beta.exp() * _prior_query(
-                model, hvecs[:, d:], keeps, [hcodes[k] for k in keeps], np.full(len(drop), code[domain]))], dim=-1)
+            u = torch.cat(
+                [
+                    u,
+                    model.log_beta.exp()
+                    * _prior_query(
+                        model, hvecs[:, d:], keeps, [hcodes[k] for k in keeps], np.full(len(drop), code[domain])
+                    ),
+                ],
+                dim=-1,
+            )
         return u
 
-    def _score(self, history: list[HistoryItem], domain: str, exclude_seen: bool,
-               candidates: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+    def _score(
+        self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
         """History vectors (H, V) and domain ids (H,), the user vector (V,), and the scores (N,) of every item of
         `domain` (-inf where masked)."""
         self.check_domain(domain)
@@ -210,8 +242,11 @@ class Recommender:
         user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
         scores = self.vecs[domain] @ user  # (N,)
         if exclude_seen:
-            seen = [self.pos[domain][h.item_id] for h in history
-                    if h.domain == domain and h.item_id is not None and h.item_id in self.pos[domain]]
+            seen = [
+                self.pos[domain][h.item_id]
+                for h in history
+                if h.domain == domain and h.item_id is not None and h.item_id in self.pos[domain]
+            ]
             if seen:
                 scores[seen] = float("-inf")
         if candidates is not None:
@@ -225,13 +260,24 @@ class Recommender:
         """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
         hvecs, _, user, scores = self._score(history, domain, exclude_seen)
         top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
-        return Candidates(item_ids=[self.ids[domain][j] for j in top.indices.tolist()], scores=top.values.numpy(),
-                          user=user.numpy(), history_vectors=hvecs.numpy(),
-                          candidate_vectors=self.vecs[domain][top.indices].numpy())
+        return Candidates(
+            item_ids=[self.ids[domain][j] for j in top.indices.tolist()],
+            scores=top.values.numpy(),
+            user=user.numpy(),
+            history_vectors=hvecs.numpy(),
+            candidate_vectors=self.vecs[domain][top.indices].numpy(),
+        )
 
-    def recommend(self, history: list[HistoryItem], domain: str, k: int = 10, exclude_seen: bool = True,
-                  explain: bool = False, candidates: list[str] | None = None,
-                  n_candidates: int | None = None) -> list[Recommendation]:
+    def recommend(
+        self,
+        history: list[HistoryItem],
+        domain: str,
+        k: int = 10,
+        exclude_seen: bool = True,
+        explain: bool = False,
+        candidates: list[str] | None = None,
+        n_candidates: int | None = None,
+    ) -> list[Recommendation]:
         """Top-k of `domain` for `history` (oldest first), in one pass: retrieval over every item (or only over
         `candidates`), then, with a ranker, retrieval's top `n_candidates` (default: the ranker's top_n)
         re-ordered by it; `explain` adds to each returned item the history entries whose removal lowers the
@@ -247,28 +293,51 @@ class Recommender:
 
             top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
             cand = self.vecs[domain][top.indices]  # (N, V)
-            req = RankRequest(domain=domain, candidates=[self.ids[domain][j] for j in top.indices.tolist()],
-                              retrieval_scores=top.values.numpy(), user=user.numpy(),
-                              history=[(h.domain, h.item_id) for h in history], history_vectors=hvecs.numpy(),
-                              candidate_vectors=cand.numpy())
+            req = RankRequest(
+                domain=domain,
+                candidates=[self.ids[domain][j] for j in top.indices.tolist()],
+                retrieval_scores=top.values.numpy(),
+                user=user.numpy(),
+                history=[(h.domain, h.item_id) for h in history],
+                history_vectors=hvecs.numpy(),
+                candidate_vectors=cand.numpy(),
+            )
             ranked = torch.from_numpy(self.ranker.score(req))  # (N,)
             order = torch.from_numpy(np.argsort(-ranked.numpy(), kind="stable")[:k])
             rows, final = top.indices[order], ranked[order]
-        recs = [Recommendation(item_id=self.ids[domain][j], domain=domain, title=self.titles[domain][j],
-                               score=float(s)) for s, j in zip(final.tolist(), rows.tolist())]
+        recs = [
+            Recommendation(item_id=self.ids[domain][j], domain=domain, title=self.titles[domain][j], score=float(s))
+            for s, j in zip(final.tolist(), rows.tolist())
+        ]
         if explain and len(history) and len(recs):
-            drop = self._explain(hvecs, hdoms, history, domain, user, rows, final,
-                                 None if req is None else (req, order))  # (E, k)
+            drop = self._explain(
+                hvecs, hdoms, history, domain, user, rows, final, None if req is None else (req, order)
+            )  # (E, k)
             first = len(history) - drop.shape[0]
             for c, rec in enumerate(recs):
                 w = drop[:, c]
                 best = torch.argsort(w, descending=True, stable=True)[:N_REASONS].tolist()
-                rec.reasons = [{"item_id": history[first + i].item_id or f"history[{first + i}]",
-                                "domain": history[first + i].domain, "weight": round(float(w[i]), 4)} for i in best]
+                rec.reasons = [
+                    {
+                        "item_id": history[first + i].item_id or f"history[{first + i}]",
+                        "domain": history[first + i].domain,
+                        "weight": round(float(w[i]), 4),
+                    }
+                    for i in best
+                ]
         return recs
 
-    def _explain(self, hvecs: torch.Tensor, hdoms: np.ndarray, history: list[HistoryItem], domain: str,
-                 user: torch.Tensor, rows: torch.Tensor, final: torch.Tensor, ranked) -> torch.Tensor:
+    def _explain(
+        self,
+        hvecs: torch.Tensor,
+        hdoms: np.ndarray,
+        history: list[HistoryItem],
+        domain: str,
+        user: torch.Tensor,
+        rows: torch.Tensor,
+        final: torch.Tensor,
+        ranked,
+    ) -> torch.Tensor:
         """(E, k) score lost by each returned item when each of the last E history entries is left out: the
         ranker's score with a ranker (the order the user sees), else retrieval's."""
         first = max(0, len(history) - self.explain_history)
@@ -276,5 +345,6 @@ class Recommender:
         if ranked is None:
             return final.unsqueeze(0) - loo @ self.vecs[domain][rows].T  # (E, k)
         req, order = ranked
+        assert self.ranker is not None  # `ranked` comes from the ranker
         without = torch.from_numpy(self.ranker.score_without(req, loo.numpy(), list(range(first, len(history)))))
         return final.unsqueeze(0) - without[:, order]  # (E, N) -> (E, k)

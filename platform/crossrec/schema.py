@@ -4,20 +4,29 @@ Every ingest adapter turns its format into `SourceTable`s with these columns; `v
 `validate_interactions` then refuse anything that does not fit, naming the file, column and row
 (rows are 1-based records of the file: a CSV data row, a JSONL line, a Parquet row).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = [
-    "DataError", "SourceTable", "ITEM_REQUIRED", "INTERACTION_REQUIRED", "IDENTITY_REQUIRED",
-    "SCHEMA_VERSION", "validate_items", "validate_interactions", "validate_identity",
-    "DOMAIN_PATTERN", "check_domain",
+    "DataError",
+    "SourceTable",
+    "ITEM_REQUIRED",
+    "INTERACTION_REQUIRED",
+    "IDENTITY_REQUIRED",
+    "SCHEMA_VERSION",
+    "validate_items",
+    "validate_interactions",
+    "validate_identity",
+    "DOMAIN_PATTERN",
+    "check_domain",
 ]
 
 SCHEMA_VERSION = 1
@@ -58,11 +67,17 @@ class SourceTable:
     chunks: Callable[[], Iterator[pa.Table]] | None = None
     offset: int = 0
 
+    def whole(self) -> pa.Table:
+        """The table of a whole file, or of one piece of a stream (each piece is a SourceTable of its own)."""
+        if self.table is None:
+            raise ValueError(f"{self.path}: a stream; read it piece by piece with chunks()")
+        return self.table
+
     def where(self, row: int, column: str | None = None) -> str:
         col = f" column '{column}'" if column else ""
         return f"{self.path}:{col} row {self.offset + row + 1}"
 
-    def pieces(self) -> Iterator["SourceTable"]:
+    def pieces(self) -> Iterator[SourceTable]:
         """Whole SourceTables of consecutive pieces, each with its row offset in the file."""
         if self.chunks is None:
             assert self.table is not None
@@ -73,31 +88,33 @@ class SourceTable:
             yield SourceTable(table, self.path, offset=offset)
             offset += table.num_rows
 
-    def read_all(self) -> "SourceTable":
+    def read_all(self) -> SourceTable:
         """The whole file as one table (for the small tables: items, identity)."""
         if self.chunks is None:
             return self
-        return SourceTable(pa.concat_tables([p.table for p in self.pieces()], promote_options="default"),
-                           self.path, offset=self.offset)
+        return SourceTable(
+            pa.concat_tables([p.table for p in self.pieces()], promote_options="default"), self.path, offset=self.offset
+        )
 
 
 def _require_columns(src: SourceTable, required: tuple[str, ...], first: bool = True) -> None:
     """The first piece of a file must hold every required column and at least one row. A later piece of a
     stream (JSONL: a key can be absent from a whole chunk) lacking one has an empty value at its first row."""
-    if first and src.table.num_rows == 0:
+    if first and src.whole().num_rows == 0:
         raise DataError(f"{src.path}: file is empty (no rows)")
-    have = src.table.column_names
+    have = src.whole().column_names
     missing = [c for c in required if c not in have]
     if missing and first:
-        raise DataError(f"{src.path}: missing column '{missing[0]}' (required: {', '.join(required)}; "
-                        f"found: {', '.join(have)})")
+        raise DataError(
+            f"{src.path}: missing column '{missing[0]}' (required: {', '.join(required)}; found: {', '.join(have)})"
+        )
     if missing:
         raise DataError(f"{src.where(0, missing[0])}: empty value")
 
 
 def _as_string(src: SourceTable, name: str, allow_null: bool = False) -> pa.ChunkedArray:
     """The column as non-empty strings; integers are accepted (ids are often numeric in JSON)."""
-    col = src.table.column(name)
+    col = src.whole().column(name)
     t = col.type
     if pa.types.is_dictionary(t):
         col = col.cast(t.value_type)
@@ -122,7 +139,7 @@ def _as_string(src: SourceTable, name: str, allow_null: bool = False) -> pa.Chun
 def _as_timestamp(src: SourceTable) -> pa.ChunkedArray:
     """int64 timestamps. Strings must be whole numbers; floats must be integral."""
     name = "timestamp"
-    col = src.table.column(name)
+    col = src.whole().column(name)
     t = col.type
     if pa.types.is_integer(t):
         out = col.cast(pa.int64())
@@ -171,14 +188,16 @@ def _item_columns(src: SourceTable) -> pa.Table:
     cols = {c: _as_string(src, c) for c in ("item_id", "domain")}
     _check_domains(src, cols["domain"])
     cols["title"] = pc.fill_null(_as_string(src, "title", allow_null=True), "")
-    for name in src.table.column_names:
+    for name in src.whole().column_names:
         if name in cols:
             continue
-        col = src.table.column(name)
+        col = src.whole().column(name)
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             if not pa.types.is_floating(col.type.value_type) and not pa.types.is_integer(col.type.value_type):
-                raise DataError(f"{src.path}: column '{name}' is a list of {col.type.value_type}, "
-                                "expected a list of floats (feature vector)")
+                raise DataError(
+                    f"{src.path}: column '{name}' is a list of {col.type.value_type}, "
+                    "expected a list of floats (feature vector)"
+                )
             cols[name] = col.cast(pa.list_(pa.float32()))
         else:
             cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
@@ -213,15 +232,19 @@ def validate_items(sources: list[SourceTable]) -> tuple[pa.Table, dict]:
     return _fill_strings(pa.concat_tables(kept, promote_options="default")), report
 
 
-def _merge_duplicates(src: SourceTable, table: pa.Table, kept: list[pa.Table],
-                      where: list[tuple[SourceTable, np.ndarray]], report: dict) -> np.ndarray:
+def _merge_duplicates(
+    src: SourceTable, table: pa.Table, kept: list[pa.Table], where: list[tuple[SourceTable, np.ndarray]], report: dict
+) -> np.ndarray:
     """Which rows of `table` to keep: all but exact repeats of an item seen before (in it or in `kept`)."""
     ids = table.column("item_id")
     keep = np.ones(table.num_rows, dtype=bool)
     counts = pc.value_counts(ids)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    prev_ids = pa.chunked_array([t.column("item_id") for t in kept], pa.string()).combine_chunks() if kept \
+    prev_ids = (
+        pa.chunked_array([t.column("item_id") for t in kept], pa.string()).combine_chunks()
+        if kept
         else pa.array([], pa.string())
+    )
     candidate = pc.or_(pc.is_in(ids, value_set=prev_ids), pc.is_in(ids, value_set=repeated))
     rows = np.flatnonzero(candidate.to_numpy(zero_copy_only=False))
     if not len(rows):
@@ -235,17 +258,22 @@ def _merge_duplicates(src: SourceTable, table: pa.Table, kept: list[pa.Table],
         if iid not in seen and at is not None:
             k = int(np.searchsorted(starts, at, side="right") - 1)
             first_src, first_rows = where[k]
-            seen[iid] = (first_src.where(int(first_rows[at - starts[k]])),
-                         kept[k].slice(at - starts[k], 1).to_pylist()[0])
+            seen[iid] = (
+                first_src.where(int(first_rows[at - starts[k]])),
+                kept[k].slice(at - starts[k], 1).to_pylist()[0],
+            )
         if iid not in seen:
             seen[iid] = (src.where(r), content)
             continue
         other, prev = seen[iid]
-        diff = next((c for c in text_cols + [c for c in prev if c not in content]
-                     if content.get(c, "") != prev.get(c, "")), None)
+        diff = next(
+            (c for c in text_cols + [c for c in prev if c not in content] if content.get(c, "") != prev.get(c, "")),
+            None,
+        )
         if diff is not None:
-            raise DataError(f"{src.where(r, 'item_id')}: item_id {iid!r} appears again with different "
-                            f"{diff} than at {other}")
+            raise DataError(
+                f"{src.where(r, 'item_id')}: item_id {iid!r} appears again with different {diff} than at {other}"
+            )
         keep[r] = False
         report["duplicate_item_rows_merged"] += 1
     return keep
@@ -270,35 +298,42 @@ def validate_interactions(sources: list[SourceTable], items: pa.Table) -> pa.Tab
     return inters
 
 
-def _interaction_columns(src: SourceTable, item_ids: pa.Array, item_dom: pa.Array, domains: list[str],
-                         domain_set: pa.Array) -> pa.Table:
-    cols = {"user_id": _as_string(src, "user_id"), "item_id": _as_string(src, "item_id"),
-            "domain": _as_string(src, "domain"), "timestamp": _as_timestamp(src)}
-    if "rating" in src.table.column_names:
+def _interaction_columns(
+    src: SourceTable, item_ids: pa.Array, item_dom: pa.Array, domains: list[str], domain_set: pa.Array
+) -> pa.Table:
+    cols = {
+        "user_id": _as_string(src, "user_id"),
+        "item_id": _as_string(src, "item_id"),
+        "domain": _as_string(src, "domain"),
+        "timestamp": _as_timestamp(src),
+    }
+    if "rating" in src.whole().column_names:
         try:
-            cols["rating"] = src.table.column("rating").cast(pa.float32())
+            cols["rating"] = src.whole().column("rating").cast(pa.float32())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise DataError(f"{src.path}: column 'rating' is not numeric") from None
     for name in _STRING_INTERACTION_OPTIONAL:
-        if name in src.table.column_names:
+        if name in src.whole().column_names:
             cols[name] = pc.fill_null(_as_string(src, name, allow_null=True), "")
     dom = cols["domain"]
     unknown = pc.invert(pc.is_in(dom, value_set=domain_set))
     if pc.any(unknown).as_py():
         row = int(np.flatnonzero(unknown.to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{src.where(row, 'domain')}: unknown domain {dom[row].as_py()!r} "
-                        f"(domains in items: {', '.join(domains)})")
+        raise DataError(
+            f"{src.where(row, 'domain')}: unknown domain {dom[row].as_py()!r} (domains in items: {', '.join(domains)})"
+        )
     idx = pc.index_in(cols["item_id"], value_set=item_ids)
     if idx.null_count:
         row = int(np.flatnonzero(pc.is_null(idx).to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{src.where(row, 'item_id')}: item_id {cols['item_id'][row].as_py()!r} "
-                        "is not in the items")
+        raise DataError(f"{src.where(row, 'item_id')}: item_id {cols['item_id'][row].as_py()!r} is not in the items")
     wrong = pc.not_equal(pc.take(item_dom, idx), dom)
     if pc.any(wrong).as_py():
         row = int(np.flatnonzero(wrong.to_numpy(zero_copy_only=False))[0])
         iid = cols["item_id"][row].as_py()
-        raise DataError(f"{src.where(row, 'domain')}: domain {dom[row].as_py()!r} differs from item "
-                        f"{iid!r}'s domain {item_dom[idx[row].as_py()].as_py()!r} in the items")
+        raise DataError(
+            f"{src.where(row, 'domain')}: domain {dom[row].as_py()!r} differs from item "
+            f"{iid!r}'s domain {item_dom[idx[row].as_py()].as_py()!r} in the items"
+        )
     return pa.table(cols)
 
 
@@ -307,15 +342,18 @@ def validate_identity(src: SourceTable) -> pa.Table:
     pieces = []
     for i, piece in enumerate(src.pieces()):
         _require_columns(piece, IDENTITY_REQUIRED, first=i == 0)
-        pieces.append(SourceTable(pa.table({c: _as_string(piece, c) for c in IDENTITY_REQUIRED}), src.path,
-                                  offset=piece.offset))
+        pieces.append(
+            SourceTable(pa.table({c: _as_string(piece, c) for c in IDENTITY_REQUIRED}), src.path, offset=piece.offset)
+        )
     cols = pa.concat_tables([p.table for p in pieces])
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     users = cols.column("user_id").to_pylist()
     for r, key in enumerate(zip(cols.column("platform").to_pylist(), cols.column("platform_user_id").to_pylist())):
         user = users[r]
         if key in seen and seen[key][1] != user:
-            raise DataError(f"{src.where(r, 'user_id')}: {key[0]}/{key[1]} is mapped to {user!r} here "
-                            f"and to {seen[key][1]!r} at row {seen[key][0] + 1}")
+            raise DataError(
+                f"{src.where(r, 'user_id')}: {key[0]}/{key[1]} is mapped to {user!r} here "
+                f"and to {seen[key][1]!r} at row {seen[key][0] + 1}"
+            )
         seen[key] = (r, user)
     return cols

@@ -24,6 +24,7 @@ Items get global indices: domains in sorted order, item ids sorted (code-point o
 a domain's candidates are the contiguous block `offset[d] : offset[d] + n_items[d]`, and ties in ranking
 are broken by item id order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ def _unit_hash(seed: int, user_ids: np.ndarray) -> np.ndarray:
     """A deterministic number in [0, 1) per user id: the first 8 bytes of sha256("seed:user_id")."""
     out = np.empty(len(user_ids), np.float64)
     for k, u in enumerate(user_ids):
-        out[k] = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big") / 2.0 ** 64
+        out[k] = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big") / 2.0**64
     return out
 
 
@@ -81,11 +82,17 @@ def protocol_info(protocol: str, min_per_domain: int = 3, cold_fraction: float =
     return {"protocol": protocol, "min_per_domain": int(min_per_domain)}
 
 
-def splits_for(data: Dataset, cfg, training: bool = False) -> "Splits":
+def splits_for(data: Dataset, cfg, training: bool = False) -> Splits:
     """The splits a TrainConfig's protocol defines on `data`; training=True also keeps only its `train_domains`
     (what training may see)."""
-    return Splits(data, cfg.min_per_domain, protocol=cfg.protocol, cold_fraction=cfg.cold_fraction,
-                  cold_seed=cfg.cold_seed, domains=cfg.train_domains if training else None)
+    return Splits(
+        data,
+        cfg.min_per_domain,
+        protocol=cfg.protocol,
+        cold_fraction=cfg.cold_fraction,
+        cold_seed=cfg.cold_seed,
+        domains=cfg.train_domains if training else None,
+    )
 
 
 @dataclass
@@ -113,8 +120,15 @@ class Splits:
     `user_start[k]:user_start[k + 1]` are user k's rows.
     """
 
-    def __init__(self, data: Dataset, min_per_domain: int = 3, protocol: str = "leave-one-out",
-                 cold_fraction: float = 0.2, cold_seed: int = 0, domains: list[str] | None = None):
+    def __init__(
+        self,
+        data: Dataset,
+        min_per_domain: int = 3,
+        protocol: str = "leave-one-out",
+        cold_fraction: float = 0.2,
+        cold_seed: int = 0,
+        domains: list[str] | None = None,
+    ):
         if min_per_domain < 2:
             raise ValueError(f"`min_per_domain` must be >= 2 (a test and a validation target), got {min_per_domain}")
         if protocol not in PROTOCOLS:
@@ -156,8 +170,11 @@ class Splits:
         ts = inter.column("timestamp").to_numpy().astype(np.int64)
         self.users, ucode = np.unique(users, return_inverse=True)
         ucode = ucode.reshape(-1)
-        item = np.fromiter((index[x] for x in inter.column("item_id").to_numpy(zero_copy_only=False)),
-                           dtype=np.int64, count=inter.num_rows)
+        item = np.fromiter(
+            (index[x] for x in inter.column("item_id").to_numpy(zero_copy_only=False)),
+            dtype=np.int64,
+            count=inter.num_rows,
+        )
         o = np.lexsort((np.arange(len(ts)), ts, ucode))
         self.row_user, self.row_item, self.row_time = ucode[o], item[o], ts[o]
         self.row_domain = self.item_domain[self.row_item]
@@ -227,16 +244,21 @@ class Splits:
     def batch(self, rows: np.ndarray, domain: str) -> TargetBatch:
         ends = self.history_end(rows)
         starts = self.user_start[self.row_user[rows]]
-        return TargetBatch(domain=domain, rows=rows, user_ids=[str(self.users[self.row_user[r]]) for r in rows],
-                           histories=[self.row_item[s:e] for s, e in zip(starts, ends)],
-                           history_ts=[self.row_time[s:e] for s, e in zip(starts, ends)], target_ts=self.row_time[rows])
+        return TargetBatch(
+            domain=domain,
+            rows=rows,
+            user_ids=[str(self.users[self.row_user[r]]) for r in rows],
+            histories=[self.row_item[s:e] for s, e in zip(starts, ends)],
+            history_ts=[self.row_time[s:e] for s, e in zip(starts, ends)],
+            target_ts=self.row_time[rows],
+        )
 
     # -- training ----------------------------------------------------------------------------------------
     def train_sequences(self) -> list[np.ndarray]:
         """Per user, the row indices of their training interactions, chronological (targets removed)."""
         rows = np.flatnonzero(self.is_train)
         cut = np.searchsorted(self.row_user[rows], np.arange(len(self.users) + 1))
-        return [rows[cut[k]:cut[k + 1]] for k in range(len(self.users))]
+        return [rows[cut[k] : cut[k + 1]] for k in range(len(self.users))]
 
     def check_domain(self, domain: str) -> str:
         if domain not in self.domain_code:

@@ -7,6 +7,7 @@ checked by building a `TrainConfig` with its bounds or values, so a typo (`lora.
 The results side (per-trial records, the CSV table, the plot) lives here too: plain data, no Ray.
 The Ray part (`Tuner`, trials running `trainers.train.train_func`) is `trainers/tune.py`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,9 +23,22 @@ import yaml
 from crossrec.config import TrainConfig, check_settable, config_from_dict, config_to_dict, from_dict, set_dotted
 from crossrec.early_stopping import VALID_METRIC
 
-__all__ = ["ParamSpace", "SchedulerConfig", "SearchConfig", "SweepConfig", "TrialRecord", "load_sweep",
-           "sweep_from_dict", "sweep_to_dict", "trial_table", "format_trial_table", "write_trial_csv",
-           "plot_sweep", "SPACE_TYPES", "DEFAULT_METRIC"]
+__all__ = [
+    "ParamSpace",
+    "SchedulerConfig",
+    "SearchConfig",
+    "SweepConfig",
+    "TrialRecord",
+    "load_sweep",
+    "sweep_from_dict",
+    "sweep_to_dict",
+    "trial_table",
+    "format_trial_table",
+    "write_trial_csv",
+    "plot_sweep",
+    "SPACE_TYPES",
+    "DEFAULT_METRIC",
+]
 
 DEFAULT_METRIC = VALID_METRIC  # what every trainer reports each epoch
 SPACE_TYPES = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -32,8 +46,17 @@ SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
 # The item-encoder input (catalog vectors, graph and feature blocks) is computed once per sweep, before the
 # trials: keys that change it cannot vary.
-FIXED_PER_SWEEP = ("backbone", "text_template", "max_tokens", "graph.enabled", "graph.layers",
-                   "graph.co_interaction", "graph.columns", "feature_columns", "side_dims")
+FIXED_PER_SWEEP = (
+    "backbone",
+    "text_template",
+    "max_tokens",
+    "graph.enabled",
+    "graph.layers",
+    "graph.co_interaction",
+    "graph.columns",
+    "feature_columns",
+    "side_dims",
+)
 _GRID_CHECK_LIMIT = 256  # finite spaces up to this many combinations are validated combination by combination
 
 
@@ -71,8 +94,9 @@ class ParamSpace:
                 raise ValueError(f"`{where}`: {self.type} takes `values`, not `low`/`high`")
             if not isinstance(self.values, list) or not self.values:
                 raise ValueError(f"`{where}.values` must be a non-empty list, got {self.values!r}")
-            self.values = [_number(v, f"{where}.values") if isinstance(v, str) and _is_number(v) else v
-                           for v in self.values]
+            self.values = [
+                _number(v, f"{where}.values") if isinstance(v, str) and _is_number(v) else v for v in self.values
+            ]
             return
         if self.values is not None:
             raise ValueError(f"`{where}`: {self.type} takes `low` and `high`, not `values`")
@@ -90,7 +114,7 @@ class ParamSpace:
 
     def probe_values(self) -> list:
         """Values that stand for the whole range when checking it against `TrainConfig`."""
-        return list(self.values) if self.type in ("choice", "grid") else [self.low, self.high]
+        return list(self.values or []) if self.type in ("choice", "grid") else [self.low, self.high]
 
 
 def _is_number(text: str) -> bool:
@@ -118,10 +142,13 @@ class SchedulerConfig:
         self.reduction_factor = _number(self.reduction_factor, "scheduler.reduction_factor")
         if self.reduction_factor <= 1:
             raise ValueError(f"`scheduler.reduction_factor` must be > 1, got {self.reduction_factor!r}")
-        if self.max_t is not None and (isinstance(self.max_t, bool) or not isinstance(self.max_t, int)
-                                       or self.max_t < self.grace_period):
-            raise ValueError(f"`scheduler.max_t` must be an integer >= `scheduler.grace_period` "
-                             f"({self.grace_period}), got {self.max_t!r}")
+        if self.max_t is not None and (
+            isinstance(self.max_t, bool) or not isinstance(self.max_t, int) or self.max_t < self.grace_period
+        ):
+            raise ValueError(
+                f"`scheduler.max_t` must be an integer >= `scheduler.grace_period` "
+                f"({self.grace_period}), got {self.max_t!r}"
+            )
 
 
 @dataclass
@@ -164,21 +191,26 @@ class SweepConfig:
             raise ValueError(f"`base` must be a mapping of TrainConfig keys, got {type(self.base).__name__}")
         check_settable(self.base, "base.")
         if not isinstance(self.space, dict) or not self.space:
-            raise ValueError("`space` must be a non-empty mapping: dotted TrainConfig key -> "
-                             "{type: loguniform|uniform|randint|choice|grid, ...}")
-        self.space = {k: v if isinstance(v, ParamSpace) else _from_dict(ParamSpace, v, f"space.{k}")
-                      for k, v in self.space.items()}
+            raise ValueError(
+                "`space` must be a non-empty mapping: dotted TrainConfig key -> "
+                "{type: loguniform|uniform|randint|choice|grid, ...}"
+            )
+        self.space = {
+            k: v if isinstance(v, ParamSpace) else _from_dict(ParamSpace, v, f"space.{k}")
+            for k, v in self.space.items()
+        }
         if self.mode not in ("max", "min"):
             raise ValueError(f"`mode` must be max or min, got {self.mode!r}")
         if not isinstance(self.metric, str) or not (self.metric.startswith("valid/") or self.metric == "train/loss"):
-            raise ValueError(f"`metric` must be a reported metric (valid/ndcg@10, valid/recall@10, "
-                             f"valid/DOMAIN/ndcg@10, valid/DOMAIN/recall@10, train/loss), got {self.metric!r}")
+            raise ValueError(
+                f"`metric` must be a reported metric (valid/ndcg@10, valid/recall@10, "
+                f"valid/DOMAIN/ndcg@10, valid/DOMAIN/recall@10, train/loss), got {self.metric!r}"
+            )
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
-        if _number(self.cpus_per_worker, "cpus_per_worker") < 0 or _number(self.gpus_per_worker,
-                                                                              "gpus_per_worker") < 0:
+        if _number(self.cpus_per_worker, "cpus_per_worker") < 0 or _number(self.gpus_per_worker, "gpus_per_worker") < 0:
             raise ValueError("`cpus_per_worker` and `gpus_per_worker` must be >= 0")
         if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:
             raise ValueError("`cpus_per_worker` and `gpus_per_worker` cannot both be 0: a worker needs a CPU or GPU")
@@ -191,8 +223,10 @@ class SweepConfig:
         if has_grid and self.search.type == "optuna":
             raise ValueError("`search.type` optuna samples; it cannot run `grid` keys (use choice, or search random)")
         if self.include_base and has_grid:
-            raise ValueError("`include_base` runs the base values before the draws; a `grid` space already "
-                             "decides every trial: list the base value in the grid instead")
+            raise ValueError(
+                "`include_base` runs the base values before the draws; a `grid` space already "
+                "decides every trial: list the base value in the grid instead"
+            )
 
     # -- building trial configs ------------------------------------------------------------------------------
     def base_config(self) -> TrainConfig:
@@ -215,16 +249,19 @@ class SweepConfig:
         for key, ps in self.space.items():
             where = f"space.{key}"
             if key in FIXED_PER_SWEEP:
-                raise ValueError(f"`{where}`: `{key}` cannot be searched: the catalog vectors are computed once "
-                                 f"per sweep (set it in `base`)")
+                raise ValueError(
+                    f"`{where}`: `{key}` cannot be searched: the catalog vectors are computed once "
+                    f"per sweep (set it in `base`)"
+                )
             ps.validate(key)
             if key not in defaults:  # a typo (`lora.rnak`) or a section (`lora`): TrainConfig names the keys
                 try:
                     self.trial_config({key: ps.probe_values()[0]})
                 except ValueError as e:
                     raise ValueError(f"`{where}`: {e}") from None
-                raise ValueError(f"`{where}`: `{key}` is not a TrainConfig key (accepted: "
-                                 f"{', '.join(sorted(defaults))})")
+                raise ValueError(
+                    f"`{where}`: `{key}` is not a TrainConfig key (accepted: {', '.join(sorted(defaults))})"
+                )
             _check_type(where, key, defaults[key], ps)
             for value in ps.probe_values():
                 try:
@@ -248,21 +285,26 @@ def _check_type(where: str, key: str, default: Any, ps: ParamSpace) -> None:
     """Distributions must give values of the key's type: an integer key cannot take loguniform floats."""
     if isinstance(default, bool):
         kind = "a boolean"
-        ok = ps.type in ("choice", "grid") and all(isinstance(v, bool) for v in ps.values)
+        ok = ps.type in ("choice", "grid") and all(isinstance(v, bool) for v in ps.values or [])
     elif isinstance(default, int):
         kind = "an integer"
-        ok = ps.type == "randint" or (ps.type in ("choice", "grid")
-                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in ps.values))
+        ok = ps.type == "randint" or (
+            ps.type in ("choice", "grid")
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in ps.values or [])
+        )
     elif isinstance(default, float):
         kind = "a number"
-        ok = ps.type != "randint" and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                          for v in ps.values or [])
+        ok = ps.type != "randint" and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in ps.values or []
+        )
     else:
         return
     if not ok:
         hint = " (use randint, choice or grid)" if kind == "an integer" else ""
-        raise ValueError(f"`{where}`: `{key}` is {kind}; {ps.type} "
-                         f"{ps.values if ps.values is not None else [ps.low, ps.high]} does not give one{hint}")
+        raise ValueError(
+            f"`{where}`: `{key}` is {kind}; {ps.type} "
+            f"{ps.values if ps.values is not None else [ps.low, ps.high]} does not give one{hint}"
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -331,8 +373,17 @@ def _fmt(v: Any) -> str:
 def trial_table(records: list[TrialRecord], metric: str, mode: str) -> tuple[list[str], list[list]]:
     """Header and rows, best trial first: id, status, searched values, epochs run, best and final metric."""
     keys = list(dict.fromkeys(k for r in records for k in r.params))
-    header = ["trial", "status", *keys, "epochs", f"best {metric}", "best epoch", f"final {metric}",
-              "valid/recall@10 at best", "train/loss final"]
+    header = [
+        "trial",
+        "status",
+        *keys,
+        "epochs",
+        f"best {metric}",
+        "best epoch",
+        f"final {metric}",
+        "valid/recall@10 at best",
+        "train/loss final",
+    ]
     sign = 1 if mode == "max" else -1
 
     def order(r):
@@ -343,9 +394,19 @@ def trial_table(records: list[TrialRecord], metric: str, mode: str) -> tuple[lis
     for r in sorted(records, key=order):
         b = r.best(metric, mode)
         last = r.history[-1] if r.history else {}
-        rows.append([r.trial_id, r.status, *[r.params.get(k) for k in keys], r.epochs,
-                     b[metric] if b else None, b.get("epoch") if b else None, last.get(metric),
-                     b.get("valid/recall@10") if b else None, last.get("train/loss")])
+        rows.append(
+            [
+                r.trial_id,
+                r.status,
+                *[r.params.get(k) for k in keys],
+                r.epochs,
+                b[metric] if b else None,
+                b.get("epoch") if b else None,
+                last.get(metric),
+                b.get("valid/recall@10") if b else None,
+                last.get("train/loss"),
+            ]
+        )
     return header, rows
 
 
@@ -353,8 +414,9 @@ def format_trial_table(records: list[TrialRecord], metric: str, mode: str) -> st
     header, rows = trial_table(records, metric, mode)
     cells = [header] + [["-" if v is None else _fmt(v) for v in row] for row in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
@@ -368,8 +430,7 @@ def write_trial_csv(records: list[TrialRecord], metric: str, mode: str, path: st
     return path
 
 
-def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | Path,
-               space: dict | None = None) -> Path:
+def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | Path, space: dict | None = None) -> Path:
     """PNG: the metric per epoch of every trial, then the best metric against up to two searched numeric keys
     (`lr`, `lora.rank`, then the others in file order; log axis for `lr` and loguniform keys)."""
     import matplotlib
@@ -379,9 +440,15 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
     import matplotlib.ticker
 
     space = space or {}
-    keys = [k for k in dict.fromkeys(k for r in records for k in r.params)
-            if all(isinstance(r.params.get(k), (int, float)) and not isinstance(r.params.get(k), bool)
-                   for r in records if k in r.params)]
+    keys = [
+        k
+        for k in dict.fromkeys(k for r in records for k in r.params)
+        if all(
+            isinstance(r.params.get(k), (int, float)) and not isinstance(r.params.get(k), bool)
+            for r in records
+            if k in r.params
+        )
+    ]
     keys = sorted(keys, key=lambda k: (k != "lr", k != "lora.rank"))[:2]  # then the file's order
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(5.5 * (1 + len(keys)), 4.2), squeeze=False)
     ax = axes[0][0]
@@ -390,18 +457,34 @@ def plot_sweep(records: list[TrialRecord], metric: str, mode: str, path: str | P
         if rows:
             style = "-" if r.status == "completed" else "--"
             params = " ".join(f"{k}={_fmt(v)}" for k, v in r.params.items())
-            ax.plot([h["epoch"] for h in rows], [h[metric] for h in rows], style, marker="o", ms=3,
-                    label=f"{r.trial_id.rsplit('_', 1)[-1]} {r.status}: {params}")
+            ax.plot(
+                [h["epoch"] for h in rows],
+                [h[metric] for h in rows],
+                style,
+                marker="o",
+                ms=3,
+                label=f"{r.trial_id.rsplit('_', 1)[-1]} {r.status}: {params}",
+            )
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per epoch (dashed: stopped before the last epoch)", fontsize=9)
     if len(records) <= 16:  # below the panels, where it hides no point
-        fig.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(0.01, 0.0), fontsize=7,
-                   ncol=1 + len(records) // 9, frameon=False)
+        fig.legend(
+            *ax.get_legend_handles_labels(),
+            loc="upper left",
+            bbox_to_anchor=(0.01, 0.0),
+            fontsize=7,
+            ncol=1 + len(records) // 9,
+            frameon=False,
+        )
     for ax, key in zip(axes[0][1:], keys):
-        pts = [(r.params[key], r.best(metric, mode)[metric], r.status == "completed") for r in records
-               if key in r.params and r.best(metric, mode)]
+        bests = {r.trial_id: r.best(metric, mode) for r in records}
+        pts = [
+            (r.params[key], best[metric], r.status == "completed")
+            for r in records
+            if key in r.params and (best := bests[r.trial_id])
+        ]
         for done, marker, label in ((True, "o", "completed"), (False, "x", "stopped early / other")):
             sel = [(x, y) for x, y, d in pts if d == done]
             if sel:

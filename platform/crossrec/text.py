@@ -8,6 +8,7 @@ does not already use, as `Label: value`, all joined by "; " with empty parts ski
 The title stays unlabelled (it is the text a sentence encoder reads best); whitespace runs, newlines included,
 collapse to one space.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,7 +39,7 @@ class TextTemplate:
         object.__setattr__(self, "extras", tuple(self.extras))  # accept a list from YAML
         if self.max_tokens <= 0:
             raise ValueError(f"`max_tokens` must be > 0, got {self.max_tokens}")
-        self.placeholders  # parse now: a malformed template fails at construction
+        _ = self.placeholders  # parse now: a malformed template fails at construction
 
     @property
     def placeholders(self) -> list[str]:
@@ -49,8 +50,9 @@ class TextTemplate:
             raise ValueError(f"`template` is not a valid format string ({e}): {self.template!r}") from None
         for f in fields:
             if not f.isidentifier():
-                raise ValueError(f"`template` placeholder {{{f}}} must be a plain column name, "
-                                 f"as in '{{title}}': {self.template!r}")
+                raise ValueError(
+                    f"`template` placeholder {{{f}}} must be a plain column name, as in '{{title}}': {self.template!r}"
+                )
         return list(dict.fromkeys(fields))
 
     @property
@@ -71,8 +73,9 @@ def _value(v: Any) -> str:
 
 def _is_feature(t: pa.DataType) -> bool:
     """A list<number> column: a feature vector (e.g. an image embedding), not text."""
-    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-            and not (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and not (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    )
 
 
 def _text_columns(rows: Mapping[str, Sequence[Any]] | pa.Table | pa.RecordBatch) -> tuple[list[str], int]:
@@ -88,16 +91,20 @@ def _text_columns(rows: Mapping[str, Sequence[Any]] | pa.Table | pa.RecordBatch)
     return [c for c, col in rows.items() if getattr(col, "ndim", 1) == 1], next(iter(lengths.values()), 0)
 
 
-def render_items(rows: Mapping[str, Sequence[Any]] | pa.Table | pa.RecordBatch, template: TextTemplate | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+def render_items(
+    rows: Mapping[str, Sequence[Any]] | pa.Table | pa.RecordBatch,
+    template: TextTemplate | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[str]:
     """Item rows (a column mapping such as a Ray Data numpy batch, or a pyarrow Table/RecordBatch) -> one text
     per row. With a tokenizer, texts are cut to `template.max_tokens` tokens."""
     template = template or TextTemplate()
     available, n = _text_columns(rows)
     for name in template.placeholders:
         if name not in available:
-            raise ValueError(f"template placeholder {{{name}}} is not an item column "
-                             f"(available: {', '.join(available)})")
+            raise ValueError(
+                f"template placeholder {{{name}}} is not an item column (available: {', '.join(available)})"
+            )
     used = set(template.placeholders)
     extras = [c for c in template.extras if c in available and c not in used]
     needed = [*template.placeholders, *extras]
@@ -138,7 +145,7 @@ def truncate_by_tokens(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
         keep = max_tokens
         while True:  # a cut prefix may tokenize differently from the same prefix inside the whole text
             if fast:
-                cut = text[:enc["offset_mapping"][i][keep - 1][1]].rstrip()
+                cut = text[: enc["offset_mapping"][i][keep - 1][1]].rstrip()
             else:
                 cut = str(tokenizer.decode(ids[:keep], skip_special_tokens=True)).rstrip()
             if keep == 1 or len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= max_tokens:

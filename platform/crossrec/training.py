@@ -4,11 +4,12 @@
 `max_len + 1` items; `loss_inputs` prepares a batch for the model's InfoNCE forward; `ModelScorer` scores full catalogs for evaluation, validation
 during training, `crossrec recommend` and serving.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,8 +18,17 @@ from crossrec.config import TrainConfig
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, TargetBatch
 
-__all__ = ["SequenceData", "SeqBatch", "loss_inputs", "ssl_views", "ModelScorer", "history_arrays", "encode_users",
-           "resolve_text_prior", "text_prior_unset"]
+__all__ = [
+    "SequenceData",
+    "SeqBatch",
+    "loss_inputs",
+    "ssl_views",
+    "ModelScorer",
+    "history_arrays",
+    "encode_users",
+    "resolve_text_prior",
+    "text_prior_unset",
+]
 
 
 @dataclass
@@ -36,12 +46,12 @@ class SeqBatch:
 class SequenceData:
     """Training windows of a split, optionally restricted to some domains (transfer pre-training)."""
 
-    def __init__(self, splits: Splits, max_len: int, domains: list[str] | None = None,
-                 domain_map: np.ndarray | None = None):
+    def __init__(
+        self, splits: Splits, max_len: int, domains: list[str] | None = None, domain_map: np.ndarray | None = None
+    ):
         """domain_map: dataset domain code -> model domain id (default: the same)."""
         self.max_len = max_len
-        keep_dom = None if domains is None else np.array([splits.domain_code[splits.check_domain(d)]
-                                                          for d in domains])
+        keep_dom = None if domains is None else np.array([splits.domain_code[splits.check_domain(d)] for d in domains])
         windows = []
         for rows in splits.train_sequences():
             if keep_dom is not None:
@@ -49,7 +59,7 @@ class SequenceData:
             n = len(rows)
             # Windows ending at n, n - L, ...: every training interaction after the first is a target once.
             for end in range(n, 1, -max_len):
-                windows.append(rows[max(0, end - max_len - 1):end])
+                windows.append(rows[max(0, end - max_len - 1) : end])
         self.windows = windows
         self.item = splits.row_item
         self.dom = splits.row_domain if domain_map is None else domain_map[splits.row_domain]
@@ -57,22 +67,21 @@ class SequenceData:
     def __len__(self) -> int:
         return len(self.windows)
 
-    def batches(self, batch_size: int, rng: np.random.Generator, rank: int = 0,
-                world: int = 1) -> Iterator[SeqBatch]:
+    def batches(self, batch_size: int, rng: np.random.Generator, rank: int = 0, world: int = 1) -> Iterator[SeqBatch]:
         """This rank's batches of one epoch. Every rank gets the same number of batches (DDP needs it)."""
         order = rng.permutation(len(self.windows))
         per_rank = len(order) // world
-        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        mine = order[rank * per_rank : (rank + 1) * per_rank]
         # Full batches only (the remainder changes every epoch); a tiny dataset still gets one batch.
         n_batches = per_rank // batch_size if per_rank >= batch_size else int(per_rank > 0)
-        mine = mine[:n_batches * batch_size] if per_rank >= batch_size else mine
+        mine = mine[: n_batches * batch_size] if per_rank >= batch_size else mine
         # Bucket by length within chunks of 32 batches: batches of similar lengths pad little (most histories
         # are far shorter than max_len), while the chunks keep the epoch's order random.
         lengths = np.array([len(self.windows[k]) for k in mine])
         chunk = 32 * batch_size
         for c in range(0, len(mine), chunk):
-            part = mine[c:c + chunk][np.argsort(lengths[c:c + chunk], kind="stable")]
-            groups = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+            part = mine[c : c + chunk][np.argsort(lengths[c : c + chunk], kind="stable")]
+            groups = [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
             for g in rng.permutation(len(groups)):
                 yield self.collate([self.windows[k] for k in groups[g]])
 
@@ -86,11 +95,11 @@ class SequenceData:
         for r, w in enumerate(windows):
             inp, out = w[:-1], w[1:]
             k = len(inp)
-            items[r, length - k:] = self.item[inp]
-            doms[r, length - k:] = self.dom[inp]
-            nxt[r, length - k:] = self.dom[out]
-            tgt[r, length - k:] = self.item[out]
-            valid[r, length - k:] = True
+            items[r, length - k :] = self.item[inp]
+            doms[r, length - k :] = self.dom[inp]
+            nxt[r, length - k :] = self.dom[out]
+            tgt[r, length - k :] = self.item[out]
+            valid[r, length - k :] = True
         return SeqBatch(items, doms, nxt, valid, tgt, valid.copy())
 
 
@@ -119,9 +128,17 @@ def ssl_views(valid: np.ndarray, mask: float, rng: np.random.Generator) -> np.nd
     return views
 
 
-def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_items: list[torch.Tensor],
-                n_negatives: int, rng: np.random.Generator, unknown_domain: int,
-                domain_dropout: float = 0.0, ssl_mask: float | None = None) -> dict[str, torch.Tensor]:
+def loss_inputs(
+    batch: SeqBatch,
+    item_input,
+    item_domain: torch.Tensor,
+    domain_items: list[torch.Tensor],
+    n_negatives: int,
+    rng: np.random.Generator,
+    unknown_domain: int,
+    domain_dropout: float = 0.0,
+    ssl_mask: float | None = None,
+) -> dict[str, torch.Tensor]:
     """Arguments of `CrossRecModel.forward` (the InfoNCE loss) for a batch: each position's target is scored
     against the batch's targets plus `n_negatives` uniform samples per domain, within the target's domain
     (the model ranks within a domain). item_input(idx) is the item encoder's input for global indices.
@@ -133,8 +150,7 @@ def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_i
     tv = torch.from_numpy(batch.target_valid)
     hist = torch.from_numpy(batch.items)
     targets = torch.from_numpy(batch.targets)[tv]  # (P,)
-    negs = [d[torch.from_numpy(rng.integers(0, len(d), n_negatives))] for d in domain_items
-            if n_negatives and len(d)]
+    negs = [d[torch.from_numpy(rng.integers(0, len(d), n_negatives))] for d in domain_items if n_negatives and len(d)]
     # One item-encoder pass over every item the batch touches: history, targets, negatives.
     uniq = torch.unique(torch.cat([hist[valid], targets, *negs]))
     cand = torch.unique(torch.cat([targets, *negs]))
@@ -146,16 +162,19 @@ def loss_inputs(batch: SeqBatch, item_input, item_domain: torch.Tensor, domain_i
         "target_domain": item_domain[targets],
         "item_x": item_input(uniq),
         "hist_index": torch.searchsorted(uniq, hist).clamp(max=len(uniq) - 1),  # pads: any row, zeroed later
-        "domains": torch.from_numpy(doms), "next_domains": torch.from_numpy(nxt),
-        "valid": valid, "target_valid": tv,
+        "domains": torch.from_numpy(doms),
+        "next_domains": torch.from_numpy(nxt),
+        "valid": valid,
+        "target_valid": tv,
         "cand_index": torch.searchsorted(uniq, cand),
         "wrong_domain": item_domain[cand].unsqueeze(0) != item_domain[targets].unsqueeze(1),
         "labels": torch.searchsorted(cand, targets),
     }
 
 
-def history_arrays(histories: list[np.ndarray], hist_domains: list[np.ndarray], target_domain: np.ndarray,
-                   max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def history_arrays(
+    histories: list[np.ndarray], hist_domains: list[np.ndarray], target_domain: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Left-padded (items, domains, next_domains, valid) for inference: the last position asks for the
     target domain. Histories longer than max_len keep their most recent items."""
     b = len(histories)
@@ -170,42 +189,61 @@ def history_arrays(histories: list[np.ndarray], hist_domains: list[np.ndarray], 
             # No history: one padded slot still carries the target domain to the last position.
             nxt[r, -1] = target_domain[r]
             continue
-        items[r, max_len - k:] = h
-        doms[r, max_len - k:] = hd
-        nxt[r, max_len - k:-1] = hd[1:]
+        items[r, max_len - k :] = h
+        doms[r, max_len - k :] = hd
+        nxt[r, max_len - k : -1] = hd[1:]
         nxt[r, -1] = target_domain[r]
-        valid[r, max_len - k:] = True
+        valid[r, max_len - k :] = True
     return items, doms, nxt, valid
 
 
 @torch.inference_mode()
-def encode_users(model: CrossRecModel, item_vectors: torch.Tensor, histories: list[np.ndarray],
-                 hist_domains: list[np.ndarray], target_domains: np.ndarray, batch_size: int = 512,
-                 prior_domains: tuple[list[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+def encode_users(
+    model: CrossRecModel,
+    item_vectors: torch.Tensor,
+    histories: list[np.ndarray],
+    hist_domains: list[np.ndarray],
+    target_domains: np.ndarray,
+    batch_size: int = 512,
+    prior_domains: tuple[list[np.ndarray], np.ndarray] | None = None,
+) -> torch.Tensor:
     """(B, D) user vectors for target domains (model ids), from histories given as rows of `item_vectors`.
     prior_domains: (hist_domains, target_domains) as distinct codes of the data's own domains, for the text
     prior's same-domain weighting (model ids merge every unseen domain into one; see CrossRecModel)."""
     out = []
     for s in range(0, len(histories), batch_size):
-        hs = histories[s:s + batch_size]
-        items, doms, nxt, valid = history_arrays(hs, hist_domains[s:s + batch_size], target_domains[s:s + batch_size],
-                                                 model.cfg.max_len)
+        hs = histories[s : s + batch_size]
+        items, doms, nxt, valid = history_arrays(
+            hs, hist_domains[s : s + batch_size], target_domains[s : s + batch_size], model.cfg.max_len
+        )
         d = model.cfg.dim
         hv = item_vectors[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)
-        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt),
-                                       torch.from_numpy(valid))[:, -1]
+        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))[
+            :, -1
+        ]
         if model.text_prior:
             # The prior over the WHOLE history, not just the tower's last max_len items: a user whose recent
             # items are all from other domains still has a same-domain text query (exactly textknn's).
             pd, pn = prior_domains if prior_domains is not None else (hist_domains, target_domains)
-            u = torch.cat([u, model.log_beta.exp() * _prior_query(
-                model, item_vectors[:, d:], hs, pd[s:s + batch_size], pn[s:s + batch_size])], dim=-1)
+            u = torch.cat(
+                [
+                    u,
+                    model.log_beta.exp()
+                    * _prior_query(model, item_vectors[:, d:], hs, pd[s : s + batch_size], pn[s : s + batch_size]),
+                ],
+                dim=-1,
+            )
         out.append(u)
     return torch.cat(out) if out else torch.zeros(0, item_vectors.shape[1])
 
 
-def _prior_query(model: CrossRecModel, text: torch.Tensor, histories: list[np.ndarray],
-                 hist_domains: list[np.ndarray], target_domains: np.ndarray) -> torch.Tensor:
+def _prior_query(
+    model: CrossRecModel,
+    text: torch.Tensor,
+    histories: list[np.ndarray],
+    hist_domains: list[np.ndarray],
+    target_domains: np.ndarray,
+) -> torch.Tensor:
     """(B, T) unit recency-weighted means of the histories' text vectors (`text`: rows of the catalog), with
     the model's decay and cross-domain weight: what CrossRecModel.user_vectors computes over its window."""
     lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
@@ -217,9 +255,14 @@ def _prior_query(model: CrossRecModel, text: torch.Tensor, histories: list[np.nd
     age = torch.cumsum(lengths, 0)[row] - 1 - torch.arange(len(items))  # 0 = the most recent item
     w = torch.pow(torch.tensor(model.cfg.text_prior_decay, dtype=torch.float64), age.double()).float()
     if model.cfg.text_prior_cross != 1.0:
-        same = torch.from_numpy(np.concatenate(hist_domains).astype(np.int64)) == \
-            torch.from_numpy(np.asarray(target_domains, dtype=np.int64))[row]
-        w = torch.where(same, w, w * model.cfg.text_prior_cross)
+        same = (
+            torch.from_numpy(np.concatenate(hist_domains).astype(np.int64))
+            == torch.from_numpy(np.asarray(target_domains, dtype=np.int64))[row]
+        )
+        cross = model.cfg.text_prior_cross
+        if cross is None:
+            raise ValueError("`text_prior_cross` is unset: training chooses it before the model runs")
+        w = torch.where(same, w, w * cross)
     q.index_add_(0, row, w[:, None] * text[items])
     return torch.nn.functional.normalize(q, dim=-1)
 
@@ -234,8 +277,16 @@ class ModelScorer:
 
     name = "crossrec"
 
-    def __init__(self, model: CrossRecModel, item_vectors: torch.Tensor, catalog: Splits,
-                 domain_map: np.ndarray, batch_size: int = 512):
+    params: dict  # set by calibration only (inference.calibrate_zero_shot): `crossrec evaluate` prints it
+
+    def __init__(
+        self,
+        model: CrossRecModel,
+        item_vectors: torch.Tensor,
+        catalog: Splits,
+        domain_map: np.ndarray,
+        batch_size: int = 512,
+    ):
         self.model = model.eval()
         self.vecs = item_vectors
         self.catalog = catalog
@@ -248,18 +299,24 @@ class ModelScorer:
         c = self.catalog
         code = c.domain_code[target_domain]
         codes = [c.item_domain[h] for h in histories]
-        users = encode_users(self.model, self.vecs, histories, [self.domain_map[x] for x in codes],
-                             np.full(len(histories), self.domain_map[code]), self.batch_size,
-                             prior_domains=(codes, np.full(len(histories), code)))
+        users = encode_users(
+            self.model,
+            self.vecs,
+            histories,
+            [self.domain_map[x] for x in codes],
+            np.full(len(histories), self.domain_map[code]),
+            self.batch_size,
+            prior_domains=(codes, np.full(len(histories), code)),
+        )
         if self.learned_weight != 1.0:
-            users[:, :self.model.cfg.dim] *= self.learned_weight
+            users[:, : self.model.cfg.dim] *= self.learned_weight
         return users
 
     @torch.inference_mode()
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
         users = self.user_vectors(batch.histories, batch.domain)
-        return (users @ self.vecs[off:off + n].T).numpy()
+        return (users @ self.vecs[off : off + n].T).numpy()
 
 
 def resolve_text_prior(cfg: TrainConfig, splits: Splits, vectors: np.ndarray) -> TrainConfig:
@@ -272,8 +329,13 @@ def resolve_text_prior(cfg: TrainConfig, splits: Splits, vectors: np.ndarray) ->
     if not text_prior_unset(cfg):
         return cfg
     decay, cross = cfg.text_prior_decay, cfg.text_prior_cross
-    knn = fit_textknn(splits, vectors, DECAYS if decay is None else (decay,), CROSS_WEIGHTS if cross is None
-                      else (cross,), domains=cfg.train_domains)
+    knn = fit_textknn(
+        splits,
+        vectors,
+        DECAYS if decay is None else (decay,),
+        CROSS_WEIGHTS if cross is None else (cross,),
+        domains=cfg.train_domains,
+    )
     return dataclasses.replace(cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
 
 

@@ -1,4 +1,5 @@
 """Popularity per target domain: an item's score is its number of training interactions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,4 +21,4 @@ class Popularity:
 
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         off, n = self.splits.offset[batch.domain], self.splits.n_items[batch.domain]
-        return self.counts[off:off + n]
+        return self.counts[off : off + n]

@@ -8,6 +8,7 @@ all-zero scores (ties, broken by item id order).
 `decay` and `cross_weight` are chosen on the validation split (`fit_textknn`), never on test: on Amazon data the
 best values differ a lot between datasets (a recent same-domain item says more than a cross-domain one).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,10 @@ class TextKNN:
             raise ValueError(f"`cross_weight` must be in [0, 1], got {cross_weight}")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] != len(splits.item_ids):
-            raise ValueError(f"`vectors` must be (n_items, dim) = ({len(splits.item_ids)}, dim) in the splits' "
-                             f"global item order, got shape {vectors.shape}")
+            raise ValueError(
+                f"`vectors` must be (n_items, dim) = ({len(splits.item_ids)}, dim) in the splits' "
+                f"global item order, got shape {vectors.shape}"
+            )
         self.splits = splits
         self.decay = decay
         self.cross_weight = cross_weight
@@ -67,16 +70,21 @@ class TextKNN:
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         off, n = self.splits.offset[batch.domain], self.splits.n_items[batch.domain]
         q = self.user_vectors(batch.histories, batch.domain)  # (B, D)
-        return (q @ self.vectors[off:off + n].T).numpy()  # (B, n_items[domain]) cosines
+        return (q @ self.vectors[off : off + n].T).numpy()  # (B, n_items[domain]) cosines
 
 
 DECAYS = (0.3, 0.6, 0.8)
 CROSS_WEIGHTS = (0.0, 0.1, 1.0)
 
 
-def fit_textknn(splits: Splits, vectors: np.ndarray, decays: tuple[float, ...] = DECAYS,
-                cross_weights: tuple[float, ...] = CROSS_WEIGHTS, max_targets: int = 1500,
-                domains: list[str] | None = None) -> TextKNN:
+def fit_textknn(
+    splits: Splits,
+    vectors: np.ndarray,
+    decays: tuple[float, ...] = DECAYS,
+    cross_weights: tuple[float, ...] = CROSS_WEIGHTS,
+    max_targets: int = 1500,
+    domains: list[str] | None = None,
+) -> TextKNN:
     """The TextKNN whose (decay, cross_weight) scores the best mean NDCG@10 over `domains` (default: all) on a
     fixed subset of validation targets (`max_targets` per domain). Ties keep the earlier grid point."""
     from crossrec.evaluation import evaluate

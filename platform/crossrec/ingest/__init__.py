@@ -3,9 +3,11 @@
 One module per format, each with `detect(path) -> bool` and `read(path, domain) -> Source`.
 `read_source` picks the format (`auto` tries them in order, the generic table formats last).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from crossrec.ingest import amazon2023, recbole, tables
 from crossrec.ingest.base import Source
@@ -14,7 +16,8 @@ from crossrec.schema import DataError, check_domain
 __all__ = ["FORMATS", "Source", "read_source", "detect_format"]
 
 # Order matters for `auto`: specific layouts first, the generic items/interactions folder last.
-FORMATS = {
+# name -> adapter (a module or object with `detect(path)` and `read(path, ...)`)
+FORMATS: dict[str, Any] = {
     "recbole": recbole,
     "amazon2023": amazon2023,
     "csv": tables.CSV,
@@ -27,10 +30,11 @@ def detect_format(path: Path) -> str:
     for name, adapter in FORMATS.items():
         if adapter.detect(path):
             return name
-    raise DataError(f"{path}: cannot tell its format; expected a folder with items.csv + interactions.csv "
-                    "(or .parquet/.jsonl), RecBole/UniSRec atomic files (.inter with .item or .text), or "
-                    "Amazon Reviews 2023 JSONL (reviews + meta_*.jsonl); pass --format to choose one of: "
-                    + ", ".join(FORMATS))
+    raise DataError(
+        f"{path}: cannot tell its format; expected a folder with items.csv + interactions.csv "
+        "(or .parquet/.jsonl), RecBole/UniSRec atomic files (.inter with .item or .text), or "
+        "Amazon Reviews 2023 JSONL (reviews + meta_*.jsonl); pass --format to choose one of: " + ", ".join(FORMATS)
+    )
 
 
 def read_source(path: str | Path, fmt: str = "auto", domain: str | None = None) -> Source:

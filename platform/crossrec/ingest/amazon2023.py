@@ -8,6 +8,7 @@ A review of an item without a meta row has no text to learn from: it is skipped 
 `skipped["reviews_without_meta"]`. Item table rows are the meta file's lines; review fields are checked here,
 naming the line, because skipped reviews shift the table's rows.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,33 +32,40 @@ _META = "meta_"
 def detect(path: Path) -> bool:
     if path.is_file():
         return _stem(path) is not None and _partner(path) is not None
-    return path.is_dir() and any(_partner(p) is not None for p in path.iterdir()
-                                 if p.name.startswith(_META) and _stem(p) is not None)
+    return path.is_dir() and any(
+        _partner(p) is not None for p in path.iterdir() if p.name.startswith(_META) and _stem(p) is not None
+    )
 
 
 def read(path: Path, domain: str | None) -> Source:
     pairs = _pairs(path)
     if domain is not None and len(pairs) > 1:
-        raise DataError(f"{path}: --domain {domain!r} was given but the folder holds {len(pairs)} categories "
-                        f"({', '.join(pairs)}); each is its own domain, named after its files")
+        raise DataError(
+            f"{path}: --domain {domain!r} was given but the folder holds {len(pairs)} categories "
+            f"({', '.join(pairs)}); each is its own domain, named after its files"
+        )
     items, inters, skipped = [], [], 0
     for category, (reviews, meta) in pairs.items():
         dom = domain or category.lower()
         item_table = _read_meta(meta, dom)
-        known = set(item_table.table.column("item_id").to_pylist())
+        known = set(item_table.whole().column("item_id").to_pylist())
         review_table, n_skipped = _read_reviews(reviews, dom, known)
         items.append(item_table)
         inters.append(review_table)
         skipped += n_skipped
-    return Source(items=items, interactions=inters, description=f"Amazon Reviews 2023 JSONL {path}",
-                  skipped={"reviews_without_meta": skipped})
+    return Source(
+        items=items,
+        interactions=inters,
+        description=f"Amazon Reviews 2023 JSONL {path}",
+        skipped={"reviews_without_meta": skipped},
+    )
 
 
 def _stem(path: Path) -> str | None:
     """The file name without .jsonl[.gz], or None for any other file."""
     for ext in sorted(_EXTS, key=len, reverse=True):
         if path.name.endswith(ext) and len(path.name) > len(ext):
-            return path.name[:-len(ext)]
+            return path.name[: -len(ext)]
     return None
 
 
@@ -72,7 +80,7 @@ def _partner(path: Path) -> Path | None:
     """The meta file of a reviews file, or the reviews file of a meta file."""
     stem = _stem(path)
     assert stem is not None
-    other = stem[len(_META):] if stem.startswith(_META) else _META + stem
+    other = stem[len(_META) :] if stem.startswith(_META) else _META + stem
     return _find(path.parent, other) if other else None
 
 
@@ -83,17 +91,20 @@ def _pairs(path: Path) -> dict[str, tuple[Path, Path]]:
     for f in files:
         stem = _stem(f)
         if stem is None:
-            raise DataError(f"{f}: not an Amazon Reviews 2023 file (expected CATEGORY.jsonl[.gz] or "
-                            "meta_CATEGORY.jsonl[.gz])")
-        category = stem[len(_META):] if stem.startswith(_META) else stem
+            raise DataError(
+                f"{f}: not an Amazon Reviews 2023 file (expected CATEGORY.jsonl[.gz] or meta_CATEGORY.jsonl[.gz])"
+            )
+        category = stem[len(_META) :] if stem.startswith(_META) else stem
         if category in pairs:
             continue
         reviews, meta = _find(f.parent, category), _find(f.parent, _META + category)
         # A category with only one half cannot be read, and skipping it would lose data silently.
         if reviews is None or meta is None:
             half, missing = (meta, category) if reviews is None else (reviews, _META + category)
-            raise DataError(f"{half}: no {missing}.jsonl[.gz] next to it (Amazon Reviews 2023 needs the reviews "
-                            "and the meta file of each category)")
+            raise DataError(
+                f"{half}: no {missing}.jsonl[.gz] next to it (Amazon Reviews 2023 needs the reviews "
+                "and the meta file of each category)"
+            )
         pairs[category] = (reviews, meta)
     if not pairs:
         raise DataError(f"{path}: no Amazon Reviews 2023 files (CATEGORY.jsonl + meta_CATEGORY.jsonl)")
@@ -128,8 +139,7 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def _read_meta(path: Path, domain: str) -> SourceTable:
-    cols: dict[str, list[str]] = {c: [] for c in ("item_id", "title", "categories", "brand", "description",
-                                                  "features")}
+    cols: dict[str, list[str]] = {c: [] for c in ("item_id", "title", "categories", "brand", "description", "features")}
     for n, rec in _records(path):
         cols["item_id"].append(_id(path, n, rec, "parent_asin"))
         cols["title"].append(_join(rec.get("title"), " "))
@@ -139,23 +149,38 @@ def _read_meta(path: Path, domain: str) -> SourceTable:
         cols["features"].append(_join(rec.get("features"), " "))
     if not cols["item_id"]:
         raise DataError(f"{path}: file is empty (no rows)")
-    table = pa.table({"item_id": cols.pop("item_id"), "domain": [domain] * len(cols["title"]),
-                      **{c: pa.array(v, pa.string()) for c, v in cols.items()}})
+    table = pa.table(
+        {
+            "item_id": cols.pop("item_id"),
+            "domain": [domain] * len(cols["title"]),
+            **{c: pa.array(v, pa.string()) for c, v in cols.items()},
+        }
+    )
     return SourceTable(table, str(path))
 
 
 def _read_reviews(path: Path, domain: str, known: set[str]) -> tuple[SourceTable, int]:
     """Reviews in Arrow pieces of `CHUNK_ROWS`: a full category (tens of millions of reviews) is never held as
     Python objects, only as compact columns."""
-    users, item_ids, ts, ratings = [], [], [], []
+    users: list[str] = []
+    item_ids: list[str] = []
+    ts: list[int] = []
+    ratings: list[float | None] = []
     parts: list[pa.Table] = []
     skipped, rated = 0, False
 
     def flush() -> None:
-        parts.append(pa.table({
-            "user_id": pa.array(users, pa.string()), "item_id": pa.array(item_ids, pa.string()),
-            "domain": pa.array([domain] * len(users), pa.string()), "timestamp": pa.array(ts, pa.int64()),
-            "rating": pa.array(ratings, pa.float64())}))
+        parts.append(
+            pa.table(
+                {
+                    "user_id": pa.array(users, pa.string()),
+                    "item_id": pa.array(item_ids, pa.string()),
+                    "domain": pa.array([domain] * len(users), pa.string()),
+                    "timestamp": pa.array(ts, pa.int64()),
+                    "rating": pa.array(ratings, pa.float64()),
+                }
+            )
+        )
         for col in (users, item_ids, ts, ratings):
             col.clear()
 

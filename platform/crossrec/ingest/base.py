@@ -1,4 +1,5 @@
 """What every ingest adapter returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -3,12 +3,14 @@
 Lines are decoded one by one, so a byte that is not UTF-8 is reported with its file and row, and a UTF-8
 byte-order mark before the first record is skipped (editors on Windows write one).
 """
+
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from crossrec.schema import DataError
 
@@ -18,13 +20,15 @@ __all__ = ["records"]
 def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of `path` (`.gz`: gzip)."""
     try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: row {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
-                                    "save the file as UTF-8") from None
+                    raise DataError(
+                        f"{path}: row {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                        "save the file as UTF-8"
+                    ) from None
                 if not line.strip():
                     continue
                 try:

@@ -14,6 +14,7 @@ dropped, `float_seq` item fields become feature vectors and every other item fie
   kept, the others are counted in `skipped["history_rows_merged"]`. Table rows are then the expanded
   interactions, not file rows, and the table's path says so.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,10 @@ def detect(path: Path) -> bool:
 def read(path: Path, domain: str | None) -> Source:
     datasets = _datasets(path)
     if domain is not None and len(datasets) > 1:
-        raise DataError(f"{path}: --domain {domain!r} was given but the folder holds {len(datasets)} datasets "
-                        f"({', '.join(datasets)}); each is its own domain, named after its files")
+        raise DataError(
+            f"{path}: --domain {domain!r} was given but the folder holds {len(datasets)} datasets "
+            f"({', '.join(datasets)}); each is its own domain, named after its files"
+        )
     items, inters, merged, seq_form = [], [], 0, False
     for name, inter_path in datasets.items():
         dom = domain or name
@@ -47,8 +50,12 @@ def read(path: Path, domain: str | None) -> Source:
         inters.append(table)
         if n_merged is not None:
             seq_form, merged = True, merged + n_merged
-    return Source(items=items, interactions=inters, description=f"RecBole atomic files {path}",
-                  skipped={"history_rows_merged": merged} if seq_form else {})
+    return Source(
+        items=items,
+        interactions=inters,
+        description=f"RecBole atomic files {path}",
+        skipped={"history_rows_merged": merged} if seq_form else {},
+    )
 
 
 def _datasets(path: Path) -> dict[str, Path]:
@@ -62,8 +69,10 @@ def _datasets(path: Path) -> dict[str, Path]:
     for name, fs in by_name.items():
         if len(fs) > 1:
             # train/valid/test splits of one dataset overlap (UniSRec) or need a merged order: refuse, don't guess.
-            raise DataError(f"{path}: several .inter files for dataset {name!r} ({', '.join(f.name for f in fs)}); "
-                            f"pass one file (UniSRec's {name}.test.inter holds every user's whole history)")
+            raise DataError(
+                f"{path}: several .inter files for dataset {name!r} ({', '.join(f.name for f in fs)}); "
+                f"pass one file (UniSRec's {name}.test.inter holds every user's whole history)"
+            )
     return {name: fs[0] for name, fs in by_name.items()}
 
 
@@ -93,8 +102,9 @@ def _read_atomic(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
         values = line.split("\t")
         if len(values) != len(names):
             # Most often a tab inside a text value: the format has no quoting.
-            raise DataError(f"{path}: row {r}: expected {len(names)} tab-separated fields "
-                            f"({', '.join(names)}), got {len(values)}")
+            raise DataError(
+                f"{path}: row {r}: expected {len(names)} tab-separated fields ({', '.join(names)}), got {len(values)}"
+            )
         rows.append(values)
     if not rows:
         raise DataError(f"{path}: file is empty (no rows)")
@@ -131,8 +141,9 @@ def _read_items(folder: Path, name: str, domain: str, inter_path: Path) -> Sourc
         raise DataError(f"{folder}: both {item_path.name} and {text_path.name}; keep one as the item text")
     path = item_path if item_path.is_file() else text_path
     if not path.is_file():
-        raise DataError(f"{inter_path}: no item text; expected {item_path.name} (RecBole) or {text_path.name} "
-                        "(UniSRec) next to it")
+        raise DataError(
+            f"{inter_path}: no item text; expected {item_path.name} (RecBole) or {text_path.name} (UniSRec) next to it"
+        )
     names, types, rows = _read_atomic(path)
     _require(path, names, "item_id", "item_id, title (or text)")
     if path is text_path and "text" in names and "title" not in names:
@@ -186,8 +197,7 @@ def _read_interactions(path: Path, domain: str) -> tuple[SourceTable, int | None
     return SourceTable(pa.table(out), str(path)), None
 
 
-def _expand_sequences(path: Path, names: list[str], rows: list[list[str]],
-                      domain: str) -> tuple[SourceTable, int]:
+def _expand_sequences(path: Path, names: list[str], rows: list[list[str]], domain: str) -> tuple[SourceTable, int]:
     u_col, h_col = names.index("user_id"), names.index("item_id_list")
     t_col = names.index("item_id") if "item_id" in names else None
     # Checked here, per file row: after expansion the schema checks can only name interactions.
@@ -209,18 +219,27 @@ def _expand_sequences(path: Path, names: list[str], rows: list[list[str]],
             seqs[user] = (r, seq)
             continue
         short, long = sorted((prev, (r, seq)), key=lambda p: len(p[1]))
-        if long[1][:len(short[1])] != short[1]:
-            raise DataError(f"{path}: row {r + 1}: user {user!r} has another history at row {prev[0] + 1} and "
-                            "neither is a prefix of the other (histories cut to a window?); pass a file with "
-                            "one row per user, such as UniSRec's NAME.test.inter")
+        if long[1][: len(short[1])] != short[1]:
+            raise DataError(
+                f"{path}: row {r + 1}: user {user!r} has another history at row {prev[0] + 1} and "
+                "neither is a prefix of the other (histories cut to a window?); pass a file with "
+                "one row per user, such as UniSRec's NAME.test.inter"
+            )
         seqs[user] = long
         merged += 1
-    users, item_ids, ts = [], [], []
+    users: list[str] = []
+    item_ids: list[str] = []
+    ts: list[int] = []
     for user, (_, seq) in seqs.items():
         users += [user] * len(seq)
         item_ids += seq
         ts += range(len(seq))
-    table = pa.table({"user_id": pa.array(users, pa.string()), "item_id": pa.array(item_ids, pa.string()),
-                      "domain": pa.array([domain] * len(users), pa.string()),
-                      "timestamp": pa.array(ts, pa.int64())})
+    table = pa.table(
+        {
+            "user_id": pa.array(users, pa.string()),
+            "item_id": pa.array(item_ids, pa.string()),
+            "domain": pa.array([domain] * len(users), pa.string()),
+            "timestamp": pa.array(ts, pa.int64()),
+        }
+    )
     return SourceTable(table, f"{path} (item_id_list expanded: rows are interactions)"), merged

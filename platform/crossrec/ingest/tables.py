@@ -6,12 +6,13 @@ A prepared crossrec dataset is itself such a folder (Parquet), so it can be prep
 Files are streamed (CSV in blocks, Parquet by row group, JSONL in chunks of lines): the schema checks take them
 piece by piece, so memory holds the validated columns, never a whole file as text or Python objects.
 """
+
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -53,14 +54,18 @@ def _csv_header(path: Path) -> list[str]:
 def _read_csv(path: Path) -> SourceTable:
     header = _csv_header(path)
     # Everything as text: ids like 0001 keep their zeros; the schema checks convert and name bad rows.
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
-                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in header}, strings_can_be_null=False, quoted_strings_can_be_null=False
+    )
 
     def chunks() -> Iterator[pa.Table]:
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                    parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                                    convert_options=convert)
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=convert,
+            )
             any_rows = False
             for batch in reader:
                 if batch.num_rows:
@@ -89,8 +94,7 @@ def _where_not_utf8(path: Path, header: list[str]) -> str:
                 fields = next(csv.reader([text]), [])
                 col = next((header[i] for i, v in enumerate(fields) if "\ufffd" in v and i < len(header)), None)
                 where = "header" if done == 0 else (f"column '{col}' " if col else "") + f"row {done}"
-                return (f"{path}: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
-                        "save the file as UTF-8")
+                return f"{path}: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
             pending += raw
             if pending.count(b'"') % 2 == 0:
                 done, pending = done + 1, b""
@@ -152,14 +156,16 @@ class TableFolder:
         f = self.files(path)
         for name in ("items", "interactions"):
             if not f[name].is_file():
-                raise DataError(f"{f[name]}: missing ({f[name].parent} needs items{self.suffix} and "
-                                f"interactions{self.suffix})")
+                raise DataError(
+                    f"{f[name]}: missing ({f[name].parent} needs items{self.suffix} and interactions{self.suffix})"
+                )
         items, inters = self.reader(f["items"]), self.reader(f["interactions"])
         if domain is not None:
             items, inters = (_with_domain(t, domain) for t in (items, inters))
         identity = self.reader(f["identity"]) if f["identity"].is_file() else None
-        return Source(items=[items], interactions=[inters], identity=identity,
-                      description=f"{self.suffix[1:]} folder {path}")
+        return Source(
+            items=[items], interactions=[inters], identity=identity, description=f"{self.suffix[1:]} folder {path}"
+        )
 
 
 def _with_domain(src: SourceTable, domain: str) -> SourceTable:
