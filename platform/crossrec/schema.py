@@ -88,14 +88,6 @@ class SourceTable:
             yield SourceTable(table, self.path, offset=offset)
             offset += table.num_rows
 
-    def read_all(self) -> SourceTable:
-        """The whole file as one table (for the small tables: items, identity)."""
-        if self.chunks is None:
-            return self
-        return SourceTable(
-            pa.concat_tables([p.table for p in self.pieces()], promote_options="default"), self.path, offset=self.offset
-        )
-
 
 def _require_columns(src: SourceTable, required: tuple[str, ...], first: bool = True) -> None:
     """The first piece of a file must hold every required column and at least one row. A later piece of a
