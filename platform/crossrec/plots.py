@@ -48,7 +48,10 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(epochs) <= 20:  # whole epochs only (one epoch would get fractional ticks around it)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
