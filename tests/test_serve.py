@@ -612,8 +612,15 @@ def test_killed_replicas_lose_no_item_and_at_most_one_percent_of_requests(url, c
     seen = ids["kitchen"][1]
     # The twin of a catalog item (its text, so its vector): the top recommendation for that history. Posted as
     # `new-twin`, which an earlier test may have added (then this is an update: no room needed under the bound).
-    status, out = call(url, "/v1/items", {"items": [{"item_id": "new-twin", "domain": "kitchen",
-                                                    "title": "durable twin", "text": _text_of(catalog, seen)}]})
+    status, out = call(
+        url,
+        "/v1/items",
+        {
+            "items": [
+                {"item_id": "new-twin", "domain": "kitchen", "title": "durable twin", "text": _text_of(catalog, seen)}
+            ]
+        },
+    )
     assert status == 200, out
     body = {"history": [{"item_id": seen, "domain": "kitchen"}], "domain": "kitchen", "k": 5}
     results, stop = [], threading.Event()
@@ -638,8 +645,11 @@ def test_killed_replicas_lose_no_item_and_at_most_one_percent_of_requests(url, c
         for killed, name in enumerate(originals, 1):
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
             # Its replacement is up (a new name, two RUNNING) before the next kill: one replica down at a time.
-            _wait(lambda: len(set(_replicas()) - set(originals)) >= killed and _running() == 2, 120,
-                  f"a replica in place of {name}")
+            _wait(
+                lambda: len(set(_replicas()) - set(originals)) >= killed and _running() == 2,
+                120,
+                f"a replica in place of {name}",
+            )
         restarted = time.monotonic()
         time.sleep(max(0.0, 30 - (restarted - start)))
     finally:

@@ -85,9 +85,26 @@ def test_zero_shot_on_a_dataset_the_bundle_never_saw(first_run, tiny_ao, tmp_pat
     assert set(prior) == {"text_prior_decay", "text_prior_cross", "learned_weight"}
     assert "crossrec: text_prior_decay=" in printed and prior["learned_weight"] in (1.0, 0.5, 0.25, 0.0)
     assert (prior["text_prior_decay"], prior["text_prior_cross"]) in {
-        (d, c) for d in (0.3, 0.6, 0.8) for c in (0.0, 0.1, 1.0)}
-    assert main(["evaluate", "--bundle", str(out), "--data", str(tiny_ao), "--json", str(js), "--quiet",
-                 "--as-trained", "--baselines", "popularity"]) == 0
+        (d, c) for d in (0.3, 0.6, 0.8) for c in (0.0, 0.1, 1.0)
+    }
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(out),
+                "--data",
+                str(tiny_ao),
+                "--json",
+                str(js),
+                "--quiet",
+                "--as-trained",
+                "--baselines",
+                "popularity",
+            ]
+        )
+        == 0
+    )
     alone = json.loads(js.read_text())
     assert "crossrec" not in alone["params"]
     # Calibrating the copy left the as-trained model untouched.
