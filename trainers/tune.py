@@ -420,6 +420,38 @@ def _check_resume(out: Path, experiment: Path, state: dict, resume: bool) -> Non
         raise ValueError(f"{out} already holds a sweep: pass --resume to continue it, or choose another --out")
 
 
+def _tuner(sweep: SweepConfig, trainable, out: Path, experiment: Path, scheduler_state: Path, resume: bool):
+    """(Tuner, scheduler): a new experiment in `out`, or the interrupted one restored with its ASHA rungs."""
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
+        scheduler = tuner._local_tuner._tune_config.scheduler  # no public getter
+        if scheduler_state.is_file() and hasattr(scheduler, "_brackets"):
+            scheduler.restore(str(scheduler_state))
+    else:
+        scheduler = _scheduler(sweep)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep),
+            run_config=tune.RunConfig(
+                name=experiment.name,
+                storage_path=str(out),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
+            ),
+            # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
+            # ConcurrencyLimiter from max_concurrent_trials.
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.type == "optuna" else None,
+                search_alg=_search_alg(sweep),
+                scheduler=scheduler,
+                trial_name_creator=lambda t: t.trial_id,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+        )
+    return tuner, scheduler
+
+
 def run_sweep(
     sweep: SweepConfig,
     data: str | Path,
@@ -469,35 +501,8 @@ def run_sweep(
     }
     trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), TRIAL_RESOURCES)
     scheduler_state = out / "scheduler.pkl"  # Tune's own format (its save/restore), beside Tune's tuner.pkl
-    if resume:
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
-        local = tuner._local_tuner  # the restored TuneConfig and RunConfig have no public setter
-        scheduler = local._tune_config.scheduler
-        if scheduler_state.is_file() and hasattr(scheduler, "_brackets"):
-            scheduler.restore(str(scheduler_state))
-    else:
-        scheduler = _scheduler(sweep)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(sweep),
-            run_config=tune.RunConfig(
-                name=experiment.name,
-                storage_path=str(out),
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
-            ),
-            # BasicVariantGenerator takes its concurrency limit itself; Tune wraps a Searcher (Optuna) in a
-            # ConcurrencyLimiter from max_concurrent_trials.
-            tune_config=tune.TuneConfig(
-                num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials if sweep.search.type == "optuna" else None,
-                search_alg=_search_alg(sweep),
-                scheduler=scheduler,
-                trial_name_creator=lambda t: t.trial_id,
-                trial_dirname_creator=lambda t: t.trial_id,
-            ),
-        )
-        local = tuner._local_tuner
+    tuner, scheduler = _tuner(sweep, trainable, out, experiment, scheduler_state, resume)
+    local = tuner._local_tuner  # the TuneConfig and RunConfig have no public setter
     grids = [len(p.values) for p in sweep.space.values() if p.type == "grid"]
     watch = _SweepCallback(
         sweep.metric,
