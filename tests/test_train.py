@@ -186,7 +186,7 @@ def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny
 def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"`lora.rank` must be > 0, got 0"):
         load_config(overrides=["lora.rank=0"])
-    with pytest.raises(ValueError, match=r"unknown config key `epoch` \(accepted: adaptor, backbone"):
+    with pytest.raises(ValueError, match=r"unknown config key `epoch` \(accepted: adaptor, align_weight, backbone"):
         load_config(overrides=["epoch=3"])
     with pytest.raises(ValueError, match=r"`dim` \(30\) must be a multiple of `heads` \(4\)"):
         load_config(overrides=["dim=30", "heads=4"])
