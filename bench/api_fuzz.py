@@ -149,7 +149,7 @@ def request_strategy(spec: dict, cat: dict[str, list[str]]):
     from hypothesis import strategies as st
 
     json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) |
-                               st.floats(allow_nan=False) | st.text(max_size=30),
+                               st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
                                lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10),
                                                                                            inner, max_size=4),
                                max_leaves=12)
