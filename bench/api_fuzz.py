@@ -151,11 +151,15 @@ def request_strategy(spec: dict, cat: dict[str, list[str]]):
     """A hypothesis strategy of (method, path, raw body bytes or None)."""
     from hypothesis import strategies as st
 
-    json_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) |
-                               st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
-                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10),
-                                                                                           inner, max_size=4),
-                               max_leaves=12)
+    json_values = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=30),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=12,
+    )
     per_op = []
     for method, path, schema in operations(spec):
         if schema is None:
