@@ -94,11 +94,11 @@ def test_each_fusion_mode_trains(ao, mode, text_and_graph):
             "domain_dropout=0",
             "graph.enabled=true",
             f"fusion={mode}",
-            f"side_dims=[{graph.shape[1]}]",
             "text_prior_decay=0.6",
             "text_prior_cross=0.1",
         ]
     )
+    cfg.side_dims = [graph.shape[1]]  # derived: training sets it (users cannot)
     torch.manual_seed(0)
     model = CrossRecModel(cfg, len(splits.domains), in_dim=x.shape[1])
     model.adaptor.init_from_vectors(x[:, : model.adaptor_in_dim])

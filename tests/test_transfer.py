@@ -152,8 +152,10 @@ def test_vector_cache_is_per_text_pooling_embeds_only_new_texts(vector_cache, ti
     np.testing.assert_allclose(vecs[: len(pool_texts)], backbone_vectors(pd, ps, "minilm", "", 64), atol=1e-5)
     direct = embed_texts(fk_texts[:5], "minilm", 64)
     np.testing.assert_allclose(vecs[len(pool_texts) : len(pool_texts) + 5], direct, atol=1e-5)
-    # Another truncation is another vector: not served from the 64-token entries.
-    _, n16 = cached_text_vectors(fk_texts[:3], "minilm", 16, lambda new: embed_texts(new, "minilm", 16))
+    # Another truncation is another vector: not served from the 64-token entries (texts no other test embeds).
+    probes = [f"{t} (truncation probe)" for t in fk_texts[:3]]
+    assert cached_text_vectors(probes, "minilm", 64, lambda new: embed_texts(new, "minilm", 64))[1] == 3
+    _, n16 = cached_text_vectors(probes, "minilm", 16, lambda new: embed_texts(new, "minilm", 16))
     assert n16 == 3
 
 
