@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import threading
 import time
@@ -24,25 +23,11 @@ from api_fuzz import _free_port, send  # noqa: E402
 
 
 def bodies(bundle: Path, n: int, seed: int = 0) -> list[bytes]:
-    import pyarrow.parquet as pq
+    """The serving bench's request mix (serve_load.make_requests: 1-10 history items, 20% text queries, half with
+    explain), encoded once."""
+    from serve_load import make_requests
 
-    meta = json.loads((bundle / "bundle.json").read_text())
-    cat = {
-        d: pq.read_table(bundle / "items" / f"{d}.parquet", columns=["item_id", "title"]).to_pydict()
-        for d in meta["domains"]
-    }
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        hist = []
-        for _ in range(rng.randint(1, 10)):
-            d = rng.choice(meta["domains"])
-            hist.append({"item_id": rng.choice(cat[d]["item_id"]), "domain": d})
-        body = {"history": hist, "domain": rng.choice(meta["domains"]), "k": 10, "explain": rng.random() < 0.5}
-        if rng.random() < 0.2:
-            body["query"] = (rng.choice(cat[body["domain"]]["title"]) or "gift")[:200]
-        out.append(json.dumps(body).encode())
-    return out
+    return [json.dumps(b).encode() for b in make_requests(bundle, n, query_frac=0.2, explain_frac=0.5, seed=seed)]
 
 
 def serve_rss_mb() -> dict[int, float]:

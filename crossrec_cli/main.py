@@ -7,8 +7,18 @@ import argparse
 import sys
 
 import crossrec
+
+# Submodules by their full names: `from crossrec_cli import ...` would tie this module to the package's
+# __init__, which imports it.
+import crossrec_cli.bundles as bundles
+import crossrec_cli.cluster as cluster
+import crossrec_cli.data as data
+import crossrec_cli.demo as demo
+import crossrec_cli.evaluate as evaluate
+import crossrec_cli.recommend as recommend
+import crossrec_cli.serve as serve
+import crossrec_cli.train as train
 from crossrec.schema import DataError
-from crossrec_cli import bundles, cluster, data, demo, evaluate, recommend, serve, train
 from crossrec_cli.options import UsageError
 
 __all__ = ["build_parser", "main"]

@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, title: str) -> Path:
+    """Titles, lays out, writes (PNG by the suffix) and closes a figure."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """PNG of a training run: train loss (left) and validation NDCG@10, overall and per domain (right), per epoch;
     the best epoch (the exported checkpoint) marked."""
@@ -53,13 +64,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         else:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_evaluation(
@@ -97,10 +102,4 @@ def plot_evaluation(
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
