@@ -146,6 +146,9 @@ def test_training_steps_reorder_candidates_and_round_trip(parts, tmp_path):
     )
     new = ranker.score_lists(lists8).numpy()
     assert (np.argsort(-new, 1, kind="stable") != np.arange(new.shape[1])).any()  # the order changed
+    # Scoring some columns only (what explanations do for the k items returned) gives those columns' scores.
+    picked = torch.tensor([7, 0, 3])
+    np.testing.assert_allclose(ranker.score_lists(lists8, picked).numpy(), new[:, [7, 0, 3]], rtol=1e-5, atol=1e-5)
     # Round trip through a bundle folder: same scores after load.
     copy = tmp_path / "b"
     shutil.copytree(bundle.path, copy)

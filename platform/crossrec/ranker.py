@@ -187,8 +187,11 @@ def two_hop(items: ItemTable, cand_rows: torch.Tensor, hist_rows: torch.Tensor) 
     return sim + (hit * nw[:, :, None, :]).sum(-1)
 
 
-def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Tensor:
-    """(B, N, len(FEATURES)) features of every candidate; the one definition used by training and serving."""
+def list_features(b: ListBatch, items: ItemTable, learned_dim: int, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, len(FEATURES)) features of every candidate; the one definition used by training and serving.
+    cols: (C,) positions in the list: the features of only those candidates, (B, C, F), equal to those columns
+    of the whole list's features (list statistics still read every candidate). Explanations score only the k
+    items returned, not the whole top-N: most of a request's cost when it asks for reasons."""
     bsz, n, _ = b.cand.shape
     s = b.scores.masked_fill(~b.cand_valid, 0.0)
     cnt = b.cand_valid.sum(1, keepdim=True).clamp(min=1)
@@ -196,15 +199,19 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
     std = (((s - mean) ** 2 * b.cand_valid).sum(1, keepdim=True) / cnt).sqrt().clamp(min=1e-6)
     top = s.masked_fill(~b.cand_valid, -math.inf).max(1, keepdim=True).values
     rank = torch.arange(n, dtype=torch.float32).expand(bsz, n)
-    learned = (b.cand[..., :learned_dim] * b.user[:, None, :learned_dim]).sum(-1)
-    prior = (b.cand[..., learned_dim:] * b.user[:, None, learned_dim:]).sum(-1)
-    pop = _gather(items.arrays["log_pop"], b.cand_rows, 0.0)
-    known = (b.cand_rows >= 0).float()
+    cand, cand_rows, cand_valid = b.cand, b.cand_rows, b.cand_valid
+    if cols is not None:  # from here on every feature is per candidate
+        s, rank, cand, cand_rows, cand_valid = (t[:, cols] for t in (s, rank, cand, cand_rows, cand_valid))
+        n = len(cols)
+    learned = (cand[..., :learned_dim] * b.user[:, None, :learned_dim]).sum(-1)
+    prior = (cand[..., learned_dim:] * b.user[:, None, learned_dim:]).sum(-1)
+    pop = _gather(items.arrays["log_pop"], cand_rows, 0.0)
+    known = (cand_rows >= 0).float()
     # Cosines between candidates and history items, recency weights over valid history positions.
     hv = b.hist_valid.float()
     age = (hv.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)  # (B, H): 0 = most recent valid item
     w = (RECENCY_DECAY**age) * hv
-    cos = torch.einsum("bnv,bhv->bnh", F.normalize(b.cand, dim=-1), F.normalize(b.hist, dim=-1))  # (B, N, H)
+    cos = torch.einsum("bnv,bhv->bnh", F.normalize(cand, dim=-1), F.normalize(b.hist, dim=-1))  # (B, N, H)
     has_hist = hv.sum(1, keepdim=True) > 0  # (B, 1)
     cos_m = cos.masked_fill(~b.hist_valid[:, None, :], -math.inf)
     cos_max = torch.where(has_hist, cos_m.max(-1).values, torch.zeros(()))
@@ -217,7 +224,7 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
     )
     hist_len = torch.log1p(hv.sum(1, keepdim=True)).expand(-1, n)
     if items.has_graph:
-        g = two_hop(items, b.cand_rows, b.hist_rows) * hv[:, None, :]  # (B, N, H)
+        g = two_hop(items, cand_rows, b.hist_rows) * hv[:, None, :]  # (B, N, H)
         g_max = g.max(-1).values
         g_recent = (g * w[:, None, :]).sum(-1) / w.sum(1, keepdim=True).clamp(min=1e-9)
     else:
@@ -243,7 +250,7 @@ def list_features(b: ListBatch, items: ItemTable, learned_dim: int) -> torch.Ten
         ],
         -1,
     )
-    return feats.masked_fill(~b.cand_valid[..., None], 0.0)
+    return feats.masked_fill(~cand_valid[..., None], 0.0)
 
 
 class RankerNet(nn.Module):
@@ -509,8 +516,10 @@ class Ranker:
         return domain_id(self.items.domains, domain)
 
     @torch.inference_mode()
-    def score_lists(self, lists: ListBatch) -> torch.Tensor:
-        return self.net(list_features(lists, self.items, self.learned_dim), lists.domain, lists.cand_valid)
+    def score_lists(self, lists: ListBatch, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) scores, or (B, C) of the candidates at positions `cols` (the same values as those columns)."""
+        valid = lists.cand_valid if cols is None else lists.cand_valid[:, cols]
+        return self.net(list_features(lists, self.items, self.learned_dim, cols), lists.domain, valid)
 
     @torch.inference_mode()
     def score(self, req: RankRequest) -> np.ndarray:
@@ -520,12 +529,16 @@ class Ranker:
         return self.score_lists(self._request_list(req))[0].numpy()
 
     @torch.inference_mode()
-    def score_without(self, req: RankRequest, users: np.ndarray, drop: list[int]) -> np.ndarray:
+    def score_without(
+        self, req: RankRequest, users: np.ndarray, drop: list[int], cols: np.ndarray | None = None
+    ) -> np.ndarray:
         """(B, N) scores of `req.candidates` with history entry `drop[b]` left out and `users[b]` (V,) as the user
         vector (retrieval scores re-read from it): explanations by occlusion of the ranked order, in one batch.
-        Leaving an entry out is masking it: every feature reads the history through `hist_valid`."""
+        Leaving an entry out is masking it: every feature reads the history through `hist_valid`. cols: only
+        the candidates at these positions, (B, C) (the list statistics still read all N)."""
         one = self._request_list(req)
-        b, n = len(drop), len(req.candidates)
+        b = len(drop)
+        n = len(req.candidates) if cols is None else len(cols)
         users_t = torch.from_numpy(np.asarray(users, dtype=np.float32)).reshape(b, -1)
         width = one.hist.shape[1]
         shown = min(len(req.history), self.max_len)  # the entries inside the ranker's window
@@ -546,7 +559,8 @@ class Ranker:
             hist_rows=rows,
             domain=one.domain.expand(b),
         )
-        return self.score_lists(lists).numpy().reshape(b, n)
+        picked = None if cols is None else torch.as_tensor(np.asarray(cols), dtype=torch.long)
+        return self.score_lists(lists, picked).numpy().reshape(b, n)
 
     def _request_list(self, req: RankRequest) -> ListBatch:
         """One request as a batch of one list."""

@@ -346,5 +346,6 @@ class Recommender:
             return final.unsqueeze(0) - loo @ self.vecs[domain][rows].T  # (E, k)
         req, order = ranked
         assert self.ranker is not None  # `ranked` comes from the ranker
-        without = torch.from_numpy(self.ranker.score_without(req, loo.numpy(), list(range(first, len(history)))))
-        return final.unsqueeze(0) - without[:, order]  # (E, N) -> (E, k)
+        drop = list(range(first, len(history)))
+        without = self.ranker.score_without(req, loo.numpy(), drop, cols=order.numpy())  # (E, k)
+        return final.unsqueeze(0) - torch.from_numpy(without)
