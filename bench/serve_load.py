@@ -75,6 +75,7 @@ class Client:
         u = urlparse(url)
         self.host, self.port, self.prefix = u.hostname, u.port or 80, u.path.rstrip("/")
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        self.timing: dict[str, float] = {}  # the last answer's Server-Timing (ms): where the replica spent it
 
     def post(self, body: dict, path: str = "/v1/recommend") -> int:
         data = json.dumps(body).encode()
@@ -82,6 +83,8 @@ class Client:
             self.conn.request("POST", self.prefix + path, body=data, headers={"Content-Type": "application/json"})
             r = self.conn.getresponse()
             r.read()
+            parts = [p.split(";dur=") for p in (r.getheader("server-timing") or "").split(",") if ";dur=" in p]
+            self.timing = {name.strip(): float(ms) for name, ms in parts}
             if r.getheader("connection", "").lower() == "close":
                 self.conn.close()
             return r.status
@@ -95,16 +98,22 @@ def closed_loop(url: str, reqs: list[dict], clients: int, duration: float) -> di
     lat, fails, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + duration
 
+    inside: list[dict[str, float]] = []
+
     def worker(w: int):
-        c, i, mine, bad = Client(url), w, [], []
+        c, i, mine, bad, replica = Client(url), w, [], [], []
         while time.perf_counter() < deadline:  # bounded: no request starts after the deadline
             t = time.perf_counter()
             status = c.post(reqs[i % len(reqs)])
             (mine.append(time.perf_counter() - t) if status == 200 else bad.append(status))
+            if status == 200 and c.timing:
+                inner = sum(c.timing.values())
+                replica.append({**c.timing, "replica": inner, "outside": mine[-1] * 1e3 - inner})
             i += clients
         with lock:
             lat.extend(mine)
             fails.extend(bad)
+            inside.extend(replica)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
@@ -112,7 +121,10 @@ def closed_loop(url: str, reqs: list[dict], clients: int, duration: float) -> di
         t.start()
     for t in threads:
         t.join()
-    return summary(lat, fails, time.perf_counter() - t0)
+    out = summary(lat, fails, time.perf_counter() - t0)
+    if inside:  # medians of each Server-Timing part, and of what the client waited beyond the replica
+        out["timing_p50"] = {k: float(np.median([t[k] for t in inside])) for k in inside[0]}
+    return out
 
 
 def open_loop(url: str, reqs: list[dict], rate: float, duration: float, senders: int = 48) -> dict:
@@ -359,6 +371,9 @@ def main() -> int:
     print(
         f"Serve / in-process at 1 client: p50 x{one['p50'] / ip['p50']:.2f}, throughput x{one['rps'] / ip['rps']:.2f}"
     )
+    if "timing_p50" in one:  # Server-Timing: the replica's own time; the rest is HTTP, HAProxy and Serve
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in one["timing_p50"].items())
+        print(f"1 client, medians in ms (Server-Timing): {parts}; in-process p50 {ip['p50']:.2f}")
     out = Path(a.plot or REPO / "out" / f"serve_load_{a.mode}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, out, f"crossrec Serve ({a.mode}), {bundle.name}, {os.cpu_count()} CPUs")

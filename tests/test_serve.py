@@ -180,6 +180,26 @@ def test_history_only_request_mixing_domains_matches_the_in_process_recommender(
     )
 
 
+def test_server_timing_says_where_the_replicas_time_went(url, catalog):
+    hist = _history(catalog)
+    status, out, headers = call(url, "/v1/recommend", {"history": hist, "domain": "kitchen", "k": 5}, headers=True)
+    assert status == 200, out
+    timing = {k.lower(): v for k, v in headers.items()}["server-timing"]
+    parts = dict(p.strip().split(";dur=") for p in timing.split(","))
+    assert set(parts) == {"text", "queue", "compute"}
+    assert float(parts["text"]) == 0.0  # no text: the Encoder was not called
+    assert float(parts["compute"]) > 0.0
+    status, out, headers = call(
+        url,
+        "/v1/recommend",
+        {"history": hist, "domain": "kitchen", "k": 5, "query": "a blue enamel kettle"},
+        headers=True,
+    )
+    assert status == 200, out
+    timing = {k.lower(): v for k, v in headers.items()}["server-timing"]
+    assert float(dict(p.strip().split(";dur=") for p in timing.split(","))["text"]) > 0.0
+
+
 def test_explain_and_query_match_the_in_process_recommender(url, catalog):
     _, bundle = catalog
     hist = [*_history(catalog), {"text": "cast iron skillet", "domain": "kitchen"}]
