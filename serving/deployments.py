@@ -207,26 +207,34 @@ class _State:
     rec: core.Recommender
     log: ItemLog
     replay: dict = field(default_factory=dict)  # what the last replay did (GET /v1/model)
-    foreign: list[LogItem] = field(default_factory=list)  # replayed lines of another bundle, to re-embed
+    # Lines of another bundle still to embed with this one, the latest per (domain, item_id), with their place in
+    # the log (`read`: lines read so far): a later line of this bundle for the same id supersedes one.
+    foreign: dict[tuple[str, str], tuple[int, LogItem]] = field(default_factory=dict)
+    read: int = 0
+    retry_at: float = 0.0  # when to ask the Encoder again after it answered from another bundle
 
     @property
     def can_encode(self) -> bool:
         return self.meta["config"]["item_encoder"] == "text"
 
 
-def _apply(st: _State, items: list[LogItem], replay: bool = False) -> tuple[int, int]:
-    """Upserts log items whose vectors come from st's bundle; in a replay the others wait in st.foreign to be
-    embedded again. Returns (applied, over the limit)."""
+def _apply(st: _State, items: list[LogItem]) -> tuple[int, int]:
+    """Upserts log items (in log order) whose vectors come from st's bundle; lines of another bundle wait in
+    st.foreign to be embedded again. Returns (applied, over the limit).
+
+    A foreign line in a replay is an item accepted under an earlier bundle; one read later comes from a replica
+    that was still on another bundle during a rollout (it accepted the item, so it must not stay invisible here
+    until this replica restarts)."""
     applied = full = 0
     for it in items:
-        if it.bundle != st.version:
-            # Tailed lines of another bundle come from a replica that has not rolled out yet (or re-embeds for
-            # one that has): this replica's replay covered what the log held when it loaded.
-            if replay:
-                st.foreign.append(it)
-            continue
+        st.read += 1
+        key = (it.domain, it.item_id)
         if it.domain not in st.rec.ids:
             continue  # a domain this bundle lacks: the line stays in the log for a bundle that has it
+        if it.bundle != st.version:
+            st.foreign[key] = (st.read, it)
+            continue
+        st.foreign.pop(key, None)  # this line is newer than any foreign line of the id read before it
         try:
             st.rec.upsert(it.domain, it.item_id, it.title, torch.from_numpy(it.vector))
             applied += 1
@@ -252,6 +260,7 @@ class Recommender:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="recommend")
         self.state: _State | None = None
         self.cache: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
+        self._reembedding: asyncio.Task | None = None
 
     # -- bundle and item log --------------------------------------------------------------------------------
     async def reconfigure(self, config: dict) -> None:
@@ -265,46 +274,78 @@ class Recommender:
             )
             st = _State(version=b.version, meta=meta, rec=rec, log=ItemLog(self.settings.state_dir))
             items = st.log.read_all()
-            applied, full = _apply(st, items, replay=True)
+            applied, full = _apply(st, items)
             st.replay = {"log_items": len(items), "applied": applied, "over_limit": full}
             return st
 
         st = await _in_thread(load)
         if st.foreign:
-            await self._reembed(st, deadline=time.monotonic() + REEMBED_WAIT_S)
+            if not st.can_encode:  # an id bundle: the lines wait in the log for a text bundle
+                st.replay["not_embeddable"] = len(st.foreign)
+            else:
+                await self._reembed(st, deadline=time.monotonic() + REEMBED_WAIT_S)
         self.state = st  # the new bundle serves from here on, with every item the log holds
 
-    async def _reembed(self, st: _State, deadline: float) -> None:
-        """Embeds again, with st's bundle, the log items whose vectors another bundle made; appends them to the
-        log under st's version (a later start replays them without the Encoder)."""
-        pending, st.foreign = st.foreign, []
-        latest = {(it.domain, it.item_id): it for it in pending if it.domain in st.rec.ids}
-        todo = list(latest.values())
-        if not st.can_encode:
-            st.replay["not_embeddable"] = len(todo)  # an id bundle: the lines wait in the log for a text bundle
-            return
+    async def _reembed(self, st: _State, deadline: float | None = None) -> bool:
+        """Embeds again, with st's bundle, the log items whose vectors another bundle made, and appends them to
+        the log under st's version (other replicas and later starts then apply them without the Encoder).
+        While the Encoder still serves another bundle: waits until `deadline` (a rollout's replay), or with no
+        deadline returns False at once (a request's catch-up: the next request tries again)."""
+        todo = list(st.foreign.items())
         done = []
         for s in range(0, len(todo), ENCODE_CHUNK):
             chunk = todo[s : s + ENCODE_CHUNK]
             while True:
-                version, vecs = await self.encoder.encode.remote([(it.text, it.domain) for it in chunk])
+                version, vecs = await self.encoder.encode.remote([(it.text, it.domain) for _, (_, it) in chunk])
                 if version == st.version:
                     break
+                if deadline is None:
+                    return False
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"the Encoder still serves bundle {version}, not {st.version}, after "
                         f"{REEMBED_WAIT_S:.0f} s: cannot re-embed the item log"
                     )
                 await asyncio.sleep(0.5)
-            done += [LogItem(it.domain, it.item_id, it.title, it.text, st.version, v) for it, v in zip(chunk, vecs)]
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.pool, st.log.append, done)
-        st.replay["reembedded"] = st.replay.get("reembedded", 0) + len(done)
-        await loop.run_in_executor(self.pool, lambda: _apply(st, st.log.tail()))
+            done += [(key, seq, it, v) for (key, (seq, it)), v in zip(chunk, vecs)]
+
+        def write() -> int:
+            # Only lines no newer line of this bundle superseded while the Encoder worked.
+            rows = [
+                LogItem(it.domain, it.item_id, it.title, it.text, st.version, v)
+                for key, seq, it, v in done
+                if st.foreign.get(key, (None,))[0] == seq
+            ]
+            if rows:
+                st.log.append(rows)
+            _apply(st, st.log.tail())
+            return len(rows)
+
+        n = await asyncio.get_running_loop().run_in_executor(self.pool, write)
+        st.replay["reembedded"] = st.replay.get("reembedded", 0) + n
+        return True
 
     def _catch_up(self, st: _State) -> None:
         """Items other replicas appended since this one last looked (on the compute thread, before a search)."""
         _apply(st, st.log.tail())
+
+    def _reembed_later(self, st: _State) -> None:
+        """After a request: embeds the foreign lines a catch-up found (at most one such task at a time, retried
+        at most once a second while a rollout has the Encoder on another bundle)."""
+        if not st.foreign or not st.can_encode or self._reembedding or time.monotonic() < st.retry_at:
+            return
+
+        async def task() -> None:
+            try:
+                if not await self._reembed(st):
+                    st.retry_at = time.monotonic() + 1.0
+            except Exception as e:  # the request that triggered it has been answered; the next one retries
+                log.warning("re-embedding %d logged items failed: %s", len(st.foreign), e)
+                st.retry_at = time.monotonic() + 1.0
+            finally:
+                self._reembedding = None
+
+        self._reembedding = asyncio.get_running_loop().create_task(task())
 
     # -- text ------------------------------------------------------------------------------------------------
     async def _vectors(self, st: _State, texts: list[tuple[str, str]]) -> list[np.ndarray]:
@@ -405,6 +446,7 @@ class Recommender:
         t2 = time.perf_counter()
         recs = await asyncio.get_running_loop().run_in_executor(self.pool, timed_run)
         t3 = time.perf_counter()
+        self._reembed_later(st)
         query = f"history[{len(req.history)}]"  # how the core names the query entry
         items = []
         for r in recs:
@@ -476,7 +518,9 @@ class Recommender:
             return await asyncio.get_running_loop().run_in_executor(self.pool, run)
 
         try:
-            return await self._until_consistent(attempt)
+            out = await self._until_consistent(attempt)
+            self._reembed_later(self.state)
+            return out
         except core.CatalogFull as e:
             return _bad(e, 409)
         except BadRequest as e:

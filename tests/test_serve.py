@@ -258,6 +258,33 @@ def test_an_added_item_is_recommended_at_once_and_logged(url, catalog, tiny_fk, 
     assert [it["item_id"] for it in out["items"]].count("new-twin") == 1
 
 
+def test_an_item_logged_under_another_bundle_is_embedded_again_and_recommended(url, catalog, tiny_fk, state_dir):
+    """During a rollout a replica still on the old bundle may accept an item: its line carries the old bundle's
+    vector. Replicas on the new bundle must embed it again from its text, not skip it until they restart."""
+    from crossrec.dataset import Dataset
+    from crossrec.embedding import catalog_texts, template_of
+    from serving.item_log import ItemLog, LogItem
+
+    ids, bundle = catalog
+    seen = ids["kitchen"][2]
+    items = Dataset.load(tiny_fk).items
+    row = items.filter(__import__("pyarrow.compute").compute.equal(items.column("item_id"), seen))
+    text = catalog_texts(row, template_of(bundle.config.text_template, bundle.config.max_tokens))[0]
+    vector = np.zeros(bundle.model.vector_dim, np.float32)  # what another bundle made: useless to this one
+    ItemLog(state_dir).append([LogItem("kitchen", "rollout-twin", "Rollout twin", text, "an-older-bundle", vector)])
+    body = {"history": [{"item_id": seen, "domain": "kitchen"}], "domain": "kitchen", "k": 10}
+    tops, deadline = [], time.monotonic() + 30
+    while time.monotonic() < deadline and tops[-6:] != ["rollout-twin"] * 6:  # both replicas, a few times
+        status, out = call(url, "/v1/recommend", body)
+        assert status == 200, out
+        tops.append(out["items"][0]["item_id"])
+        time.sleep(0.05)
+    assert tops[-6:] == ["rollout-twin"] * 6, tops[-10:]
+    assert tops[0] != "rollout-twin"  # not before it was embedded again (the first request found the line)
+    logged = {(it.domain, it.item_id): it for it in ItemLog(state_dir).read_all()}
+    assert logged[("kitchen", "rollout-twin")].bundle == bundle.version  # durable under the serving bundle
+
+
 def test_past_the_online_item_bound_the_api_answers_409_naming_it(url):
     status, model = call(url, "/v1/model")
     used = model["online"]["items"]
