@@ -201,4 +201,5 @@ def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None, m
         for d, ch in best_pop.items():
             scorer.params[f"pop_weight[{d}]"] = round(ch.weight, 6)
             scorer.params[f"pop_window[{d}]"] = ch.window
+            scorer.params[f"pop_valid_ndcg10[{d}]"] = f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f}"
     return scorer.params
