@@ -131,8 +131,11 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
     return out
 
 
-def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> ModelScorer:
-    """The bundle's retrieval scorer over `splits`' catalog, with the popularity prior it was trained with."""
+def bundle_scorer(
+    bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False, domains: list[str] | None = None
+) -> ModelScorer:
+    """The bundle's retrieval scorer over `splits`' catalog, with the popularity prior it was trained with; the
+    gamma of each of `domains` (default: all), the domains to be scored, is reported in `params`."""
     scorer = ModelScorer(
         bundle.model, catalog_vectors(bundle, data, splits, progress), splits, domain_map_for(bundle.domains, splits)
     )
@@ -140,7 +143,9 @@ def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool 
     if weights:
         scorer.pop = catalog_pop(bundle, splits)
         scorer.pop_weight = weights
-        scorer.params = {f"pop_weight[{d}]": round(w, 6) for d, w in weights.items()}
+        shown = {d: w for d, w in weights.items() if domains is None or d in domains}
+        if shown:
+            scorer.params = {f"pop_weight[{d}]": round(w, 6) for d, w in shown.items()}
     return scorer
 
 
