@@ -5,9 +5,9 @@ Per domain it holds the catalog's item vectors (a dense index: exact inner-produ
 online, takes a history of known item ids (or precomputed item vectors for text-only entries), and returns the
 top-k items of the target domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered
 by it. Retrieval's score is the inner product plus the bundle's popularity prior (gamma * p, crossrec.pop_prior),
-as `crossrec evaluate` scores it; an item added online has the p of zero interactions. On request each item names the history entries that contributed most to the score it is ranked by
-(occlusion: how much that score drops when the entry is left out), computed in the same pass from the vectors
-already in hand.
+as `crossrec evaluate` scores it; an item added online has the p of zero interactions. On request each item names
+the history entries that contributed most to the score it is ranked by (occlusion: how much that score drops when
+the entry is left out), computed in the same pass from the vectors already in hand.
 """
 
 from __future__ import annotations
