@@ -84,6 +84,7 @@ def bundle_summary(path: Path) -> dict:
         "data_hash": meta.get("data_hash"),
         "dataset": meta.get("dataset"),
         "config_changed": _changed(cfg),
+        "pop_prior": meta.get("pop_prior"),
         "run": meta.get("run"),
         "valid": metrics.get("valid"),
         "test": metrics.get("test"),
@@ -119,15 +120,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"data     {s['dataset']}  (hash {s['data_hash']})")
     changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all defaults"
     print(f"config   {changed}  (defaults: crossrec train --help-config)")
+    pop = s["pop_prior"]
+    if pop:
+        print(
+            "prior    popularity, gamma per domain (chosen on validation): "
+            + ", ".join(f"{d} {w:.4g} ({pop['window'].get(d, 'all')})" for d, w in pop["weights"].items())
+        )
     if s["test"]:
         print(
             f"metrics  {s['epochs']} epochs; valid ndcg@10 {s['valid'].get('valid/ndcg@10', float('nan')):.4f}; "
             f"test (full ranking):"
         )
         for d, m in s["test"].items():
+
+            def show(key: str) -> str:  # None: no targets in that domain (cold-user: a first-interaction domain)
+                return "-" if m[key] is None else f"{m[key]:.4f}"
+
             print(
-                f"           {d:<10} targets {s['n_targets'].get(d, 0):>7,}  recall@10 {m['recall@10']:.4f}  "
-                f"ndcg@10 {m['ndcg@10']:.4f}  mrr@10 {m['mrr@10']:.4f}"
+                f"           {d:<10} targets {s['n_targets'].get(d, 0):>7,}  recall@10 {show('recall@10')}  "
+                f"ndcg@10 {show('ndcg@10')}  mrr@10 {show('mrr@10')}"
             )
     libs = s["libraries"]
     print(

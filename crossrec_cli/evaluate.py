@@ -67,7 +67,7 @@ def _bundle_scorers(bundle, data, splits, domains: list[str] | None, args: argpa
             f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
             f"text with {bundle.config.backbone}"
         )
-    scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet)
+    scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet, domains=evaluated)
     if unseen == evaluated and not args.as_trained:  # a whole new dataset: calibrated on its validation split
         import copy
 

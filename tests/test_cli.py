@@ -148,6 +148,7 @@ def test_inspect_prints_what_the_bundle_holds_and_the_bundle_has_its_curves(tiny
         meta["data_hash"],
         "epochs=2",
         "test (full ranking)",
+        "prior    popularity, gamma per domain (chosen on validation): food ",
         "torch ",
         "transformers ",
         "size ",

@@ -82,7 +82,11 @@ def test_zero_shot_on_a_dataset_the_bundle_never_saw(first_run, tiny_ao, tmp_pat
     assert 0 <= res["metrics"]["crossrec"]["all"]["ndcg@10"] <= 1
     # The text prior's weights were chosen on this dataset's validation split, like textknn's, from one grid.
     prior = res["params"]["crossrec"]
-    assert set(prior) == {"text_prior_decay", "text_prior_cross", "learned_weight"}
+    pop = {f"pop_{k}[{d}]" for k in ("weight", "window", "valid_ndcg10") for d in ("arts", "office")}
+    assert set(prior) == {"text_prior_decay", "text_prior_cross", "learned_weight"} | pop
+    assert all(
+        prior[f"pop_weight[{d}]"] >= 0 and prior[f"pop_window[{d}]"] in ("all", "recent") for d in ("arts", "office")
+    )
     assert "crossrec: text_prior_decay=" in printed and prior["learned_weight"] in (1.0, 0.5, 0.25, 0.0)
     assert (prior["text_prior_decay"], prior["text_prior_cross"]) in {
         (d, c) for d in (0.3, 0.6, 0.8) for c in (0.0, 0.1, 1.0)

@@ -145,13 +145,23 @@ def export_bundle(
         )
     from crossrec.progress import interactive
 
-    test = evaluate(
-        splits,
-        ModelScorer(model, item_vecs, splits, dmap),
-        split="test",
-        progress=progress and interactive(),
-        desc="test",
-    )
+    scorer = ModelScorer(model, item_vecs, splits, dmap)
+    pop_meta = None
+    if cfg.pop_prior:  # gamma per domain on validation targets (0 on the grid), before the test evaluation
+        from crossrec.pop_prior import fit_pop_prior, pop_prior_meta
+
+        choices = fit_pop_prior(scorer, max_targets=cfg.valid_max_targets)
+        pop_meta = pop_prior_meta(choices)
+        if progress:
+            print(
+                "popularity prior: "
+                + ", ".join(
+                    f"{d} gamma {ch.weight:.4g} ({ch.relative:g} x spread, {ch.window}; valid NDCG@10 "
+                    f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f})"
+                    for d, ch in choices.items()
+                )
+            )
+    test = evaluate(splits, scorer, split="test", progress=progress and interactive(), desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
     for d in splits.domains:
@@ -179,9 +189,13 @@ def export_bundle(
             "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
             "checkpoint": best.path,
             "libraries": _libraries(),
+            **({"pop_prior": pop_meta} if pop_meta is not None else {}),
             **(extra or {}),
         },
         adapter_dir=adapter_dir,
+        pop=None
+        if scorer.pop is None
+        else {d: scorer.pop[splits.offset[d] : splits.offset[d] + splits.n_items[d]].numpy() for d in splits.domains},
     )
     shutil.rmtree(work, ignore_errors=True)
     if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose

@@ -2,7 +2,8 @@
 
 bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
 model.safetensors    adaptor (or item embeddings) + user tower + temperature
-items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog; with the
+                     popularity prior, pop (crossrec.pop_prior: p_i, gamma per domain in bundle.json "pop_prior")
 adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
 ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
 """
@@ -70,6 +71,23 @@ class Bundle:
     def domain_id(self, name: str) -> int:
         return domain_id(self.domains, name)
 
+    @property
+    def pop_weights(self) -> dict[str, float]:
+        """Domain -> gamma of the popularity prior chosen at training end (crossrec.pop_prior); {} for a bundle
+        trained without it or before it existed: gamma 0 everywhere, the model's score alone."""
+        return {d: float(w) for d, w in (self.meta.get("pop_prior") or {}).get("weights", {}).items()}
+
+    def pop_cold(self, domain: str) -> float:
+        """p of an item the bundle has no popularity for (an item added online): that of zero interactions."""
+        return float((self.meta.get("pop_prior") or {}).get("cold", {}).get(domain, 0.0))
+
+    def item_pop(self, domain: str) -> np.ndarray | None:
+        """(n,) p of the domain's items in item_matrix order, or None when the bundle stores none."""
+        t = self.items[domain]
+        if "pop" not in t.column_names:
+            return None
+        return np.asarray(t.column("pop").to_numpy(), dtype=np.float32)
+
     def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
         t = self.items[domain]
         vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
@@ -102,10 +120,12 @@ def save_bundle(
     data_hash: str,
     extra: dict | None = None,
     adapter_dir: Path | None = None,
+    pop: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Writes a bundle with `crossrec.atomic.publishing` (lock, temporary sibling, fsync, atomic swap: a reader
-    sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)). bundle.json records the
-    sha256 of every file and their `content_hash` (`verify_bundle` checks them)."""
+    sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)); pop[domain] (n,): the
+    popularity prior's p of those items (a `pop` column). bundle.json records the sha256 of every file and their
+    `content_hash` (`verify_bundle` checks them)."""
     path = Path(path)
     bad = [why for d in domains if (why := check_domain(d)) is not None]
     if bad:  # domain names become file names (items/DOMAIN.parquet)
@@ -117,7 +137,10 @@ def save_bundle(
         for d, (ids, titles, vecs) in items.items():
             vecs = np.ascontiguousarray(vecs, dtype=np.float32)
             col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
-            pq.write_table(pa.table({"item_id": ids, "title": titles, "vector": col}), tmp / "items" / f"{d}.parquet")
+            cols = {"item_id": ids, "title": titles, "vector": col}
+            if pop is not None and d in pop:
+                cols["pop"] = pa.array(np.asarray(pop[d], dtype=np.float32))
+            pq.write_table(pa.table(cols), tmp / "items" / f"{d}.parquet")
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, tmp / "adapter")
         h = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()

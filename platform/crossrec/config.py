@@ -182,6 +182,11 @@ class TrainConfig:
     text_prior_cross: float | None = _doc(
         None, "weight of other domains' history items in the text prior; null: chosen on validation"
     )
+    pop_prior: bool = _doc(
+        True,
+        "add gamma * (the item's standardised log popularity in its domain) to retrieval scores, gamma chosen per "
+        "domain on validation at training end, 0 included (see crossrec.pop_prior)",
+    )
     n_negatives: int = _doc(128, "sampled negatives per domain and batch, on top of in-batch ones")
     domain_dropout: float = _doc(0.1, "chance to replace a domain id by 'unknown': trains the zero-shot path")
     epochs: int = _doc(8, "training epochs (early stopping may end sooner)")

@@ -242,7 +242,8 @@ def format_beyond(results: dict[str, dict], k: int = 10) -> str:
     ]
     for d in first:
         m0 = first[d]
-        lines.append(f"{d}  ({m0['n_items']} items; targets' pop pct {m0['target_pop_pct']:.1f})")
+        tpct = "-" if m0["target_pop_pct"] is None else f"{m0['target_pop_pct']:.1f}"  # None: no targets there
+        lines.append(f"{d}  ({m0['n_items']} items; targets' pop pct {tpct})")
         lines.append(f"  {'model':<22}{'coverage':>10}{'popular':>10}{'pop pct':>10}")
         for model, res in results.items():
             m = res[d]

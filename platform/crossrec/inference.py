@@ -34,6 +34,7 @@ __all__ = [
     "bundle_backbone",
     "has_domain_adapters",
     "calibrate_zero_shot",
+    "catalog_pop",
 ]
 
 
@@ -130,10 +131,40 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
     return out
 
 
-def bundle_scorer(bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False) -> ModelScorer:
-    return ModelScorer(
+def bundle_scorer(
+    bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False, domains: list[str] | None = None
+) -> ModelScorer:
+    """The bundle's retrieval scorer over `splits`' catalog, with the popularity prior it was trained with; the
+    gamma of each of `domains` (default: all), the domains to be scored, is reported in `params`."""
+    scorer = ModelScorer(
         bundle.model, catalog_vectors(bundle, data, splits, progress), splits, domain_map_for(bundle.domains, splits)
     )
+    weights = {d: w for d, w in bundle.pop_weights.items() if d in splits.domain_code}
+    if weights:
+        scorer.pop = catalog_pop(bundle, splits)
+        scorer.pop_weight = weights
+        shown = {d: w for d, w in weights.items() if domains is None or d in domains}
+        if shown:
+            scorer.params = {f"pop_weight[{d}]": round(w, 6) for d, w in shown.items()}
+    return scorer
+
+
+def catalog_pop(bundle: Bundle, splits: Splits) -> torch.Tensor:
+    """(N,) the popularity prior's p of `splits`' catalog from the bundle (as Serve's Recommender reads it): the
+    bundle's value for its items, that of zero interactions (`Bundle.pop_cold`) for an item of a bundle domain
+    the bundle lacks, 0 in domains the bundle never saw."""
+    out = torch.zeros(len(splits.item_ids))
+    for d in splits.domains:
+        if d not in bundle.items:
+            continue
+        pop = bundle.item_pop(d)
+        if pop is None:
+            continue
+        pos = dict(zip(bundle.items[d].column("item_id").to_pylist(), pop.tolist()))
+        off, n = splits.offset[d], splits.n_items[d]
+        cold = bundle.pop_cold(d)
+        out[off : off + n] = torch.tensor([pos.get(i, cold) for i in splits.item_ids[off : off + n]])
+    return out
 
 
 LEARNED_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
@@ -143,13 +174,15 @@ def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None, m
     """Zero-shot on a dataset the bundle never saw, calibrated on that dataset's validation split as the
     textknn baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid
     over the prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0
-    leaves exactly the prior: the learned part did not transfer). No weight of the model is trained. Changes
-    `scorer` (and its model's config) in place and returns the chosen values (also `scorer.params`), or None
-    for a model without a text prior."""
+    leaves exactly the prior: the learned part did not transfer) together with, when the bundle's config has
+    `pop_prior`, the popularity prior's gamma and window per domain (crossrec.pop_prior, popularity from this
+    dataset's training window: what the popularity baseline counts; gamma 0 is on the grid). No weight of the
+    model is trained. Changes `scorer` (and its model's config) in place and returns the chosen values (also
+    `scorer.params`), or None for a model without a text prior."""
     import dataclasses
 
     from crossrec.baselines.textknn import fit_textknn
-    from crossrec.evaluation import evaluate
+    from crossrec.pop_prior import GRID, apply_pop_prior, choose_pop_prior
 
     model = scorer.model
     if not model.text_prior:
@@ -157,13 +190,21 @@ def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None, m
     domains = list(domains or scorer.catalog.domains)
     knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim :].numpy(), domains=domains, max_targets=max_targets)
     model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
-    best, best_score = 1.0, -1.0
+    grid = GRID if model.cfg.pop_prior else (0.0,)
+    best, best_score, best_pop = 1.0, -1.0, {}
     for w in LEARNED_WEIGHTS:  # ties keep the larger weight: the model as trained
         scorer.learned_weight = w
-        m = evaluate(scorer.catalog, scorer, "valid", ks=(10,), max_targets=max_targets, domains=domains).metrics
-        score = float(np.mean([m[d]["ndcg@10"] or 0.0 for d in domains]))
+        # gamma = 0 on the grid scores exactly the model without the prior (what this loop chose before it).
+        choices = choose_pop_prior(scorer, domains, max_targets, grid=grid)
+        score = float(np.mean([choices[d].valid_ndcg10 for d in domains]))
         if score > best_score:
-            best, best_score = w, score
+            best, best_score, best_pop = w, score, choices
     scorer.learned_weight = best
+    apply_pop_prior(scorer, best_pop)
     scorer.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight, "learned_weight": best}
+    if model.cfg.pop_prior:
+        for d, ch in best_pop.items():
+            scorer.params[f"pop_weight[{d}]"] = round(ch.weight, 6)
+            scorer.params[f"pop_window[{d}]"] = ch.window
+            scorer.params[f"pop_valid_ndcg10[{d}]"] = f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f}"
     return scorer.params

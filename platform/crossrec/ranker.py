@@ -7,7 +7,9 @@ training (listwise softmax over the top-N: the retriever's hard negatives) only 
 Features (FEATURES) use only what serving has at request time - the model's item vectors of the candidates and
 of the history, the retrieval scores, the user vector - plus a per-item table saved with the ranker (log
 popularity in the training data, knowledge-graph rows). Items the ranker never saw score with zero popularity
-and no graph links, never an error.
+and no graph links, never an error. The retrieval scores include the retriever's popularity prior
+(crossrec.pop_prior), in training lists, evaluation and serving alike: they are the scores that chose the top-N,
+and an untrained ranker then keeps exactly retrieval's order.
 
 Training data (`build_lists`): the VALIDATION targets. The retriever was fit on the training sequences, so its
 scores there are optimistic (the targets were its positives); on validation targets its top-N looks like it
@@ -90,6 +92,9 @@ class RankRequest:
     history: list[tuple[str, str | None]]  # (domain, item_id or None for a text-only entry), oldest first
     history_vectors: np.ndarray  # (H, V) the model's item vectors of the history entries
     candidate_vectors: np.ndarray  # (N, V) the model's item vectors of the candidates
+    # (N,) the popularity prior's term in `retrieval_scores` (crossrec.pop_prior); None: no prior. Explanations
+    # re-read retrieval scores from other user vectors and add it back.
+    candidate_bias: np.ndarray | None = None
 
 
 @dataclass
@@ -298,6 +303,9 @@ def candidate_lists(
     users = scorer.user_vectors(batch.histories, batch.domain)  # (B, V)
     block = scorer.vecs[off : off + n]
     full = users @ block.T  # (B, n)
+    bias = scorer.item_bias(batch.domain)  # the popularity prior: lists and their `retrieval` scores include it
+    if bias is not None:
+        full = full + bias
     for r, h in enumerate(batch.histories):
         own = h[(h >= off) & (h < off + n)] - off
         full[r, torch.from_numpy(own)] = -math.inf
@@ -547,10 +555,13 @@ class Ranker:
             p = width - len(req.history) + i  # its slot; an entry older than the window has none
             if p >= width - shown:
                 valid[r, p], rows[r, p], same[r, p] = False, -1, False
+        scores = users_t @ one.cand[0].T  # (B, N)
+        if req.candidate_bias is not None:
+            scores = scores + torch.from_numpy(np.asarray(req.candidate_bias, dtype=np.float32)).reshape(1, -1)
         lists = ListBatch(
             user=users_t,
             cand=one.cand.expand(b, -1, -1),
-            scores=users_t @ one.cand[0].T,
+            scores=scores,
             cand_valid=one.cand_valid.expand(b, -1),
             cand_rows=one.cand_rows.expand(b, -1),
             hist=one.hist.expand(b, -1, -1),

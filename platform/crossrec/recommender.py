@@ -4,9 +4,10 @@
 Per domain it holds the catalog's item vectors (a dense index: exact inner-product top-k) plus the items added
 online, takes a history of known item ids (or precomputed item vectors for text-only entries), and returns the
 top-k items of the target domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered
-by it. On request each item names the history entries that contributed most to the score it is ranked by
-(occlusion: how much that score drops when the entry is left out), computed in the same pass from the vectors
-already in hand.
+by it. Retrieval's score is the inner product plus the bundle's popularity prior (gamma * p, crossrec.pop_prior),
+as `crossrec evaluate` scores it; an item added online has the p of zero interactions. On request each item names
+the history entries that contributed most to the score it is ranked by (occlusion: how much that score drops when
+the entry is left out), computed in the same pass from the vectors already in hand.
 """
 
 from __future__ import annotations
@@ -113,11 +114,18 @@ class Recommender:
         self._block: dict[str, torch.Tensor] = {}
         self.pos: dict[str, dict[str, int]] = {}
         self.online: set[tuple[str, str]] = set()  # (domain, item_id) of items added that the bundle lacks
+        # Popularity prior: gamma per domain and p per item (pop[d] a view of _pop_block[d], grown with _block[d]).
+        self.pop_weight = {d: w for d, w in bundle.pop_weights.items() if w}
+        self.pop: dict[str, torch.Tensor] = {}
+        self._pop_block: dict[str, torch.Tensor] = {}
         for d in bundle.items:
             ids, vecs = bundle.item_matrix(d)
             self.ids[d], self.vecs[d], self._block[d] = ids, vecs, vecs
             self.titles[d] = bundle.items[d].column("title").to_pylist()
             self.pos[d] = {iid: k for k, iid in enumerate(ids)}
+            pop = bundle.item_pop(d) if d in self.pop_weight else None
+            if pop is not None:
+                self.pop[d] = self._pop_block[d] = torch.from_numpy(pop.copy())
 
     @classmethod
     def load(cls, bundle: Bundle, **kwargs) -> Recommender:
@@ -172,8 +180,15 @@ class Recommender:
             grown = torch.empty(n + max(256, n // 4), block.shape[1], dtype=block.dtype)
             grown[:n] = block[:n]
             self._block[domain] = block = grown
+            if domain in self._pop_block:
+                pop = torch.empty(len(grown))
+                pop[:n] = self._pop_block[domain][:n]
+                self._pop_block[domain] = pop
         block[n] = vector.reshape(-1)
         self.vecs[domain] = block[: n + 1]
+        if domain in self._pop_block:  # new: no interactions yet, as the catalog's never-seen items had
+            self._pop_block[domain][n] = self.bundle.pop_cold(domain)
+            self.pop[domain] = self._pop_block[domain][: n + 1]
         self.pos[domain][item_id] = n
         self.ids[domain].append(item_id)
         self.titles[domain].append(title)
@@ -232,6 +247,11 @@ class Recommender:
             )
         return u
 
+    def _bias(self, domain: str) -> torch.Tensor | None:
+        """(N,) the popularity prior's term gamma * p of the domain's items, or None without one."""
+        pop = self.pop.get(domain)
+        return None if pop is None else self.pop_weight[domain] * pop
+
     def _score(
         self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
     ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
@@ -241,6 +261,9 @@ class Recommender:
         hvecs, hdoms = self._history(history)
         user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
         scores = self.vecs[domain] @ user  # (N,)
+        bias = self._bias(domain)
+        if bias is not None:
+            scores = scores + bias
         if exclude_seen:
             seen = [
                 self.pos[domain][h.item_id]
@@ -291,6 +314,7 @@ class Recommender:
         else:
             from crossrec.ranker import RankRequest
 
+            bias = self._bias(domain)
             top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
             cand = self.vecs[domain][top.indices]  # (N, V)
             req = RankRequest(
@@ -301,6 +325,7 @@ class Recommender:
                 history=[(h.domain, h.item_id) for h in history],
                 history_vectors=hvecs.numpy(),
                 candidate_vectors=cand.numpy(),
+                candidate_bias=None if bias is None else bias[top.indices].numpy(),
             )
             ranked = torch.from_numpy(self.ranker.score(req))  # (N,)
             order = torch.from_numpy(np.argsort(-ranked.numpy(), kind="stable")[:k])
@@ -343,7 +368,8 @@ class Recommender:
         first = max(0, len(history) - self.explain_history)
         loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(first, len(history))))
         if ranked is None:
-            return final.unsqueeze(0) - loo @ self.vecs[domain][rows].T  # (E, k)
+            bias = self._bias(domain)  # the prior does not depend on the history: it cancels out
+            return final.unsqueeze(0) - (loo @ self.vecs[domain][rows].T + (0.0 if bias is None else bias[rows]))
         req, order = ranked
         assert self.ranker is not None  # `ranked` comes from the ranker
         drop = list(range(first, len(history)))

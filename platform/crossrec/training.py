@@ -273,7 +273,8 @@ class ModelScorer:
     `item_vectors` (N, D) are the model's item vectors for the catalog's global indices; `domain_map`
     maps the catalog's domain codes to the model's domain ids (unknown domains -> the unknown id).
     `learned_weight` scales the learned part of the score against the text prior (zero-shot calibration,
-    crossrec.inference.calibrate_zero_shot; 1 = the model as trained)."""
+    crossrec.inference.calibrate_zero_shot; 1 = the model as trained). `pop` (N,) and `pop_weight` (domain ->
+    gamma) are the popularity prior (crossrec.pop_prior): gamma * pop is added to a domain's scores."""
 
     name = "crossrec"
 
@@ -293,6 +294,8 @@ class ModelScorer:
         self.domain_map = domain_map
         self.batch_size = batch_size
         self.learned_weight = 1.0
+        self.pop: torch.Tensor | None = None  # (N,) standardised log popularity of each catalog item
+        self.pop_weight: dict[str, float] = {}  # target domain -> gamma (absent or 0: no prior)
 
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
@@ -312,11 +315,26 @@ class ModelScorer:
             users[:, : self.model.cfg.dim] *= self.learned_weight
         return users
 
+    def item_bias(self, domain: str) -> torch.Tensor | None:
+        """(n_items[domain],) the popularity prior's term gamma * p of the domain's items, or None without one."""
+        gamma = self.pop_weight.get(domain, 0.0)
+        if not gamma or self.pop is None:
+            return None
+        off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
+        return gamma * self.pop[off : off + n]
+
     @torch.inference_mode()
-    def __call__(self, batch: TargetBatch) -> np.ndarray:
+    def model_scores(self, batch: TargetBatch) -> torch.Tensor:
+        """(B, n_items[domain]) the model's scores alone, without the popularity prior."""
         off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
         users = self.user_vectors(batch.histories, batch.domain)
-        return (users @ self.vecs[off : off + n].T).numpy()
+        return users @ self.vecs[off : off + n].T
+
+    @torch.inference_mode()
+    def __call__(self, batch: TargetBatch) -> np.ndarray:
+        scores = self.model_scores(batch)
+        bias = self.item_bias(batch.domain)
+        return (scores if bias is None else scores + bias).numpy()
 
 
 def resolve_text_prior(cfg: TrainConfig, splits: Splits, vectors: np.ndarray) -> TrainConfig:
