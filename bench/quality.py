@@ -92,7 +92,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--config", help="crossrec's training config (e.g. configs/recommended.yaml)")
+    ap.add_argument(
+        "--config",
+        help="crossrec's training config: recommended, basic or a YAML file (default: basic, TrainConfig's defaults; "
+        "`crossrec train` without --config trains recommended)",
+    )
     ap.add_argument("--set", action="append", default=[], help="config overrides for crossrec")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-sasrec", action="store_true")

@@ -14,7 +14,8 @@ Pool the two shared datasets into the 4-domain dataset first:
     crossrec prepare ../shared/data/amazon-food-kitchen ../shared/data/amazon-art-office --out out/pool4
 
 Baselines are fitted like the model: on the validation targets of the evaluated domains; nothing is chosen on
-test targets. `--set` passes config overrides to every training run.
+test targets. Training runs `crossrec train`'s default config (`recommended`) unless `--config NAME|FILE` is given
+(`--config basic`: text vectors only, no graph, no ranker); `--set` passes config overrides to every training run.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"crossrec {argv[0]} failed with exit code {rc}")
 
 
+CONFIG: list[str] = []  # ["--config", NAME|FILE] when given: every training run uses it
+
+
 def train(data: str, out: Path, extra: list[str], sets: list[str]) -> float:
     t0 = time.time()
     if not (out / "bundle.json").is_file():
-        run(["train", "--data", data, "--out", str(out), *extra, *sum((["--set", s] for s in sets), []), "--quiet"])
+        sets_argv = sum((["--set", s] for s in sets), [])
+        run(["train", "--data", data, "--out", str(out), *CONFIG, *extra, *sets_argv, "--quiet"])
     return round(time.time() - t0, 1)
 
 
@@ -59,9 +64,9 @@ def evaluate(bundle: Path | None, data: str, out_json: Path, extra: list[str]) -
     return json.loads(out_json.read_text())
 
 
-def ndcg_rows(res: dict, domains: list[str] | None = None) -> dict:
+def ndcg_rows(res: dict, domains: list[str] | None = None, metric: str = "ndcg@10") -> dict:
     return {
-        m: {d: v["ndcg@10"] for d, v in per.items() if domains is None or d in domains}
+        m: {d: v[metric] for d, v in per.items() if domains is None or d in domains}
         for m, per in res["metrics"].items()
     }
 
@@ -104,7 +109,14 @@ def cmd_in_domain(a) -> dict:
         out / "eval.json",
         ["--baselines", "popularity,textknn" + (",sasrec" if a.sasrec else "")],
     )
-    return {"kind": "in-domain", "data": a.data, "train_s": t, "ndcg@10": ndcg_rows(res), "n_targets": res["n_targets"]}
+    return {
+        "kind": "in-domain",
+        "data": a.data,
+        "train_s": t,
+        "ndcg@10": ndcg_rows(res),
+        "recall@10": ndcg_rows(res, metric="recall@10"),
+        "n_targets": res["n_targets"],
+    }
 
 
 def cmd_ablation(a) -> dict:
@@ -133,13 +145,17 @@ def cmd_table(a) -> int:
                 )
             continue
         title = {"cold-user": "cold-user", "lodo": f"held out: {r.get('hold_out')}", "in-domain": "in-domain"}
-        lines.append(f"\n{title[r['kind']]} on {r['data']} (NDCG@10; train {r['train_s']} s)")
+        what = "NDCG@10 / Recall@10" if "recall@10" in r else "NDCG@10"
+        lines.append(f"\n{title[r['kind']]} on {r['data']} ({what}; train {r['train_s']} s)")
         models = list(r["ndcg@10"])
         doms = list(next(iter(r["ndcg@10"].values())))
         lines.append("| model | " + " | ".join(f"{d} ({r['n_targets'].get(d, '?')})" for d in doms) + " |")
         lines.append("|---" * (len(doms) + 1) + "|")
         for m in models:
-            lines.append(f"| {m} | " + " | ".join(f"{r['ndcg@10'][m].get(d) or 0:.4f}" for d in doms) + " |")
+            cells = [f"{r['ndcg@10'][m].get(d) or 0:.4f}" for d in doms]
+            if "recall@10" in r:  # NDCG@10 / Recall@10
+                cells = [f"{c} / {r['recall@10'][m].get(d) or 0:.4f}" for c, d in zip(cells, doms)]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if a.png:
         import matplotlib
@@ -174,6 +190,7 @@ def main() -> int:
         sp = sub.add_parser(name)
         sp.add_argument("--data", required=True)
         sp.add_argument("--out", required=True)
+        sp.add_argument("--config", metavar="NAME|FILE", help="crossrec train --config (default: its default)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         sp.add_argument("--sasrec", action="store_true", help="also the SASRec baseline (trains one)")
         sp.set_defaults(fn=fn)
@@ -189,7 +206,10 @@ def main() -> int:
     if a.mode == "table":
         return cmd_table(a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
+    if a.config:
+        CONFIG[:] = ["--config", a.config]
     result = a.fn(a)
+    result["config"] = a.config or "default"
     (Path(a.out) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["ndcg@10"] if "ndcg@10" in result else result["variants"], indent=1))
     return 0

@@ -118,8 +118,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             )
     print(f"domains  {', '.join(f'{d} ({n:,} items)' for d, n in s['domains'].items())}")
     print(f"data     {s['dataset']}  (hash {s['data_hash']})")
-    changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all defaults"
-    print(f"config   {changed}  (defaults: crossrec train --help-config)")
+    changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all TrainConfig defaults"
+    print(f"config   {changed}  (changed from TrainConfig's defaults, `basic`: crossrec train --help-config)")
     pop = s["pop_prior"]
     if pop:
         print(
@@ -158,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="show what a bundle holds: backbone, domains, config, metrics, size",
         description="Print a bundle's backbone and adapter, domains and catalog sizes, the config "
-        "keys that differ from the defaults, the data hash, validation and test "
+        "keys that differ from TrainConfig's defaults (`basic`), the data hash, validation and test "
         "metrics, the library versions it was trained with, and its size on disk.",
     )
     sp.add_argument(

@@ -12,7 +12,7 @@ __all__ = ["register"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from crossrec.config import RunSettings, load_config
+    from crossrec.config import RunSettings, default_config, load_config
 
     overrides = list(args.set or [])
     if args.mode:
@@ -25,7 +25,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"protocol={args.protocol}")
     if args.cold_fraction is not None:
         overrides.append(f"cold_fraction={args.cold_fraction}")
-    cfg = load_config(args.config, overrides)
+    if args.config is not None:
+        cfg = load_config(args.config, overrides)
+    else:  # `recommended`, or `basic` + the ranker where it does not apply (said in one line)
+        cfg, note = default_config(overrides, _init_config(overrides))
+        if note:
+            print(f"crossrec train: {note}", flush=True)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if cfg.strategy == "deepspeed":
@@ -75,6 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  {d:<10}{r['n_targets'][d]:>9}{_row(v)}")
     print(f"compare with baselines: crossrec evaluate --bundle {args.out} --data {args.data}")
     return 0
+
+
+def _init_config(overrides: list[str]) -> dict | None:
+    """The saved config of the bundle that `init_from` (--init or --set) names, or None without a warm start."""
+    from crossrec.bundle import bundle_meta
+    from crossrec.config import apply_overrides
+
+    init = apply_overrides({}, overrides).get("init_from")
+    return bundle_meta(Path(str(init)).expanduser(), "`init_from`")["config"] if init else None
 
 
 def _row(v: dict) -> str:
@@ -158,14 +172,32 @@ class _HelpConfig(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from crossrec.config import config_help
+        from crossrec.config import DEFAULT_CONFIG, NAMED_CONFIGS, config_help
 
         rows = config_help()
         width = max(len(k) + len(d) for k, d, _ in rows) + 3
-        print("config keys (--set KEY=VALUE, or a --config YAML file; dotted keys are sections):")
-        for key, default, doc in rows:
-            print(f"  {f'{key} = {default}':<{width}}  {doc}")
+        default = _flat(NAMED_CONFIGS[DEFAULT_CONFIG])
+        print(
+            "config keys (--set KEY=VALUE, or a --config YAML file; dotted keys are sections); the values are "
+            f"TrainConfig's defaults (`--config basic`), [{DEFAULT_CONFIG}: V] where the default "
+            f"`--config {DEFAULT_CONFIG}` differs:"
+        )
+        for key, value, doc in rows:
+            differs = f"  [{DEFAULT_CONFIG}: {_yaml_scalar(default[key])}]" if key in default else ""
+            print(f"  {f'{key} = {value}':<{width}}  {doc}{differs}")
         parser.exit()
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """{"graph": {"enabled": True}} -> {"graph.enabled": True}."""
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _yaml_scalar(v) -> str:
+    return "true" if v is True else "false" if v is False else str(v)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -176,11 +208,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "user tower) on all domains with Ray Train (DDP over gloo on CPUs), report "
         "validation NDCG@10 each epoch, keep the best checkpoint, evaluate the test "
         "split, and export a bundle. Re-running the same run (--name) continues it; "
-        "other data or config exits 2 unless --force.",
+        "other data or config exits 2 unless --force. Without --config it trains `recommended`: "
+        "text + knowledge-graph item vectors (attention fusion), then a second-stage ranker.",
     )
     add_data(sp)
     sp.add_argument("--out", required=True, metavar="BUNDLE", help="bundle folder to write")
-    sp.add_argument("--config", metavar="FILE.yaml", help="training config (keys of crossrec.config.TrainConfig)")
+    sp.add_argument(
+        "--config",
+        metavar="NAME|FILE.yaml",
+        help="training config: `recommended` (the default: cached text vectors fused with knowledge-graph vectors "
+        "by attention, 14 epochs, then the ranker; the pipeline of the README's numbers; configs/recommended.yaml), "
+        "`basic` (TrainConfig's defaults: text vectors only, no graph, no ranker), or a YAML file of "
+        "crossrec.config.TrainConfig keys. Without --config, where `recommended` does not apply (--mode end-to-end, "
+        "item_encoder=id, --init from a bundle without graph vectors) training uses `basic` + the ranker and says so",
+    )
     sp.add_argument(
         "--set",
         action="append",
@@ -242,8 +283,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sweep hyper-parameters with Ray Tune; exports the best trial's bundle",
         description="Run a sweep from a tune_configs/*.yaml file: every trial trains like `crossrec "
         "train` (a TorchTrainer over the same train_func), ASHA stops the weak ones "
-        "between epochs. Writes DIR/trials.csv, DIR/sweep.png and the best trial's "
-        "bundle DIR/best; an interrupted sweep (Ctrl+C) continues with --resume.",
+        "between epochs. Trials start from the file's `base` keys over TrainConfig's defaults "
+        "(`basic`), not from `crossrec train`'s default `recommended`. Writes DIR/trials.csv, "
+        "DIR/sweep.png and the best trial's bundle DIR/best; an interrupted sweep (Ctrl+C) "
+        "continues with --resume.",
     )
     sp.add_argument(
         "sweep",

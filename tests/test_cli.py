@@ -44,12 +44,79 @@ def test_console_script_help():
 
 
 def test_recommended_config_loads_the_measured_pipeline():
-    from crossrec.config import load_config
+    import yaml
+
+    from crossrec.config import DEFAULT_CONFIG, NAMED_CONFIGS, TrainConfig, config_to_dict, default_config, load_config
     from crossrec_cli.options import RECOMMENDED
 
     cfg = load_config(RECOMMENDED)
     assert cfg.graph.enabled and cfg.fusion == "attention" and cfg.ranker.enabled and cfg.mode == "cached"
     assert cfg.text_prior_decay is None  # chosen on each dataset's validation split
+    # The documented file is the built-in `recommended`, key for key, and that is what no --config trains.
+    assert yaml.safe_load(RECOMMENDED.read_text()) == NAMED_CONFIGS["recommended"] and DEFAULT_CONFIG == "recommended"
+    assert config_to_dict(load_config("recommended")) == config_to_dict(cfg) == config_to_dict(default_config()[0])
+    assert default_config()[1] is None
+    # `basic` is TrainConfig's own defaults (text vectors only, no graph, no ranker), as is no config at all.
+    assert config_to_dict(load_config("basic")) == config_to_dict(TrainConfig()) == config_to_dict(load_config())
+    with pytest.raises(ValueError, match=r"--config nope: no such file \(built-in configs: basic, recommended\)"):
+        load_config("nope")
+
+
+def test_the_default_falls_back_where_recommended_does_not_apply():
+    """Graph + attention fusion need cached text vectors: without --config, end-to-end, id items and a warm start
+    from a bundle without side vectors train `basic` + the ranker, and say so; an explicit `recommended` (or a
+    graph the user sets) keeps the error."""
+    from crossrec.config import config_to_dict, default_config, load_config
+
+    for sets, why in (
+        (["mode=end-to-end"], "`mode` end-to-end"),
+        (["item_encoder=id", "lr=0.01"], "`item_encoder` id"),
+    ):
+        cfg, note = default_config(sets)
+        assert config_to_dict(cfg) == config_to_dict(load_config("basic", ["ranker.enabled=true", *sets]))
+        assert why in note and "training `basic` + the ranker" in note and note.count("\n") == 0
+    cfg, note = default_config(["init_from=pre"], {"side_dims": None})
+    assert not cfg.graph.enabled and cfg.ranker.enabled and "`init_from` pre (a bundle without graph" in note
+    cfg, note = default_config(["init_from=pre"], {"side_dims": [384]})  # a graph bundle: the fusion carries over
+    assert cfg.graph.enabled and cfg.fusion == "attention" and note is None
+    fuse = r"`graph.enabled` and `feature_columns` fuse side vectors with cached text vectors"
+    with pytest.raises(ValueError, match=fuse):
+        load_config("recommended", ["mode=end-to-end"])
+    with pytest.raises(ValueError, match=fuse):
+        default_config(["item_encoder=id", "graph.enabled=true"])
+    with pytest.raises(ValueError, match=r"`mode` must be one of cached, end-to-end, got 'fast'"):
+        load_config("recommended", ["mode=fast"])
+
+
+def test_train_without_config_on_id_items_trains_basic_with_the_ranker(
+    ray_cluster, vector_cache, tiny_fk, tiny_bundle, tmp_path, capsys
+):
+    """`crossrec train --set item_encoder=id` (no --config): one printed line, then `basic` + the ranker (the ranker
+    re-orders an ID retriever's top-N too); `--config recommended` with the same setting exits 2."""
+    from crossrec.bundle import load_bundle
+    from crossrec.config import TrainConfig
+
+    out = tmp_path / "id"
+    fast = ["epochs=1", "dim=32", "layers=1", "batch_size=32", "n_negatives=16", "valid_max_targets=50"]
+    fast += ["item_encoder=id", "ranker.epochs=1", "ranker.top_n=20", "ranker.patience=0"]
+    argv = ["train", "--data", str(tiny_fk), "--out", str(out), "--workers", "1", "--quiet"]
+    assert main([*argv, *[x for kv in fast for x in ("--set", kv)]]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("default config: `recommended`") == 1 and "`item_encoder` id" in printed
+    cfg = json.loads((out / "bundle.json").read_text())["config"]
+    assert cfg["item_encoder"] == "id" and not cfg["graph"]["enabled"] and cfg["fusion"] == "concat"
+    assert cfg["patience"] == TrainConfig().patience and cfg["ranker"]["enabled"]
+    assert load_bundle(out).has_ranker and (out / "ranker" / "model.safetensors").is_file()
+    # An explicit `recommended` does not fall back: the error names the settings.
+    assert main([*argv[:4], str(tmp_path / "b"), "--config", "recommended", "--set", "item_encoder=id"]) == 2
+    assert "fuse side vectors with cached text vectors" in capsys.readouterr().err
+    # A warm start from a text-only bundle (tiny_bundle) falls back too, said before anything runs.
+    assert (
+        main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "c"), "--init", str(tiny_bundle)]) == 2
+    )
+    got = capsys.readouterr()
+    assert f"`init_from` {tiny_bundle} (a bundle without graph/feature vectors)" in got.out
+    assert "not a prepared crossrec dataset" in got.err
 
 
 def test_help_config_lists_every_settable_key_with_default_and_doc(capsys):

@@ -181,6 +181,8 @@ def test_submit_prepare_and_train_jobs_follow_to_success(ray_head, food_kitchen_
         f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
         "--",
         "train",
+        "--config",
+        "basic",
         "--data",
         str(tmp_path / "ds"),
         "--out",

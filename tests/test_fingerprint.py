@@ -52,7 +52,18 @@ def test_train_into_another_runs_folder_exits_2_naming_the_difference(tiny_fk, t
         fingerprint(Dataset.load(tiny_fk).content_hash, config_to_dict(load_config(overrides=["lr=0.001"]))),
     )
     (runs / "r1" / "checkpoint_000001").mkdir()
-    base = ["train", "--out", str(tmp_path / "b"), "--storage", str(runs), "--name", "r1", "--quiet"]
+    base = [
+        "train",
+        "--config",
+        "basic",
+        "--out",
+        str(tmp_path / "b"),
+        "--storage",
+        str(runs),
+        "--name",
+        "r1",
+        "--quiet",
+    ]
     assert main([*base, "--data", str(tiny_fk), "--set", "lr=0.01"]) == 2
     err = capsys.readouterr().err
     assert "was started with a different config (lr 0.001 -> 0.01)" in err and err.count("\n") == 1

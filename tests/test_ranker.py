@@ -40,7 +40,6 @@ FAST = [
     "batch_size=32",
     "valid_max_targets=0",
     "patience=0",
-    "ranker.enabled=true",
     "ranker.epochs=2",
     "ranker.top_n=30",
     "ranker.patience=0",
@@ -60,7 +59,8 @@ def small_ao(tmp_path_factory, art_office_csv):
 
 @pytest.fixture(scope="module")
 def ranked_bundle(ray_cluster, vector_cache, small_ao, tmp_path_factory):
-    """`crossrec train` with ranker.enabled: retriever, then ranker, both through Ray Train."""
+    """`crossrec train` without --config (the default, `recommended`: graph + attention fusion, then the ranker),
+    shortened by FAST: retriever, then ranker, both through Ray Train."""
     out = tmp_path_factory.mktemp("bundles") / "ao"
     assert (
         main(
@@ -108,6 +108,22 @@ def test_train_stores_a_ranker_in_the_bundle(ranked_bundle, capsys):
         "items.parquet",
     }
     assert load_bundle(ranked_bundle).has_ranker
+
+
+def test_train_without_config_trains_the_recommended_pipeline(ranked_bundle):
+    """No --config: the bundle is the built-in `recommended` (text + knowledge-graph vectors fused by attention,
+    then a ranker) with the command's --set values on top, and it serves with its ranker."""
+    from crossrec.config import config_to_dict
+    from crossrec.recommender import Recommender
+
+    cfg = json.loads((ranked_bundle / "bundle.json").read_text())["config"]
+    assert cfg["graph"]["enabled"] and cfg["fusion"] == "attention" and cfg["ranker"]["enabled"]
+    assert cfg["mode"] == "cached" and cfg["side_dims"] == [384]  # the graph block beside the text vector
+    derived = ("side_dims", "text_prior_decay", "text_prior_cross")  # set by training
+    expected = config_to_dict(load_config("recommended", FAST))
+    assert {k: v for k, v in cfg.items() if k not in derived} == {k: v for k, v in expected.items() if k not in derived}
+    assert (ranked_bundle / "ranker" / "model.safetensors").is_file()
+    assert Recommender.load(load_bundle(ranked_bundle)).ranker is not None
 
 
 def test_lists_hold_hard_negatives_of_validation_targets_only(parts):

@@ -24,6 +24,8 @@ def test_two_trains_at_once_each_on_its_own_local_ray(tiny_fk, tmp_path):
             "-m",
             "crossrec_cli",
             "train",
+            "--config",
+            "basic",
             "--data",
             str(tiny_fk),
             "--out",

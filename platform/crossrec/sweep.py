@@ -169,7 +169,7 @@ class SearchConfig:
 class SweepConfig:
     """A hyper-parameter sweep: what every trial shares, what varies, how trials are judged, scheduled and sized."""
 
-    base: dict = field(default_factory=dict)  # TrainConfig keys shared by every trial (as in `crossrec train --config`)
+    base: dict = field(default_factory=dict)  # TrainConfig keys every trial shares, over its defaults (`basic`)
     space: dict = field(default_factory=dict)  # dotted TrainConfig key -> ParamSpace
     metric: str = DEFAULT_METRIC  # reported each epoch by the trainer: valid/ndcg@10, valid/recall@10, valid/DOMAIN/...
     mode: str = "max"  # max or min: the direction in which `metric` is better (the training mode is `base.mode`)
