@@ -313,7 +313,11 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from serving.app import FAST_PATH_ENV, deploy
 
-    os.environ.update(MODES[a.mode] or FAST_PATH_ENV)  # before Ray starts: Serve reads them in each process
+    # Before Ray starts: Serve reads them in each process. ("proxy" is {}: Serve's defaults, not the fast path.)
+    env = FAST_PATH_ENV if MODES[a.mode] is None else MODES[a.mode]
+    for key in FAST_PATH_ENV.keys() - env.keys():
+        os.environ.pop(key, None)
+    os.environ.update(env)
     import ray
     from ray import serve
 
