@@ -422,29 +422,23 @@ class Recommender:
         if req.query is not None:  # the intent, read as the newest entry of the target domain
             history.append(core.HistoryItem(req.domain, vector=torch.tensor(next(vecs))))
 
-        def run() -> list[core.Recommendation]:
+        def run() -> tuple[list[core.Recommendation], float]:
+            """The recommendations and the seconds this compute step took (queueing for the thread excluded)."""
+            t = time.perf_counter()
             self._catch_up(st)
             size = len(st.rec.ids[req.domain])
             if req.k > size:
                 raise BadRequest(f"`k`: {req.k} is more than the {size} items of domain {req.domain!r}")
             try:
-                return st.rec.recommend(
+                recs = st.rec.recommend(
                     history, req.domain, k=req.k, exclude_seen=req.exclude_seen, explain=req.explain
                 )
             except (core.UnknownItem, core.UnknownDomain) as e:
                 raise BadRequest(str(e)) from None
-
-        timed = []
-
-        def timed_run() -> list[core.Recommendation]:
-            t = time.perf_counter()
-            try:
-                return run()
-            finally:
-                timed.append(time.perf_counter() - t)
+            return recs, time.perf_counter() - t
 
         t2 = time.perf_counter()
-        recs = await asyncio.get_running_loop().run_in_executor(self.pool, timed_run)
+        recs, compute = await asyncio.get_running_loop().run_in_executor(self.pool, run)
         t3 = time.perf_counter()
         self._reembed_later(st)
         query = f"history[{len(req.history)}]"  # how the core names the query entry
@@ -459,8 +453,8 @@ class Recommender:
         # where the replica's time went (text: the Encoder call; queue: waiting for the compute thread;
         # compute: retrieve, rank, explain), so a client can tell it from the network and the proxy.
         timing = (
-            f"text;dur={(t1 - t0) * 1e3:.2f}, queue;dur={(t3 - t2 - timed[0]) * 1e3:.2f}, "
-            f"compute;dur={timed[0] * 1e3:.2f}"
+            f"text;dur={(t1 - t0) * 1e3:.2f}, queue;dur={(t3 - t2 - compute) * 1e3:.2f}, "
+            f"compute;dur={compute * 1e3:.2f}"
         )
         return JSONResponse({"items": items, "model": st.version}, headers={"Server-Timing": timing})
 
