@@ -19,6 +19,7 @@ import ctypes.util
 import errno
 import fcntl
 import glob
+import hashlib
 import os
 import secrets
 import shutil
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["publishing", "building", "PublishError", "PUBLISH_STEPS", "PAUSE_ENV"]
+__all__ = ["publishing", "building", "PublishError", "PUBLISH_STEPS", "PAUSE_ENV", "file_sha256"]
 
 PUBLISH_STEPS = ("locked", "filled", "synced", "swapped", "published")
 PAUSE_ENV = "CROSSREC_PUBLISH_PAUSE"
@@ -206,3 +207,13 @@ def _pause(step: str, target: Path) -> None:
     if step in steps.split(","):
         print(f"crossrec: publishing {target} paused at {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: what a published dataset's manifest and a bundle's
+    bundle.json record for each of their files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import crossrec
-from crossrec.atomic import publishing
+from crossrec.atomic import file_sha256, publishing
 from crossrec.config import TrainConfig, config_from_dict, config_to_dict
 from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
@@ -163,18 +163,10 @@ def save_bundle(
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_hashes(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file `save_bundle` wrote (bundle.json itself excluded)."""
     return {
-        p.relative_to(root).as_posix(): _sha256(p)
+        p.relative_to(root).as_posix(): file_sha256(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "bundle.json"
     }
@@ -203,7 +195,7 @@ def verify_bundle(path: str | Path) -> str:
         f = path / rel
         if not f.is_file():
             raise ValueError(f"{path}: {rel} is missing (recorded in bundle.json)")
-        got = _sha256(f)
+        got = file_sha256(f)
         if got != want:
             raise ValueError(
                 f"{path}: {rel} changed since the bundle was written (sha256 {got[:12]}, "

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import crossrec
-from crossrec.atomic import publishing
+from crossrec.atomic import file_sha256, publishing
 from crossrec.ingest import read_source
 from crossrec.ingest.tables import CSV, JSONL, PARQUET
 from crossrec.schema import (
@@ -131,14 +131,6 @@ def _counts(items: pa.Table, inters: pa.Table) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare(
     sources: Sequence[str | Path],
     out: str | Path,
@@ -204,7 +196,7 @@ def _prepare_into(
         if tables[name] is None:
             continue
         pq.write_table(tables[name], tmp / f"{name}.parquet", compression="zstd")
-        hashes[f"{name}.parquet"] = _sha256(tmp / f"{name}.parquet")
+        hashes[f"{name}.parquet"] = file_sha256(tmp / f"{name}.parquet")
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"crossrec {crossrec.__version__}",
