@@ -143,7 +143,7 @@ def save_bundle(
             pq.write_table(pa.table(cols), tmp / "items" / f"{d}.parquet")
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, tmp / "adapter")
-        h = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+        h = file_sha256(tmp / "model.safetensors")
         meta = {
             "format": BUNDLE_FORMAT,
             "created_by": f"crossrec {crossrec.__version__}",
