@@ -1,11 +1,12 @@
-"""Test NDCG@10 of a bundle WITHOUT its popularity prior, for the "without the prior" columns of README's transfer
-tables: the same weights, gamma 0.
+"""Test NDCG@10 of a bundle WITHOUT its priors, for the "without the prior" columns of README's transfer tables:
+the same weights, beta 0 (no transition prior, crossrec.co_prior), then also gamma 0 (no popularity prior).
 
-    python bench/pop_prior_ablation.py as-trained BUNDLE DATASET            # gamma 0 in every domain
+    python bench/pop_prior_ablation.py as-trained BUNDLE DATASET            # with, beta 0, beta 0 and gamma 0
     python bench/pop_prior_ablation.py zero-shot BUNDLE DATASET DOMAIN      # calibrated as before the prior
 
-`as-trained` evaluates every domain under the bundle's protocol; `zero-shot` calibrates on DOMAIN's validation
-targets with `pop_prior` off (text prior and learned weight only) and evaluates DOMAIN. Prints one JSON line.
+`as-trained` evaluates every domain under the bundle's protocol (retrieval only: a ranker is not applied);
+`zero-shot` calibrates on DOMAIN's validation targets with `pop_prior` off (text prior and learned weight only) and
+evaluates DOMAIN. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def main(argv: list[str]) -> int:
     )
     scorer = bundle_scorer(bundle, data, splits)
     if kind == "as-trained":
-        scorer.pop_weight = {}
-        res = evaluate(splits, scorer, "test", ks=(10,))
-        print(json.dumps({d: m["ndcg@10"] for d, m in res.metrics.items()}))
+        out = {}
+        for name in ("with", "without_co", "without_priors"):
+            if name == "without_co":
+                scorer.co_weight = {}
+            if name == "without_priors":
+                scorer.pop_weight = {}
+            res = evaluate(splits, scorer, "test", ks=(10,))
+            out[name] = {d: m["ndcg@10"] for d, m in res.metrics.items()}
+        print(json.dumps(out))
     elif kind == "zero-shot":
         (domain,) = rest
         scorer.model = copy.deepcopy(scorer.model)

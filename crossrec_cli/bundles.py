@@ -85,6 +85,7 @@ def bundle_summary(path: Path) -> dict:
         "dataset": meta.get("dataset"),
         "config_changed": _changed(cfg),
         "pop_prior": meta.get("pop_prior"),
+        "co_prior": meta.get("co_prior"),
         "run": meta.get("run"),
         "valid": metrics.get("valid"),
         "test": metrics.get("test"),
@@ -125,6 +126,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(
             "prior    popularity, gamma per domain (chosen on validation): "
             + ", ".join(f"{d} {w:.4g} ({pop['window'].get(d, 'all')})" for d, w in pop["weights"].items())
+        )
+    co = s["co_prior"]
+    if co:
+        print(
+            "prior    transitions, beta per domain (chosen on validation): "
+            + ", ".join(f"{d} {w:.4g} (decay {co['decay'].get(d, 1.0):g})" for d, w in co["weights"].items())
         )
     if s["test"]:
         print(

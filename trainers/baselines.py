@@ -21,7 +21,7 @@ from crossrec.splits import Splits
 __all__ = ["SASREC", "sasrec_scorer"]
 
 # The usual SASRec settings for sparse Amazon data; dropout is high because ID embeddings overfit fast. The
-# baseline is SASRec as published: no popularity prior (crossrec.pop_prior).
+# baseline is SASRec as published: no popularity or transition prior (crossrec.pop_prior, crossrec.co_prior).
 SASREC = dict(
     item_encoder="id",
     dim=64,
@@ -33,6 +33,7 @@ SASREC = dict(
     patience=3,
     domain_dropout=0.0,
     pop_prior=False,
+    co_prior=False,
 )
 
 

@@ -161,6 +161,25 @@ def export_bundle(
                     for d, ch in choices.items()
                 )
             )
+    co_meta, co_pairs = None, None
+    if cfg.co_prior:  # beta per domain on validation targets (0 on the grid), after the popularity prior
+        from crossrec.co_prior import co_prior_meta, fit_co_prior
+        from crossrec.transitions import Transitions
+
+        transitions = Transitions.from_splits(splits)
+        co_choices = fit_co_prior(scorer, transitions, max_targets=cfg.valid_max_targets)
+        co_meta = co_prior_meta(co_choices, len(transitions))
+        if any(ch.weight for ch in co_choices.values()):
+            co_pairs = transitions.to_table(splits.item_ids, [splits.domains[k] for k in splits.item_domain])
+        if progress:
+            print(
+                "transition prior: "
+                + ", ".join(
+                    f"{d} beta {ch.weight:.4g} ({ch.relative:g} x spread, decay {ch.decay:g}; valid NDCG@10 "
+                    f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f})"
+                    for d, ch in co_choices.items()
+                )
+            )
     test = evaluate(splits, scorer, split="test", progress=progress and interactive(), desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
@@ -190,12 +209,14 @@ def export_bundle(
             "checkpoint": best.path,
             "libraries": _libraries(),
             **({"pop_prior": pop_meta} if pop_meta is not None else {}),
+            **({"co_prior": co_meta} if co_meta is not None else {}),
             **(extra or {}),
         },
         adapter_dir=adapter_dir,
         pop=None
         if scorer.pop is None
         else {d: scorer.pop[splits.offset[d] : splits.offset[d] + splits.n_items[d]].numpy() for d in splits.domains},
+        co=co_pairs,
     )
     shutil.rmtree(work, ignore_errors=True)
     if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose

@@ -4,6 +4,8 @@ bundle.json          format version, config, domains, backbone reference, data h
 model.safetensors    adaptor (or item embeddings) + user tower + temperature
 items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog; with the
                      popularity prior, pop (crossrec.pop_prior: p_i, gamma per domain in bundle.json "pop_prior")
+co_prior.parquet     the transition prior's pairs (crossrec.co_prior: src/dst domain and item_id, weight; beta and
+                     decay per domain in bundle.json "co_prior"), optional
 adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
 ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
 """
@@ -88,6 +90,18 @@ class Bundle:
             return None
         return np.asarray(t.column("pop").to_numpy(), dtype=np.float32)
 
+    @property
+    def co_weights(self) -> dict[str, tuple[float, float]]:
+        """Domain -> (beta, decay) of the transition prior chosen at training end (crossrec.co_prior), beta > 0
+        only; {} for a bundle trained without it or before it existed."""
+        meta = self.meta.get("co_prior") or {}
+        return {d: (float(w), float(meta["decay"][d])) for d, w in meta.get("weights", {}).items() if w}
+
+    def co_pairs(self) -> pa.Table | None:
+        """The transition prior's pairs (co_prior.parquet), or None when the bundle has none."""
+        f = self.path / "co_prior.parquet"
+        return pq.read_table(f) if self.co_weights and f.is_file() else None
+
     def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
         t = self.items[domain]
         vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
@@ -121,10 +135,12 @@ def save_bundle(
     extra: dict | None = None,
     adapter_dir: Path | None = None,
     pop: dict[str, np.ndarray] | None = None,
+    co: pa.Table | None = None,
 ) -> Path:
     """Writes a bundle with `crossrec.atomic.publishing` (lock, temporary sibling, fsync, atomic swap: a reader
     sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)); pop[domain] (n,): the
-    popularity prior's p of those items (a `pop` column). bundle.json records the sha256 of every file and their
+    popularity prior's p of those items (a `pop` column); co: the transition prior's pairs (co_prior.parquet,
+    `crossrec.co_prior.Transitions.to_table`). bundle.json records the sha256 of every file and their
     `content_hash` (`verify_bundle` checks them)."""
     path = Path(path)
     bad = [why for d in domains if (why := check_domain(d)) is not None]
@@ -141,6 +157,8 @@ def save_bundle(
             if pop is not None and d in pop:
                 cols["pop"] = pa.array(np.asarray(pop[d], dtype=np.float32))
             pq.write_table(pa.table(cols), tmp / "items" / f"{d}.parquet")
+        if co is not None:
+            pq.write_table(co, tmp / "co_prior.parquet")
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, tmp / "adapter")
         h = file_sha256(tmp / "model.safetensors")

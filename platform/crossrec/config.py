@@ -191,6 +191,12 @@ class TrainConfig:
         "add gamma * (the item's standardised log popularity in its domain) to retrieval scores, gamma chosen per "
         "domain on validation at training end, 0 included (see crossrec.pop_prior)",
     )
+    co_prior: bool = _doc(
+        True,
+        "add beta * log(1 + decayed training transitions from the user's history items to the item) to retrieval "
+        "scores, beta and the decay chosen per domain on validation at training end after the popularity prior, "
+        "0 included (see crossrec.co_prior)",
+    )
     n_negatives: int = _doc(128, "sampled negatives per domain and batch, on top of in-batch ones")
     domain_dropout: float = _doc(0.1, "chance to replace a domain id by 'unknown': trains the zero-shot path")
     epochs: int = _doc(8, "training epochs (early stopping may end sooner)")

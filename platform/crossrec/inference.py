@@ -134,8 +134,9 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
 def bundle_scorer(
     bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False, domains: list[str] | None = None
 ) -> ModelScorer:
-    """The bundle's retrieval scorer over `splits`' catalog, with the popularity prior it was trained with; the
-    gamma of each of `domains` (default: all), the domains to be scored, is reported in `params`."""
+    """The bundle's retrieval scorer over `splits`' catalog, with the popularity and transition priors it was
+    trained with; their weights in each of `domains` (default: all), the domains to be scored, are reported in
+    `params`."""
     scorer = ModelScorer(
         bundle.model, catalog_vectors(bundle, data, splits, progress), splits, domain_map_for(bundle.domains, splits)
     )
@@ -146,6 +147,21 @@ def bundle_scorer(
         shown = {d: w for d, w in weights.items() if domains is None or d in domains}
         if shown:
             scorer.params = {f"pop_weight[{d}]": round(w, 6) for d, w in shown.items()}
+    co = {d: bw for d, bw in bundle.co_weights.items() if d in splits.domain_code}
+    pairs = bundle.co_pairs() if co else None
+    if pairs is not None:
+        from crossrec.transitions import Transitions
+
+        names = [splits.domains[k] for k in splits.item_domain]
+        index = {(d, str(i)): k for k, (d, i) in enumerate(zip(names, splits.item_ids))}
+        scorer.co = Transitions.from_table(pairs, index, len(splits.item_ids))
+        scorer.co_weight = co
+        shown_co = {d: bw for d, bw in co.items() if domains is None or d in domains}
+        if shown_co:
+            scorer.params = {
+                **getattr(scorer, "params", {}),
+                **{f"co_weight[{d}]": f"{b:.6g} (decay {c:g})" for d, (b, c) in shown_co.items()},
+            }
     return scorer
 
 

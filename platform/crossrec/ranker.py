@@ -92,8 +92,8 @@ class RankRequest:
     history: list[tuple[str, str | None]]  # (domain, item_id or None for a text-only entry), oldest first
     history_vectors: np.ndarray  # (H, V) the model's item vectors of the history entries
     candidate_vectors: np.ndarray  # (N, V) the model's item vectors of the candidates
-    # (N,) the popularity prior's term in `retrieval_scores` (crossrec.pop_prior); None: no prior. Explanations
-    # re-read retrieval scores from other user vectors and add it back.
+    # (N,) the priors' term in `retrieval_scores` (crossrec.pop_prior, crossrec.co_prior); None: no prior.
+    # Explanations re-read retrieval scores from other user vectors and add it back.
     candidate_bias: np.ndarray | None = None
 
 
@@ -302,10 +302,7 @@ def candidate_lists(
     off, n = c.offset[batch.domain], c.n_items[batch.domain]
     users = scorer.user_vectors(batch.histories, batch.domain)  # (B, V)
     block = scorer.vecs[off : off + n]
-    full = users @ block.T  # (B, n)
-    bias = scorer.item_bias(batch.domain)  # the popularity prior: lists and their `retrieval` scores include it
-    if bias is not None:
-        full = full + bias
+    full = scorer.retrieval_scores(batch, users)  # (B, n) the priors included: lists and their `retrieval` scores
     for r, h in enumerate(batch.histories):
         own = h[(h >= off) & (h < off + n)] - off
         full[r, torch.from_numpy(own)] = -math.inf
@@ -538,12 +535,19 @@ class Ranker:
 
     @torch.inference_mode()
     def score_without(
-        self, req: RankRequest, users: np.ndarray, drop: list[int], cols: np.ndarray | None = None
+        self,
+        req: RankRequest,
+        users: np.ndarray,
+        drop: list[int],
+        cols: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B, N) scores of `req.candidates` with history entry `drop[b]` left out and `users[b]` (V,) as the user
         vector (retrieval scores re-read from it): explanations by occlusion of the ranked order, in one batch.
         Leaving an entry out is masking it: every feature reads the history through `hist_valid`. cols: only
-        the candidates at these positions, (B, C) (the list statistics still read all N)."""
+        the candidates at these positions, (B, C) (the list statistics still read all N). bias: (B, N) the priors'
+        term of the candidates with each entry left out (the transition prior depends on the history); default:
+        `req.candidate_bias` for every row."""
         one = self._request_list(req)
         b = len(drop)
         n = len(req.candidates) if cols is None else len(cols)
@@ -556,7 +560,9 @@ class Ranker:
             if p >= width - shown:
                 valid[r, p], rows[r, p], same[r, p] = False, -1, False
         scores = users_t @ one.cand[0].T  # (B, N)
-        if req.candidate_bias is not None:
+        if bias is not None:
+            scores = scores + torch.from_numpy(np.asarray(bias, dtype=np.float32)).reshape(b, -1)
+        elif req.candidate_bias is not None:
             scores = scores + torch.from_numpy(np.asarray(req.candidate_bias, dtype=np.float32)).reshape(1, -1)
         lists = ListBatch(
             user=users_t,

@@ -4,8 +4,9 @@
 Per domain it holds the catalog's item vectors (a dense index: exact inner-product top-k) plus the items added
 online, takes a history of known item ids (or precomputed item vectors for text-only entries), and returns the
 top-k items of the target domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered
-by it. Retrieval's score is the inner product plus the bundle's popularity prior (gamma * p, crossrec.pop_prior),
-as `crossrec evaluate` scores it; an item added online has the p of zero interactions. On request each item names
+by it. Retrieval's score is the inner product plus the bundle's popularity prior (gamma * p, crossrec.pop_prior)
+and transition prior (crossrec.co_prior), as `crossrec evaluate` scores it; an item added online has the p of zero
+interactions and no transitions. On request each item names
 the history entries that contributed most to the score it is ranked by (occlusion: how much that score drops when
 the entry is left out), computed in the same pass from the vectors already in hand.
 """
@@ -126,6 +127,21 @@ class Recommender:
             pop = bundle.item_pop(d) if d in self.pop_weight else None
             if pop is not None:
                 self.pop[d] = self._pop_block[d] = torch.from_numpy(pop.copy())
+        # Transition prior (crossrec.co_prior): (beta, decay) per domain and the pairs over the bundle's catalog,
+        # global index = the domain's offset (domains in sorted order) + its row; items added online have none.
+        self.co_weight = bundle.co_weights
+        self.co = None
+        self._co_off: dict[str, int] = {}
+        self._co_n: dict[str, int] = {}
+        pairs = bundle.co_pairs() if self.co_weight else None
+        if pairs is not None:
+            from crossrec.transitions import Transitions
+
+            index: dict[tuple[str, str], int] = {}
+            for d in sorted(self.ids):
+                self._co_off[d], self._co_n[d] = len(index), len(self.ids[d])
+                index.update({(d, iid): len(index) + k for k, iid in enumerate(self.ids[d])})
+            self.co = Transitions.from_table(pairs, index, len(index))
 
     @classmethod
     def load(cls, bundle: Bundle, **kwargs) -> Recommender:
@@ -247,10 +263,33 @@ class Recommender:
             )
         return u
 
-    def _bias(self, domain: str) -> torch.Tensor | None:
-        """(N,) the popularity prior's term gamma * p of the domain's items, or None without one."""
+    def _bias(self, domain: str, history: list[HistoryItem], drop: list[int] | None = None) -> torch.Tensor | None:
+        """(N,) the popularity prior's term gamma * p of the domain's items plus the transition prior's term of
+        `history`, or None without either; with `drop`, (B, N): the history with each drop position left out."""
         pop = self.pop.get(domain)
-        return None if pop is None else self.pop_weight[domain] * pop
+        out = None if pop is None else self.pop_weight[domain] * pop
+        beta, decay = self.co_weight.get(domain, (0.0, 1.0))
+        if self.co is None or not beta:
+            return out if drop is None or out is None else out.expand(len(drop), -1)
+        hidx = np.array(
+            [
+                self._co_off[h.domain] + self.pos[h.domain][h.item_id]
+                if h.domain in self._co_off
+                and h.item_id is not None
+                and self.pos[h.domain].get(h.item_id, self._co_n[h.domain]) < self._co_n[h.domain]
+                else -1
+                for h in history
+            ],
+            dtype=np.int64,
+        )
+        keeps = [hidx] if drop is None else [np.delete(hidx, i) for i in drop]
+        n = self._co_n[domain]
+        term = torch.zeros(len(keeps), len(self.ids[domain]))  # items added online (past n) have no transitions
+        term[:, :n] = torch.from_numpy(self.co.term(keeps, self._co_off[domain], n, decay).astype(np.float32))
+        co = beta * term
+        if out is not None:
+            co = co + out
+        return co[0] if drop is None else co
 
     def _score(
         self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
@@ -261,7 +300,7 @@ class Recommender:
         hvecs, hdoms = self._history(history)
         user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
         scores = self.vecs[domain] @ user  # (N,)
-        bias = self._bias(domain)
+        bias = self._bias(domain, history)
         if bias is not None:
             scores = scores + bias
         if exclude_seen:
@@ -314,7 +353,7 @@ class Recommender:
         else:
             from crossrec.ranker import RankRequest
 
-            bias = self._bias(domain)
+            bias = self._bias(domain, history)
             top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
             cand = self.vecs[domain][top.indices]  # (N, V)
             req = RankRequest(
@@ -367,11 +406,16 @@ class Recommender:
         ranker's score with a ranker (the order the user sees), else retrieval's."""
         first = max(0, len(history) - self.explain_history)
         loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(first, len(history))))
+        drop = list(range(first, len(history)))
+        # The priors with each entry left out: popularity's does not depend on the history (it cancels out), the
+        # transition prior's does.
+        bias = self._bias(domain, history, drop)  # (E, N) or None
         if ranked is None:
-            bias = self._bias(domain)  # the prior does not depend on the history: it cancels out
-            return final.unsqueeze(0) - (loo @ self.vecs[domain][rows].T + (0.0 if bias is None else bias[rows]))
+            return final.unsqueeze(0) - (loo @ self.vecs[domain][rows].T + (0.0 if bias is None else bias[:, rows]))
         req, order = ranked
         assert self.ranker is not None  # `ranked` comes from the ranker
-        drop = list(range(first, len(history)))
-        without = self.ranker.score_without(req, loo.numpy(), drop, cols=order.numpy())  # (E, k)
+        cand_rows = torch.tensor([self.pos[domain][c] for c in req.candidates], dtype=torch.long)
+        without = self.ranker.score_without(
+            req, loo.numpy(), drop, cols=order.numpy(), bias=None if bias is None else bias[:, cand_rows].numpy()
+        )  # (E, k)
         return final.unsqueeze(0) - torch.from_numpy(without)

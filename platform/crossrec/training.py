@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch
 from crossrec.config import TrainConfig
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, TargetBatch
+
+if TYPE_CHECKING:
+    from crossrec.transitions import Transitions
 
 __all__ = [
     "SequenceData",
@@ -274,7 +278,9 @@ class ModelScorer:
     maps the catalog's domain codes to the model's domain ids (unknown domains -> the unknown id).
     `learned_weight` scales the learned part of the score against the text prior (zero-shot calibration,
     crossrec.inference.calibrate_zero_shot; 1 = the model as trained). `pop` (N,) and `pop_weight` (domain ->
-    gamma) are the popularity prior (crossrec.pop_prior): gamma * pop is added to a domain's scores."""
+    gamma) are the popularity prior (crossrec.pop_prior): gamma * pop is added to a domain's scores. `co` (the
+    training transitions) and `co_weight` (domain -> (beta, decay)) are the transition prior (crossrec.co_prior):
+    beta * log(1 + decayed transitions from the history) is added too."""
 
     name = "crossrec"
 
@@ -296,6 +302,8 @@ class ModelScorer:
         self.learned_weight = 1.0
         self.pop: torch.Tensor | None = None  # (N,) standardised log popularity of each catalog item
         self.pop_weight: dict[str, float] = {}  # target domain -> gamma (absent or 0: no prior)
+        self.co: Transitions | None = None  # the training transitions over the catalog's global indices
+        self.co_weight: dict[str, tuple[float, float]] = {}  # target domain -> (beta, decay); absent: no prior
 
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray], target_domain: str) -> torch.Tensor:
@@ -323,6 +331,27 @@ class ModelScorer:
         off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
         return gamma * self.pop[off : off + n]
 
+    def history_bias(self, batch: TargetBatch) -> torch.Tensor | None:
+        """(B, n_items[domain]) the transition prior's term beta * log(1 + ...) of each history, or None."""
+        beta, decay = self.co_weight.get(batch.domain, (0.0, 1.0))
+        if not beta or self.co is None:
+            return None
+        off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
+        return beta * torch.from_numpy(self.co.term(batch.histories, off, n, decay).astype(np.float32))
+
+    def retrieval_scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_items[domain]) what retrieval ranks: the model's scores (from `users` when given) plus the
+        popularity and transition priors."""
+        if users is None:
+            scores = self.model_scores(batch)
+        else:
+            off, n = self.catalog.offset[batch.domain], self.catalog.n_items[batch.domain]
+            scores = users @ self.vecs[off : off + n].T
+        for bias in (self.item_bias(batch.domain), self.history_bias(batch)):
+            if bias is not None:
+                scores = scores + bias
+        return scores
+
     @torch.inference_mode()
     def model_scores(self, batch: TargetBatch) -> torch.Tensor:
         """(B, n_items[domain]) the model's scores alone, without the popularity prior."""
@@ -332,9 +361,7 @@ class ModelScorer:
 
     @torch.inference_mode()
     def __call__(self, batch: TargetBatch) -> np.ndarray:
-        scores = self.model_scores(batch)
-        bias = self.item_bias(batch.domain)
-        return (scores if bias is None else scores + bias).numpy()
+        return self.retrieval_scores(batch).numpy()
 
 
 def resolve_text_prior(cfg: TrainConfig, splits: Splits, vectors: np.ndarray) -> TrainConfig:
