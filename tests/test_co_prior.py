@@ -237,3 +237,35 @@ def test_a_bundle_without_the_prior_scores_without_it(setup, tmp_path):
     assert rec.co is None
     got = rec.recommend(_history(sp, batch.histories[0]), "kitchen", k=3, exclude_seen=False)
     np.testing.assert_allclose([g.score for g in got], np.sort(scorer(batch)[0])[::-1][:3], rtol=1e-5, atol=1e-5)
+
+
+def test_explanations_through_a_ranker_leave_the_entry_out_of_the_prior(setup, tmp_path):
+    """An untrained ranker scores exactly retrieval's score (its MLP starts at zero), so its explanations must equal
+    retrieval's: each entry's weight includes what that entry added through the transition prior. Reusing the
+    full history's prior for every left-out entry (the popularity prior's shortcut) would make them differ."""
+    from crossrec.bundle import load_bundle
+    from crossrec.ranker import FEATURES, Ranker, RankerConfig, RankerNet, build_item_table
+    from crossrec.recommender import Recommender
+
+    data, sp, cfg, *_ = setup
+    bundle = load_bundle(_save(setup, tmp_path))
+    torch.manual_seed(0)
+    ranker = Ranker(
+        RankerNet(len(FEATURES), len(bundle.domains), 8),
+        build_item_table(sp, bundle.domains),
+        RankerConfig(top_n=20),
+        32,
+        cfg.max_len,
+    )
+    plain, ranked = Recommender(bundle), Recommender(bundle, ranker)
+    hist = _history(sp, sp.batch(sp.targets("valid", "kitchen")[:1], "kitchen").histories[0])
+    a = plain.recommend(hist, "kitchen", k=5, explain=True, exclude_seen=False)
+    b = ranked.recommend(hist, "kitchen", k=5, explain=True, exclude_seen=False)
+    assert [x.item_id for x in a] == [x.item_id for x in b]
+    for x, y in zip(a, b):
+        assert [r["item_id"] for r in x.reasons] == [r["item_id"] for r in y.reasons]
+        np.testing.assert_allclose([r["weight"] for r in x.reasons], [r["weight"] for r in y.reasons], atol=2e-4)
+    # The transition prior is a real part of these weights: the last food item's weight exceeds what the model
+    # alone loses without it.
+    top = a[0]
+    assert top.reasons[0]["item_id"] == hist[-1].item_id and top.reasons[0]["weight"] > 1.0

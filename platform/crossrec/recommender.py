@@ -293,9 +293,9 @@ class Recommender:
 
     def _score(
         self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
-    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
-        """History vectors (H, V) and domain ids (H,), the user vector (V,), and the scores (N,) of every item of
-        `domain` (-inf where masked)."""
+    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """History vectors (H, V) and domain ids (H,), the user vector (V,), the scores (N,) of every item of
+        `domain` (-inf where masked), and the priors' term (N,) in them (None without priors)."""
         self.check_domain(domain)
         hvecs, hdoms = self._history(history)
         user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
@@ -316,11 +316,11 @@ class Recommender:
             idx = [self.pos[domain][c] for c in candidates if c in self.pos[domain]]
             mask[idx] = 0
             scores = scores + mask
-        return hvecs, hdoms, user, scores
+        return hvecs, hdoms, user, scores, bias
 
     def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
         """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
-        hvecs, _, user, scores = self._score(history, domain, exclude_seen)
+        hvecs, _, user, scores, _ = self._score(history, domain, exclude_seen)
         top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
         return Candidates(
             item_ids=[self.ids[domain][j] for j in top.indices.tolist()],
@@ -344,7 +344,7 @@ class Recommender:
         `candidates`), then, with a ranker, retrieval's top `n_candidates` (default: the ranker's top_n)
         re-ordered by it; `explain` adds to each returned item the history entries whose removal lowers the
         score it is ranked by the most (among the last `explain_history` entries)."""
-        hvecs, hdoms, user, scores = self._score(history, domain, exclude_seen, candidates)
+        hvecs, hdoms, user, scores, bias = self._score(history, domain, exclude_seen, candidates)
         finite = int(torch.isfinite(scores).sum())
         if self.ranker is None:
             top = torch.topk(scores, min(k, finite))
@@ -353,7 +353,6 @@ class Recommender:
         else:
             from crossrec.ranker import RankRequest
 
-            bias = self._bias(domain, history)
             top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
             cand = self.vecs[domain][top.indices]  # (N, V)
             req = RankRequest(

@@ -1,0 +1,56 @@
+"""What the transition prior (crossrec.co_prior) costs a request: in-process `Recommender.recommend` (the code a Serve
+replica runs, with the bundle's ranker if it has one) on the same seeded requests with the bundle's transition
+prior and with it switched off (beta 0), alternating, after a warm-up. Prints median and p99 per setting.
+
+    .venv/bin/python bench/prior_latency.py --bundle out/bench/in-fk-co/bundle [--requests 300] [--explain-frac 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+from crossrec.bundle import load_bundle
+from crossrec.recommender import HistoryItem, Recommender
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--explain-frac", type=float, default=0.2)
+    a = ap.parse_args()
+    rec = Recommender.load(load_bundle(a.bundle))
+    if not rec.co_weight:
+        raise SystemExit(f"{a.bundle}: the bundle has no transition prior (beta 0 in every domain)")
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(a.requests):
+        hist = []
+        for _ in range(rng.randint(1, 10)):
+            d = rng.choice(rec.domains)
+            hist.append(HistoryItem(domain=d, item_id=rng.choice(rec.ids[d])))
+        reqs.append((hist, rng.choice(rec.domains), rng.random() < a.explain_frac))
+    weights = rec.co_weight
+    times: dict[str, list[float]] = {"with the transition prior": [], "without (beta 0)": []}
+    for h, d, e in reqs[:20]:  # warm-up
+        rec.recommend(h, d, k=10, explain=e)
+    for h, d, e in reqs:
+        for name, w in (("with the transition prior", weights), ("without (beta 0)", {})):
+            rec.co_weight = w
+            t = time.perf_counter()
+            rec.recommend(h, d, k=10, explain=e)
+            times[name].append(time.perf_counter() - t)
+    rec.co_weight = weights
+    print(f"{a.requests} requests, explain share {a.explain_frac}, ranker: {rec.ranker is not None}")
+    print("| setting | median ms | p99 ms |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {1e3 * np.median(ts):.2f} | {1e3 * np.percentile(ts, 99):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
