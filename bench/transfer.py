@@ -164,8 +164,12 @@ def cmd_table(a) -> int:
         import matplotlib.pyplot as plt
 
         panels = [r for r in results if r["kind"] != "ablation"]
-        fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.6), squeeze=False)
-        for ax, r in zip(axes[0], panels):
+        cols = min(4, max(1, len(panels)))
+        rows = -(-max(1, len(panels)) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, r in zip(axes.flat, panels):
             dom = "all" if r["kind"] != "lodo" else r["hold_out"]
             names = list(r["ndcg@10"])
             ax.bar(range(len(names)), [r["ndcg@10"][m].get(dom) or 0 for m in names], color="tab:blue")
