@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crossrec.metrics import metrics_from_ranks, rank_targets
-from crossrec.pop_prior import _subset
+from crossrec.metrics import rank_targets
+from crossrec.pop_prior import _subset, grid_best
 from crossrec.training import ModelScorer
 from crossrec.transitions import LAGS, Transitions
 
@@ -93,21 +93,7 @@ def choose_co_prior(
                         ranks[(c, k)].append(ranks[(decays[0], 0)][-1])  # beta 0 does not depend on the decay
                         continue
                     ranks[(c, k)].append(rank_targets(base + g * spread * term, tcol, mask))
-        ndcg = {
-            c: [
-                float(
-                    metrics_from_ranks(np.concatenate(ranks[(c, k)]) if rows.size else np.zeros(0), (10,))["ndcg@10"]
-                    or 0.0
-                )
-                for k in range(len(grid))
-            ]
-            for c in decays
-        }
-        best_c, best_k = decays[0], 0
-        for c in decays:
-            for k in range(len(grid)):
-                if ndcg[c][k] > ndcg[best_c][best_k]:
-                    best_c, best_k = c, k
+        ndcg, best_c, best_k = grid_best(ranks, decays, len(grid))
         out[d] = CoChoice(
             weight=float(grid[best_k] * spread),
             relative=float(grid[best_k]),

@@ -21,6 +21,7 @@ value the catalog's own never-seen items had when gamma was chosen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "window_counts",
     "standardised_log_pop",
     "choose_pop_prior",
+    "grid_best",
     "apply_pop_prior",
     "fit_pop_prior",
     "pop_prior_meta",
@@ -45,6 +47,7 @@ __all__ = [
 
 GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # x the spread of the model's scores; 0 first: ties keep it
 WINDOWS = ("all", "recent")
+T = TypeVar("T")  # a grid option: a window name or a decay
 RECENT_SHARE = 0.1  # "recent": the last 10% of a domain's training interactions (by time)
 
 
@@ -101,6 +104,30 @@ def _subset(rows: np.ndarray, max_targets: int) -> np.ndarray:
     return rows
 
 
+def grid_best(
+    ranks: dict[tuple[T, int], list[np.ndarray]], options: tuple[T, ...], n_grid: int
+) -> tuple[dict[T, list[float]], T, int]:
+    """NDCG@10 per (option, grid point) from the ranks collected for each, and the best pair: ties keep the
+    earlier option and the smaller grid point (the grid starts at 0: the scores without the prior). Shared by the
+    popularity prior (options: windows) and the transition prior (options: decays)."""
+    ndcg = {
+        o: [
+            float(
+                metrics_from_ranks(np.concatenate(ranks[(o, k)]) if ranks[(o, k)] else np.zeros(0), (10,))["ndcg@10"]
+                or 0.0
+            )
+            for k in range(n_grid)
+        ]
+        for o in options
+    }
+    best_o, best_k = options[0], 0
+    for o in options:
+        for k in range(n_grid):
+            if ndcg[o][k] > ndcg[best_o][best_k]:
+                best_o, best_k = o, k
+    return ndcg, best_o, best_k
+
+
 def choose_pop_prior(
     scorer: ModelScorer,
     domains: list[str] | None = None,
@@ -137,21 +164,7 @@ def choose_pop_prior(
                         ranks[(w, k)].append(ranks[(windows[0], 0)][-1])  # gamma 0 does not depend on the window
                         continue
                     ranks[(w, k)].append(rank_targets(scores + g * spread * pops[w][0][None, :], tcol, mask))
-        ndcg = {
-            w: [
-                float(
-                    metrics_from_ranks(np.concatenate(ranks[(w, k)]) if rows.size else np.zeros(0), (10,))["ndcg@10"]
-                    or 0.0
-                )
-                for k in range(len(grid))
-            ]
-            for w in windows
-        }
-        best_w, best_k = windows[0], 0
-        for w in windows:
-            for k in range(len(grid)):
-                if ndcg[w][k] > ndcg[best_w][best_k]:
-                    best_w, best_k = w, k
+        ndcg, best_w, best_k = grid_best(ranks, windows, len(grid))
         pop, cold = pops[best_w]
         out[d] = PopChoice(
             weight=float(grid[best_k] * spread),
