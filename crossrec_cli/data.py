@@ -20,11 +20,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         identity=args.identity,
         force=args.force,
         progress=not args.quiet,
+        identity_canonical=[p for p in (args.identity_canonical or "").split(",") if p],
     )
     c = man["counts"]
     print(f"wrote {args.out}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions")
     for d, dc in c["domains"].items():
         print(f"  {d:<12} {dc['users']:>8,} users {dc['items']:>8,} items {dc['interactions']:>9,} interactions")
+    ident = man["report"].get("identity")
+    if ident:
+        print(
+            f"  identity: {ident['interactions_mapped']:,} interactions mapped, {ident['interactions_unmapped']:,} "
+            f"not; {ident['users_on_2_or_more_platforms']:,} users on 2 or more platforms after the merge"
+        )
     for what, n in {**man["skipped"], **{k: v for k, v in man["report"].items() if isinstance(v, int)}}.items():
         if n:
             print(f"  {what}: {n:,}")
@@ -56,7 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--identity",
         metavar="FILE",
-        help="identity table (platform, platform_user_id, user_id) unifying users across platforms",
+        help="identity table (platform, platform_user_id, user_id) unifying users across platforms; users it "
+        "does not list become PLATFORM:ID (never merged by accident) unless their platform is canonical",
+    )
+    sp.add_argument(
+        "--identity-canonical",
+        metavar="PLATFORM[,PLATFORM]",
+        help="platforms whose user ids already are the unified ids: their users keep their id, so the identity "
+        "table only needs to list the other platforms' users (a platform is the `platform` column, else the domain)",
     )
     sp.add_argument("--force", action="store_true", help="replace DATASET if it exists")
     add_quiet(sp)

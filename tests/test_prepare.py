@@ -167,6 +167,59 @@ def test_identity_table_unifies_users_across_platforms(tmp_path, food_kitchen_cs
     assert (tmp_path / "ds" / "identity.parquet").is_file()
 
 
+def test_identity_canonical_platform_merges_users_across_platforms(tmp_path, food_kitchen_csv, capsys):
+    """Kitchen is a second platform with its own user ids; food's ids are the unified ids (canonical). The identity
+    table lists every other kitchen user: exactly those of them who also use food become one user on both."""
+    from crossrec_cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(food_kitchen_csv, src)
+    rows = _rows(src / "interactions.csv")
+    food_users = {r["user_id"] for r in rows if r["domain"] == "food"}
+    kitchen_users = sorted({r["user_id"] for r in rows if r["domain"] == "kitchen"})
+    for r in rows:
+        if r["domain"] == "kitchen":
+            r["user_id"] = "k-" + r["user_id"]
+    with open(src / "interactions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    mapped = kitchen_users[::2]  # every other kitchen user is listed
+    with open(tmp_path / "identity.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["platform", "platform_user_id", "user_id"])
+        for u in mapped:
+            w.writerow(["kitchen", "k-" + u, u])
+    expected = sorted(set(mapped) & food_users)
+    assert expected  # the slice has users of both domains among the mapped half
+
+    def both_platforms(path):
+        inter = Dataset.load(path).interactions
+        doms: dict[str, set] = {}
+        for u, d in zip(inter.column("user_id").to_pylist(), inter.column("domain").to_pylist()):
+            doms.setdefault(u, set()).add(d)
+        return sorted(u for u, ds in doms.items() if len(ds) > 1)
+
+    # Without a canonical platform, food's unlisted users are namespaced: nobody merges.
+    man = prepare([src], tmp_path / "plain", identity=tmp_path / "identity.csv", progress=False)
+    assert man["report"]["identity"]["users_on_2_or_more_platforms"] == 0 and both_platforms(tmp_path / "plain") == []
+    # With food canonical, the mapped kitchen users are the food users of the same id: exactly those merge.
+    argv = ["prepare", str(src), "--out", str(tmp_path / "ds"), "--identity", str(tmp_path / "identity.csv")]
+    assert main([*argv, "--identity-canonical", "food", "--quiet"]) == 0
+    assert both_platforms(tmp_path / "ds") == expected
+    man = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert man["report"]["identity"]["users_on_2_or_more_platforms"] == len(expected)
+    assert man["report"]["identity"]["canonical_platforms"] == ["food"]
+    assert f"{len(expected):,} users on 2 or more platforms after the merge" in capsys.readouterr().out
+    # A platform that is not in the data, or a canonical platform without an identity table: one clear line.
+    assert main([*argv[:3], str(tmp_path / "x"), *argv[4:], "--identity-canonical", "fod", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--identity-canonical: unknown platform 'fod' (platforms: food, kitchen)" in err
+    assert main(["prepare", str(src), "--out", str(tmp_path / "y"), "--identity-canonical", "food", "--quiet"]) == 2
+    assert "--identity-canonical needs --identity" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_identity_conflict_is_refused(tmp_path, food_kitchen_csv):
     (tmp_path / "identity.csv").write_text("platform,platform_user_id,user_id\nfood,u000001,a\nfood,u000001,b\n")
     with pytest.raises(DataError, match=r"identity.csv: column 'user_id' row 2: food/u000001 is mapped to 'b'"):

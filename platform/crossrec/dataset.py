@@ -84,20 +84,46 @@ class Dataset:
         return self.manifest["content_hash"]
 
 
-def _apply_identity(inters: pa.Table, identity: pa.Table) -> tuple[pa.Table, dict]:
-    """Maps (platform, platform_user_id) to the unified user_id. The platform of an interaction is its
-    `platform` column, else its domain. Unmapped users become `platform:id`, so raw ids of two platforms
-    never merge by accident."""
-    platform = inters.column("platform") if "platform" in inters.column_names else inters.column("domain")
+def _platform(inters: pa.Table) -> pa.ChunkedArray:
+    """The platform of each interaction: its `platform` column, else its domain."""
+    return inters.column("platform") if "platform" in inters.column_names else inters.column("domain")
+
+
+def _apply_identity(inters: pa.Table, identity: pa.Table, canonical: Sequence[str] = ()) -> tuple[pa.Table, dict]:
+    """Maps (platform, platform_user_id) to the unified user_id. Unmapped users of a `canonical` platform (whose ids
+    already are the unified ids) keep their id; those of other platforms become `platform:id`, so raw ids of two
+    platforms never merge by accident."""
+    platform = _platform(inters)
+    known = set(pc.unique(platform).to_pylist())
+    for c in canonical:
+        if c not in known:
+            raise DataError(f"--identity-canonical: unknown platform {c!r} (platforms: {', '.join(sorted(known))})")
     keys = pc.binary_join_element_wise(platform, inters.column("user_id"), "\x1f")
     id_keys = pc.binary_join_element_wise(identity.column("platform"), identity.column("platform_user_id"), "\x1f")
     idx = pc.index_in(keys, value_set=id_keys)
     mapped = pc.take(identity.column("user_id"), pc.fill_null(idx, 0))
     fallback = pc.binary_join_element_wise(platform, inters.column("user_id"), ":")
+    if canonical:
+        own = pc.is_in(platform, value_set=pa.array(list(canonical), pa.string()))
+        fallback = pc.if_else(own, inters.column("user_id"), fallback)
     user = pc.if_else(pc.is_null(idx), fallback, mapped)
     n_unmapped = idx.null_count
     out = inters.set_column(inters.column_names.index("user_id"), "user_id", user)
-    return out, {"interactions_mapped": inters.num_rows - n_unmapped, "interactions_unmapped": n_unmapped}
+    return out, {
+        "interactions_mapped": inters.num_rows - n_unmapped,
+        "interactions_unmapped": n_unmapped,
+        "canonical_platforms": list(canonical),
+    }
+
+
+def users_on_platforms(inters: pa.Table, at_least: int = 2) -> int:
+    """Users with interactions on `at_least` platforms (the cross-platform users a merge is for)."""
+    per = (
+        pa.table({"u": inters.column("user_id"), "p": _platform(inters)})
+        .group_by("u")
+        .aggregate([("p", "count_distinct")])
+    )
+    return int(pc.sum(pc.greater_equal(per.column("p_count_distinct"), at_least)).as_py() or 0)
 
 
 def _sort_interactions(inters: pa.Table) -> pa.Table:
@@ -139,8 +165,10 @@ def prepare(
     identity: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    identity_canonical: Sequence[str] = (),
 ) -> dict:
-    """Reads, validates and writes a dataset; returns its manifest.
+    """Reads, validates and writes a dataset; returns its manifest. identity_canonical: platforms whose user ids
+    already are the unified ids (their users merge with the identity table's user_id values).
 
     Published with `crossrec.atomic.publishing`: the writer lock is taken first (a concurrent `prepare` of the
     same `out` is refused at once), the dataset is built in a temporary sibling and swapped into place only when
@@ -151,11 +179,13 @@ def prepare(
         raise DataError(f"{out}: already exists; pass --force to replace it")
     if not sources:
         raise DataError("no source given")
+    if identity_canonical and identity is None:
+        raise DataError("--identity-canonical needs --identity (the table that maps the other platforms' ids)")
     steps = ["read"] * len(sources) + ["validate", "sort", "write"]
     bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=not progress)
     try:
         with publishing(out, replace=force, exists_hint="pass --force to replace it") as tmp:
-            manifest = _prepare_into(tmp, sources, fmt, domain, identity, bar)
+            manifest = _prepare_into(tmp, sources, fmt, domain, identity, bar, identity_canonical)
         bar.update()
         return manifest
     finally:
@@ -163,7 +193,13 @@ def prepare(
 
 
 def _prepare_into(
-    tmp: Path, sources: Sequence[str | Path], fmt: str, domain: str | None, identity: str | Path | None, bar: tqdm
+    tmp: Path,
+    sources: Sequence[str | Path],
+    fmt: str,
+    domain: str | None,
+    identity: str | Path | None,
+    bar: tqdm,
+    canonical: Sequence[str] = (),
 ) -> dict:
     read = []
     for src in sources:
@@ -179,7 +215,8 @@ def _prepare_into(
     ident = None
     if ident_src:
         ident = pa.concat_tables([validate_identity(s) for s in ident_src])
-        inters, report["identity"] = _apply_identity(inters, ident)
+        inters, report["identity"] = _apply_identity(inters, ident, canonical)
+        report["identity"]["users_on_2_or_more_platforms"] = users_on_platforms(inters)
     skipped: dict[str, int] = {}
     for s in read:
         for k, v in s.skipped.items():
