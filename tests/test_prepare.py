@@ -134,26 +134,33 @@ def test_exact_duplicate_items_are_merged_and_counted(tmp_path, art_office_csv):
     assert man["counts"]["items"] == len(_rows(art_office_csv / "items.csv"))
 
 
-def test_identity_table_unifies_users_across_platforms(tmp_path, food_kitchen_csv):
-    # Pretend food and kitchen are two platforms with their own user ids: rename kitchen users, then
-    # give an identity table that maps them back for half of them.
+def _kitchen_platform(tmp_path, food_kitchen_csv, pick):
+    """A copy of the slice where kitchen is a second platform with its own user ids (`k-` + id), and
+    tmp_path/identity.csv maps the kitchen users `pick(sorted kitchen users)` back to their ids.
+    Returns (source folder, the original rows, sorted kitchen users, food users)."""
     src = tmp_path / "src"
     shutil.copytree(food_kitchen_csv, src)
     rows = _rows(src / "interactions.csv")
+    food_users = {r["user_id"] for r in rows if r["domain"] == "food"}
     kitchen_users = sorted({r["user_id"] for r in rows if r["domain"] == "kitchen"})
-    for r in rows:
-        if r["domain"] == "kitchen":
-            r["user_id"] = "k-" + r["user_id"]
+    renamed = [{**r, "user_id": "k-" + r["user_id"]} if r["domain"] == "kitchen" else r for r in rows]
     with open(src / "interactions.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
-    mapped = kitchen_users[: len(kitchen_users) // 2]
+        w.writerows(renamed)
     with open(tmp_path / "identity.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["platform", "platform_user_id", "user_id"])
-        for u in mapped:
+        for u in pick(kitchen_users):
             w.writerow(["kitchen", "k-" + u, u])
+    return src, rows, kitchen_users, food_users
+
+
+def test_identity_table_unifies_users_across_platforms(tmp_path, food_kitchen_csv):
+    # Pretend food and kitchen are two platforms with their own user ids: rename kitchen users, then
+    # give an identity table that maps them back for half of them.
+    src, rows, kitchen_users, _ = _kitchen_platform(tmp_path, food_kitchen_csv, lambda users: users[: len(users) // 2])
+    mapped = kitchen_users[: len(kitchen_users) // 2]
     man = prepare([src], tmp_path / "ds", identity=tmp_path / "identity.csv", progress=False)
     ds = Dataset.load(tmp_path / "ds")
     users = set(ds.interactions.column("user_id").to_pylist())
@@ -172,24 +179,8 @@ def test_identity_canonical_platform_merges_users_across_platforms(tmp_path, foo
     table lists every other kitchen user: exactly those of them who also use food become one user on both."""
     from crossrec_cli import main
 
-    src = tmp_path / "src"
-    shutil.copytree(food_kitchen_csv, src)
-    rows = _rows(src / "interactions.csv")
-    food_users = {r["user_id"] for r in rows if r["domain"] == "food"}
-    kitchen_users = sorted({r["user_id"] for r in rows if r["domain"] == "kitchen"})
-    for r in rows:
-        if r["domain"] == "kitchen":
-            r["user_id"] = "k-" + r["user_id"]
-    with open(src / "interactions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    src, _, kitchen_users, food_users = _kitchen_platform(tmp_path, food_kitchen_csv, lambda users: users[::2])
     mapped = kitchen_users[::2]  # every other kitchen user is listed
-    with open(tmp_path / "identity.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["platform", "platform_user_id", "user_id"])
-        for u in mapped:
-            w.writerow(["kitchen", "k-" + u, u])
     expected = sorted(set(mapped) & food_users)
     assert expected  # the slice has users of both domains among the mapped half
 
