@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crossrec.metrics import rank_targets
-from crossrec.pop_prior import _subset, grid_best
+from crossrec.pop_prior import _subset, check_grid, grid_search
 from crossrec.training import ModelScorer
 from crossrec.transitions import LAGS, Transitions
 
@@ -67,33 +66,27 @@ def choose_co_prior(
     """Per domain, the (decay, beta) of the best validation NDCG@10 of the scorer's scores (model and popularity
     prior, without any transition prior it holds) plus beta * term. Ties keep the earlier decay and the smaller
     beta; a domain without validation targets gets beta 0. Nothing is changed: `fit_co_prior` installs it."""
-    if grid[0] != 0.0:
-        raise ValueError(f"`grid` must start with 0 (the scores without the prior), got {grid[0]!r}")
+    check_grid(grid)
     splits = scorer.catalog
     out = {}
     for d in list(domains or splits.domains):
         off, n = splits.offset[splits.check_domain(d)], splits.n_items[d]
         rows = _subset(splits.targets("valid", d), max_targets)
-        ranks: dict[tuple[float, int], list[np.ndarray]] = {(c, k): [] for c in decays for k in range(len(grid))}
-        spread = 0.0
-        bs = max(64, min(2048, int(1.6e7 // max(n, 1))))
-        for s in range(0, len(rows), bs):
-            batch = splits.batch(rows[s : s + bs], d)
-            scores = scorer.model_scores(batch)
-            bias = scorer.item_bias(d)
-            base = (scores if bias is None else scores + bias).numpy().astype(np.float64)
-            if s == 0:  # the grid's unit, from the first batch (the subset is fixed: deterministic)
-                spread = float(base.std(axis=1).mean())
-            mask = [h[(h >= off) & (h < off + n)] - off for h in batch.histories]
-            tcol = splits.row_item[batch.rows] - off
-            for c in decays:
-                term = transitions.term(batch.histories, off, n, c)
-                for k, g in enumerate(grid):
-                    if k == 0 and c != decays[0]:
-                        ranks[(c, k)].append(ranks[(decays[0], 0)][-1])  # beta 0 does not depend on the decay
-                        continue
-                    ranks[(c, k)].append(rank_targets(base + g * spread * term, tcol, mask))
-        ndcg, best_c, best_k = grid_best(ranks, decays, len(grid))
+
+        def base(batch):  # the model and the popularity prior (none of the transition prior the scorer holds)
+            scores, bias = scorer.model_scores(batch), scorer.item_bias(batch.domain)
+            return (scores if bias is None else scores + bias).numpy().astype(np.float64)
+
+        ndcg, best_c, best_k, spread = grid_search(
+            splits,
+            d,
+            rows,
+            base,
+            lambda batch, c: transitions.term(batch.histories, off, n, c),
+            decays,
+            grid,
+            max(64, min(2048, int(1.6e7 // max(n, 1)))),
+        )
         out[d] = CoChoice(
             weight=float(grid[best_k] * spread),
             relative=float(grid[best_k]),

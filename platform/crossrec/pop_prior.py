@@ -20,6 +20,7 @@ value the catalog's own never-seen items had when gamma was chosen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ import torch
 
 from crossrec.baselines.popularity import Popularity
 from crossrec.metrics import metrics_from_ranks, rank_targets
-from crossrec.splits import Splits
+from crossrec.splits import Splits, TargetBatch
 from crossrec.training import ModelScorer
 
 __all__ = [
@@ -39,7 +40,8 @@ __all__ = [
     "window_counts",
     "standardised_log_pop",
     "choose_pop_prior",
-    "grid_best",
+    "check_grid",
+    "grid_search",
     "apply_pop_prior",
     "fit_pop_prior",
     "pop_prior_meta",
@@ -104,28 +106,61 @@ def _subset(rows: np.ndarray, max_targets: int) -> np.ndarray:
     return rows
 
 
-def grid_best(
-    ranks: dict[tuple[T, int], list[np.ndarray]], options: tuple[T, ...], n_grid: int
-) -> tuple[dict[T, list[float]], T, int]:
-    """NDCG@10 per (option, grid point) from the ranks collected for each, and the best pair: ties keep the
-    earlier option and the smaller grid point (the grid starts at 0: the scores without the prior). Shared by the
-    popularity prior (options: windows) and the transition prior (options: decays)."""
+def check_grid(grid: tuple[float, ...]) -> None:
+    if grid[0] != 0.0:
+        raise ValueError(f"`grid` must start with 0 (the scores without the prior), got {grid[0]!r}")
+
+
+def grid_search(
+    splits: Splits,
+    domain: str,
+    rows: np.ndarray,
+    base: Callable[[TargetBatch], np.ndarray],
+    term: Callable[[TargetBatch, T], np.ndarray],
+    options: tuple[T, ...],
+    grid: tuple[float, ...],
+    batch_size: int,
+) -> tuple[dict[T, list[float]], T, int, float]:
+    """Re-ranks the validation targets `rows` of `domain` by base + g * spread * term(option) for every option and
+    grid point g, from one `base` per batch: (NDCG@10 per option and grid point, the best option, the best grid
+    point's index, spread). spread is the mean per-user std of `base` over the first batch (the grid's unit;
+    `rows` is a fixed subset, so it is deterministic). Ties keep the earlier option and the smaller grid point;
+    grid[0] must be 0 (base alone, the same for every option). Shared by the popularity prior (options: windows)
+    and the transition prior (options: decays)."""
+    check_grid(grid)
+    off, n = splits.offset[domain], splits.n_items[domain]
+    ranks: dict[tuple[T, int], list[np.ndarray]] = {(o, k): [] for o in options for k in range(len(grid))}
+    spread = 0.0
+    for s in range(0, len(rows), batch_size):
+        batch = splits.batch(rows[s : s + batch_size], domain)
+        scores = base(batch)
+        if s == 0:
+            spread = float(scores.std(axis=1).mean())
+        mask = [h[(h >= off) & (h < off + n)] - off for h in batch.histories]
+        tcol = splits.row_item[batch.rows] - off
+        for o in options:
+            t = term(batch, o)
+            for k, g in enumerate(grid):
+                if k == 0 and o != options[0]:
+                    ranks[(o, k)].append(ranks[(options[0], 0)][-1])  # grid point 0 does not depend on the option
+                    continue
+                ranks[(o, k)].append(rank_targets(scores + g * spread * t, tcol, mask))
     ndcg = {
         o: [
             float(
                 metrics_from_ranks(np.concatenate(ranks[(o, k)]) if ranks[(o, k)] else np.zeros(0), (10,))["ndcg@10"]
                 or 0.0
             )
-            for k in range(n_grid)
+            for k in range(len(grid))
         ]
         for o in options
     }
     best_o, best_k = options[0], 0
     for o in options:
-        for k in range(n_grid):
+        for k in range(len(grid)):
             if ndcg[o][k] > ndcg[best_o][best_k]:
                 best_o, best_k = o, k
-    return ndcg, best_o, best_k
+    return ndcg, best_o, best_k, spread
 
 
 def choose_pop_prior(
@@ -139,32 +174,24 @@ def choose_pop_prior(
     from `scorer.catalog`'s training window. The model's scores are computed once per batch (without any prior the
     scorer holds) and every grid point re-ranks them. Ties keep the earlier window and the smaller gamma; a domain
     without validation targets gets gamma 0. Nothing is changed: `apply_pop_prior` installs the choice."""
-    if grid[0] != 0.0:
-        raise ValueError(f"`grid` must start with 0 (the model without the prior), got {grid[0]!r}")
+    check_grid(grid)
     splits = scorer.catalog
     counts = {w: window_counts(splits, w) for w in windows}
     out = {}
     for d in list(domains or splits.domains):
-        off, n = splits.offset[splits.check_domain(d)], splits.n_items[d]
+        n = splits.n_items[splits.check_domain(d)]
         pops = {w: standardised_log_pop(splits, counts[w], d) for w in windows}
         rows = _subset(splits.targets("valid", d), max_targets)
-        ranks: dict[tuple[str, int], list[np.ndarray]] = {(w, k): [] for w in windows for k in range(len(grid))}
-        spread = 0.0
-        bs = max(64, min(4096, int(3.2e7 // max(n, 1))))
-        for s in range(0, len(rows), bs):
-            batch = splits.batch(rows[s : s + bs], d)
-            scores = scorer.model_scores(batch).numpy().astype(np.float64)  # (B, n) the model alone
-            if s == 0:  # the grid's unit, from the first batch (the subset is fixed, so this is deterministic)
-                spread = float(scores.std(axis=1).mean())
-            mask = [h[(h >= off) & (h < off + n)] - off for h in batch.histories]
-            tcol = splits.row_item[batch.rows] - off
-            for w in windows:
-                for k, g in enumerate(grid):
-                    if k == 0 and w != windows[0]:
-                        ranks[(w, k)].append(ranks[(windows[0], 0)][-1])  # gamma 0 does not depend on the window
-                        continue
-                    ranks[(w, k)].append(rank_targets(scores + g * spread * pops[w][0][None, :], tcol, mask))
-        ndcg, best_w, best_k = grid_best(ranks, windows, len(grid))
+        ndcg, best_w, best_k, spread = grid_search(
+            splits,
+            d,
+            rows,
+            lambda batch: scorer.model_scores(batch).numpy().astype(np.float64),  # (B, n) the model alone
+            lambda batch, w: pops[w][0][None, :],
+            windows,
+            grid,
+            max(64, min(4096, int(3.2e7 // max(n, 1)))),
+        )
         pop, cold = pops[best_w]
         out[d] = PopChoice(
             weight=float(grid[best_k] * spread),
