@@ -374,7 +374,7 @@ class Recommender:
         ]
         if explain and len(history) and len(recs):
             drop = self._explain(
-                hvecs, hdoms, history, domain, user, rows, final, None if req is None else (req, order)
+                hvecs, hdoms, history, domain, user, rows, final, None if req is None else (req, order, top.indices)
             )  # (E, k)
             first = len(history) - drop.shape[0]
             for c, rec in enumerate(recs):
@@ -404,16 +404,15 @@ class Recommender:
         """(E, k) score lost by each returned item when each of the last E history entries is left out: the
         ranker's score with a ranker (the order the user sees), else retrieval's."""
         first = max(0, len(history) - self.explain_history)
-        loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(range(first, len(history))))
         drop = list(range(first, len(history)))
+        loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(drop))
         # The priors with each entry left out: popularity's does not depend on the history (it cancels out), the
         # transition prior's does.
         bias = self._bias(domain, history, drop)  # (E, N) or None
         if ranked is None:
             return final.unsqueeze(0) - (loo @ self.vecs[domain][rows].T + (0.0 if bias is None else bias[:, rows]))
-        req, order = ranked
+        req, order, cand_rows = ranked  # cand_rows: the catalog rows of req.candidates
         assert self.ranker is not None  # `ranked` comes from the ranker
-        cand_rows = torch.tensor([self.pos[domain][c] for c in req.candidates], dtype=torch.long)
         without = self.ranker.score_without(
             req, loo.numpy(), drop, cols=order.numpy(), bias=None if bias is None else bias[:, cand_rows].numpy()
         )  # (E, k)
