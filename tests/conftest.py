@@ -156,3 +156,75 @@ def cross_fk(tmp_path_factory, food_kitchen_csv) -> Path:
     out = root / "fk"
     prepare([_subset(food_kitchen_csv, root / "fk-src", 200, extra_items=10, cross_domain=True)], out, progress=False)
     return out
+
+
+# -- helpers shared by the prior tests (test_pop_prior, test_co_prior) ----------------------------------------
+def fk_items(food_kitchen_csv: Path, n: int) -> dict[str, list[dict]]:
+    """The first n real items (their rows of items.csv) of each domain of the food-kitchen slice."""
+    import csv
+
+    with open(food_kitchen_csv / "items.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {d: [r for r in rows if r["domain"] == d][:n] for d in ("food", "kitchen")}
+
+
+def prepare_constructed(folder: Path, items: list[dict], interactions: list[dict]) -> Path:
+    """Writes items.csv and interactions.csv under folder/src and prepares them as folder/fk."""
+    import csv
+
+    from crossrec.dataset import prepare
+
+    src = folder / "src"
+    src.mkdir()
+    for name, table in (("items.csv", items), ("interactions.csv", interactions)):
+        with open(src / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+    prepare([src], folder / "fk", progress=False)
+    return folder / "fk"
+
+
+def untrained_cold_user_setup(path: Path):
+    """Cold-user splits (cold_fraction 0.5) of the prepared slice at `path` and an untrained text model: it starts
+    as textknn (adaptor on the catalog's principal components, the text prior at its initial weight). Returns
+    (data, splits, config, model, item vectors, a function making a fresh ModelScorer)."""
+    import numpy as np
+    import torch
+
+    from crossrec.config import TrainConfig
+    from crossrec.dataset import Dataset
+    from crossrec.inference import backbone_vectors
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import Splits
+    from crossrec.training import ModelScorer
+
+    data = Dataset.load(path)
+    sp = Splits(data, protocol="cold-user", cold_fraction=0.5)
+    vecs = torch.from_numpy(backbone_vectors(data, sp, "minilm", "", 64))
+    cfg = TrainConfig(
+        dim=32, layers=1, text_prior_decay=0.6, text_prior_cross=0.1, protocol="cold-user", cold_fraction=0.5
+    )
+    torch.manual_seed(0)
+    model = CrossRecModel(cfg, len(sp.domains), in_dim=vecs.shape[1]).eval()
+    model.adaptor.init_from_vectors(vecs)
+    with torch.inference_mode():
+        item_vecs = model.item_vectors(vecs)
+
+    def scorer():
+        return ModelScorer(model, item_vecs, sp, np.arange(len(sp.domains)))
+
+    return data, sp, cfg, model, item_vecs, scorer
+
+
+def bundle_items(data, sp, item_vecs) -> dict:
+    """save_bundle's `items`: per domain (ids, titles, vectors) in the splits' catalog order."""
+    titles = data.items.take(sp.item_row).column("title").to_pylist()
+    return {
+        d: (
+            sp.item_ids[sp.offset[d] : sp.offset[d] + sp.n_items[d]].tolist(),
+            titles[sp.offset[d] : sp.offset[d] + sp.n_items[d]],
+            item_vecs[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy(),
+        )
+        for d in sp.domains
+    }

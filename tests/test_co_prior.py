@@ -5,16 +5,12 @@ explain alike; older bundles load without it. Real MiniLM vectors, no Ray."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
+from conftest import bundle_items, fk_items, prepare_constructed, untrained_cold_user_setup
 
-from crossrec.config import TrainConfig
-from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate, top_k_lists
-from crossrec.splits import Splits
 
 N_USERS = 160
 
@@ -24,11 +20,7 @@ def next_fk(tmp_path_factory, food_kitchen_csv):
     """Constructed: 40 real food and 40 real kitchen items of the food-kitchen slice (real titles); each user buys
     3 food items, then 3 kitchen items, the first of which is NEXT[the last food item] (a fixed random mapping
     the item texts know nothing of), the others random (seeded). Returns (prepared dataset, NEXT as item ids)."""
-    from crossrec.dataset import prepare
-
-    with open(food_kitchen_csv / "items.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    items = {d: [r for r in rows if r["domain"] == d][:40] for d in ("food", "kitchen")}
+    items = fk_items(food_kitchen_csv, 40)
     rng = np.random.default_rng(1)
     nxt = rng.permutation(40)
     inter = []
@@ -38,15 +30,7 @@ def next_fk(tmp_path_factory, food_kitchen_csv):
         seq = [("food", int(k)) for k in food] + [("kitchen", k) for k in kitchen]
         for t, (d, k) in enumerate(seq):
             inter.append({"user_id": f"u{u:03d}", "item_id": items[d][k]["item_id"], "domain": d, "timestamp": t})
-    src = tmp_path_factory.mktemp("next") / "src"
-    src.mkdir()
-    for name, table in (("items.csv", items["food"] + items["kitchen"]), ("interactions.csv", inter)):
-        with open(src / name, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
-    out = src.parent / "fk"
-    prepare([src], out, progress=False)
+    out = prepare_constructed(tmp_path_factory.mktemp("next"), items["food"] + items["kitchen"], inter)
     mapping = {items["food"][k]["item_id"]: items["kitchen"][int(nxt[k])]["item_id"] for k in range(40)}
     return out, mapping
 
@@ -54,27 +38,8 @@ def next_fk(tmp_path_factory, food_kitchen_csv):
 @pytest.fixture(scope="module")
 def setup(vector_cache, next_fk):
     """Cold-user splits of the slice and an untrained text model (it starts as textknn)."""
-    from crossrec.inference import backbone_vectors
-    from crossrec.model import CrossRecModel
-    from crossrec.training import ModelScorer
-
     path, mapping = next_fk
-    data = Dataset.load(path)
-    sp = Splits(data, protocol="cold-user", cold_fraction=0.5)
-    vecs = torch.from_numpy(backbone_vectors(data, sp, "minilm", "", 64))
-    cfg = TrainConfig(
-        dim=32, layers=1, text_prior_decay=0.6, text_prior_cross=0.1, protocol="cold-user", cold_fraction=0.5
-    )
-    torch.manual_seed(0)
-    model = CrossRecModel(cfg, len(sp.domains), in_dim=vecs.shape[1]).eval()
-    model.adaptor.init_from_vectors(vecs)
-    with torch.inference_mode():
-        item_vecs = model.item_vectors(vecs)
-
-    def scorer():
-        return ModelScorer(model, item_vecs, sp, np.arange(len(sp.domains)))
-
-    return data, sp, cfg, model, item_vecs, scorer, mapping
+    return (*untrained_cold_user_setup(path), mapping)
 
 
 def _key(sp, k):
@@ -149,15 +114,7 @@ def _save(setup, tmp_path, with_prior: bool = True):
         t = Transitions.from_splits(sp)
         extra["co_prior"] = co_prior_meta(fit_co_prior(scorer, t), len(t))
         co = t.to_table(sp.item_ids, [sp.domains[k] for k in sp.item_domain])
-    titles = data.items.take(sp.item_row).column("title").to_pylist()
-    items = {
-        d: (
-            sp.item_ids[sp.offset[d] : sp.offset[d] + sp.n_items[d]].tolist(),
-            titles[sp.offset[d] : sp.offset[d] + sp.n_items[d]],
-            item_vecs[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy(),
-        )
-        for d in sp.domains
-    }
+    items = bundle_items(data, sp, item_vecs)
     path = tmp_path / ("with" if with_prior else "without")
     save_bundle(path, model, cfg, sp.domains, 384, None, items, {}, data.content_hash, extra=extra, pop=pop, co=co)
     return path

@@ -8,13 +8,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import bundle_items, fk_items, prepare_constructed, untrained_cold_user_setup
 
 from crossrec.baselines import Popularity
-from crossrec.config import TrainConfig
-from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate, top_k_lists
-from crossrec.splits import Splits
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +19,7 @@ def hits_fk(tmp_path_factory, food_kitchen_csv):
     """A slice where popularity clearly helps, constructed: 60 real items per domain of the food-kitchen slice
     (their real titles), 120 users with 4 interactions in one domain, then 4 in the other; each interaction is
     one of the domain's 5 "hits" with chance 0.6, else any of its items (seeded)."""
-    import csv
-
-    from crossrec.dataset import prepare
-
-    with open(food_kitchen_csv / "items.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    items = {d: [r for r in rows if r["domain"] == d][:60] for d in ("food", "kitchen")}
+    items = fk_items(food_kitchen_csv, 60)
     rng = np.random.default_rng(0)
     inter = []
     for u in range(120):
@@ -39,42 +30,14 @@ def hits_fk(tmp_path_factory, food_kitchen_csv):
                 k = int(rng.integers(5)) if rng.random() < 0.6 else int(rng.integers(len(items[d])))
                 inter.append({"user_id": f"u{u:03d}", "item_id": items[d][k]["item_id"], "domain": d, "timestamp": t})
                 t += 1
-    src = tmp_path_factory.mktemp("hits") / "src"
-    src.mkdir()
-    for name, table in (("items.csv", items["food"] + items["kitchen"]), ("interactions.csv", inter)):
-        with open(src / name, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
-    out = src.parent / "fk"
-    prepare([src], out, progress=False)
-    return out
+    return prepare_constructed(tmp_path_factory.mktemp("hits"), items["food"] + items["kitchen"], inter)
 
 
 @pytest.fixture(scope="module")
 def setup(vector_cache, hits_fk):
     """Cold-user splits of the slice, and an untrained text model (it starts as textknn: adaptor on the catalog's
     principal components, the text prior at its initial weight)."""
-    from crossrec.inference import backbone_vectors
-    from crossrec.model import CrossRecModel
-    from crossrec.training import ModelScorer
-
-    data = Dataset.load(hits_fk)
-    sp = Splits(data, protocol="cold-user", cold_fraction=0.5)
-    vecs = torch.from_numpy(backbone_vectors(data, sp, "minilm", "", 64))
-    cfg = TrainConfig(
-        dim=32, layers=1, text_prior_decay=0.6, text_prior_cross=0.1, protocol="cold-user", cold_fraction=0.5
-    )
-    torch.manual_seed(0)
-    model = CrossRecModel(cfg, len(sp.domains), in_dim=vecs.shape[1]).eval()
-    model.adaptor.init_from_vectors(vecs)
-    with torch.inference_mode():
-        item_vecs = model.item_vectors(vecs)
-
-    def scorer():
-        return ModelScorer(model, item_vecs, sp, np.arange(len(sp.domains)))
-
-    return data, sp, cfg, model, item_vecs, scorer
+    return untrained_cold_user_setup(hits_fk)
 
 
 def _valid_ndcg(sp, scorer, domain):
@@ -118,15 +81,7 @@ def _save(setup, tmp_path, with_prior: bool = True):
     if with_prior:
         extra["pop_prior"] = pop_prior_meta(fit_pop_prior(scorer))
         pop = {d: scorer.pop[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy() for d in sp.domains}
-    titles = data.items.take(sp.item_row).column("title").to_pylist()
-    items = {
-        d: (
-            sp.item_ids[sp.offset[d] : sp.offset[d] + sp.n_items[d]].tolist(),
-            titles[sp.offset[d] : sp.offset[d] + sp.n_items[d]],
-            item_vecs[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy(),
-        )
-        for d in sp.domains
-    }
+    items = bundle_items(data, sp, item_vecs)
     path = tmp_path / ("with" if with_prior else "without")
     save_bundle(path, model, cfg, sp.domains, 384, None, items, {}, data.content_hash, extra=extra, pop=pop)
     return path
