@@ -1,4 +1,4 @@
-"""What the transition prior (crossrec.co_prior) costs a request: in-process `Recommender.recommend` (the code a Serve
+"""What the transition prior (crossrec.priors.transition) costs a request: in-process `Recommender.recommend` (the code a Serve
 replica runs, with the bundle's ranker if it has one) on the same seeded requests with the bundle's transition
 prior and with it switched off (beta 0), alternating, after a warm-up. Prints median and p99 per setting.
 
@@ -31,7 +31,8 @@ def main() -> int:
     if a.fit_data:
         return fit_time(a.bundle, a.fit_data)
     rec = Recommender.load(load_bundle(a.bundle))
-    if not rec.co_weight:
+    co = next((p for p in rec.retriever.priors if p.name == "transition"), None)
+    if co is None or not co.weight:
         raise SystemExit(f"{a.bundle}: the bundle has no transition prior (beta 0 in every domain)")
     rng = random.Random(0)
     reqs = []
@@ -41,17 +42,17 @@ def main() -> int:
             d = rng.choice(rec.domains)
             hist.append(HistoryItem(domain=d, item_id=rng.choice(rec.ids[d])))
         reqs.append((hist, rng.choice(rec.domains), rng.random() < a.explain_frac))
-    weights = rec.co_weight
+    weights = co.weight
     times: dict[str, list[float]] = {"with the transition prior": [], "without (beta 0)": []}
     for h, d, e in reqs[:20]:  # warm-up
         rec.recommend(h, d, k=10, explain=e)
     for h, d, e in reqs:
         for name, w in (("with the transition prior", weights), ("without (beta 0)", {})):
-            rec.co_weight = w
+            co.weight = w
             t = time.perf_counter()
             rec.recommend(h, d, k=10, explain=e)
             times[name].append(time.perf_counter() - t)
-    rec.co_weight = weights
+    co.weight = weights
     print(f"{a.requests} requests, explain share {a.explain_frac}, ranker: {rec.ranker is not None}")
     print("| setting | median ms | p99 ms |\n|---|---|---|")
     for name, ts in times.items():
@@ -60,26 +61,26 @@ def main() -> int:
 
 
 def fit_time(bundle_path: str, data_path: str) -> int:
-    from crossrec.co_prior import choose_co_prior
     from crossrec.dataset import Dataset
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
+    from crossrec.priors import make_prior
+    from crossrec.priors.base import choose
     from crossrec.splits import splits_for
-    from crossrec.transitions import Transitions
 
     bundle, data = load_bundle(bundle_path), Dataset.load(data_path)
     splits = splits_for(data, bundle.config, training=True)
-    scorer = bundle_scorer(bundle, data, splits)
-    scorer.co_weight = {}  # chosen over the model and the popularity prior, as at training end
+    retriever = bundle_retriever(bundle, data, splits)
+    # Chosen over the model and the priors before it, as at training end.
+    retriever.priors = [p for p in retriever.priors if p.name != "transition"] + [make_prior("transition", splits)]
+    prior = retriever.priors[-1]
     t0 = time.perf_counter()
-    transitions = Transitions.from_splits(splits)
+    prior.fit(splits)
     t1 = time.perf_counter()
-    choices = choose_co_prior(scorer, transitions, max_targets=bundle.config.valid_max_targets)
+    choices = choose(retriever, prior, max_targets=bundle.config.valid_max_targets)
     t2 = time.perf_counter()
-    print(f"{len(transitions):,} pairs counted in {t1 - t0:.1f} s; beta and decay chosen in {t2 - t1:.1f} s")
-    for d, ch in choices.items():
-        print(
-            f"  {d}: beta {ch.relative:g} x spread, decay {ch.decay:g}, valid NDCG@10 {ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f}"
-        )
+    print(f"{len(prior.transitions):,} pairs counted in {t1 - t0:.1f} s; weight and decay chosen in {t2 - t1:.1f} s")
+    for d in choices:
+        print(f"  {prior.describe(d)}")
     return 0
 
 

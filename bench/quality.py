@@ -27,7 +27,7 @@ from crossrec.bundle import load_bundle
 from crossrec.config import RunSettings, TrainConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
-from crossrec.inference import bundle_scorer, calibrate_zero_shot
+from crossrec.inference import bundle_retriever, calibrate_zero_shot
 from crossrec.splits import Splits
 
 
@@ -123,7 +123,7 @@ def main() -> int:
     meta, t, m = train(a.data, out / "crossrec", cfg, a.workers)
     costs["crossrec"] = (t, m)
     bundle = load_bundle(out / "crossrec")
-    retrieval = bundle_scorer(bundle, data, splits)
+    retrieval = bundle_retriever(bundle, data, splits)
     if bundle.has_ranker:  # the pipeline is crossrec; its first stage alone is reported beside it
         from crossrec.ranker import RankedScorer, load_ranker
 
@@ -139,7 +139,7 @@ def main() -> int:
         # Retrieval only: the ranker's features (popularity, graph) are fitted on the training dataset. The text
         # prior's weights and the learned part's are chosen on the other dataset's validation split, as
         # textknn's are (calibrate_zero_shot); the uncalibrated bundle is shown too.
-        zero = bundle_scorer(load_bundle(out / "crossrec"), other, osp)
+        zero = bundle_retriever(load_bundle(out / "crossrec"), other, osp)
         zres = {"crossrec zero-shot, as trained": evaluate(osp, zero)}
         report["zero_shot_calibration"] = calibrate_zero_shot(zero)
         zres["crossrec zero-shot"] = evaluate(osp, zero)
@@ -163,7 +163,7 @@ def main() -> int:
                 (f"{d}: zero-shot (pre only)", f"pre-{d}", (t2, m2)),
                 (f"{d}: pre + fine-tune", f"ft-{d}", (t3, max(m2, m3))),
             ):
-                tres[label] = evaluate(splits, bundle_scorer(load_bundle(out / b), data, splits), domains=[d])
+                tres[label] = evaluate(splits, bundle_retriever(load_bundle(out / b), data, splits), domains=[d])
                 tcost[label] = cost
             print(table(f"\ntransfer to {d}", {k: v for k, v in tres.items() if k.startswith(d)}, [d], tcost))
         report["runs"]["transfer"] = {k: {"metrics": r.metrics, "cost_s_gib": tcost[k]} for k, r in tres.items()}

@@ -53,11 +53,11 @@ def _baseline_names(args: argparse.Namespace) -> list[str]:
     return baselines
 
 
-def _bundle_scorers(bundle, data, splits, domains: list[str] | None, args: argparse.Namespace) -> dict:
+def _bundle_retrievers(bundle, data, splits, domains: list[str] | None, args: argparse.Namespace) -> dict:
     """The bundle's scorers: `crossrec` (the full pipeline: ranker over retrieval when the bundle has one),
     `crossrec-retrieval` beside a ranker, and on a dataset it never saw both the calibrated model and the model
     `crossrec-as-trained` (calibration is fitted on validation; --as-trained keeps the model as trained only)."""
-    from crossrec.inference import bundle_scorer, calibrate_zero_shot
+    from crossrec.inference import bundle_retriever, calibrate_zero_shot
 
     scorers = {}
     evaluated = domains or splits.domains
@@ -67,7 +67,7 @@ def _bundle_scorers(bundle, data, splits, domains: list[str] | None, args: argpa
             f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
             f"text with {bundle.config.backbone}"
         )
-    scorers["crossrec"] = bundle_scorer(bundle, data, splits, progress=not args.quiet, domains=evaluated)
+    scorers["crossrec"] = bundle_retriever(bundle, data, splits, progress=not args.quiet, domains=evaluated)
     if unseen == evaluated and not args.as_trained:  # a whole new dataset: calibrated on its validation split
         import copy
 
@@ -134,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for d in domains or []:
         if d not in splits.domains:
             raise UsageError(f"--domains: unknown domain {d!r} (domains in {args.data}: {', '.join(splits.domains)})")
-    scorers = {} if bundle is None else _bundle_scorers(bundle, data, splits, domains, args)
+    scorers = {} if bundle is None else _bundle_retrievers(bundle, data, splits, domains, args)
     # Text baselines (textknn) use the bundle's backbone, template and truncation, else the training defaults;
     # --backbone overrides the backbone.
     text_cfg = bundle.config if bundle is not None else TrainConfig()

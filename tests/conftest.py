@@ -188,16 +188,15 @@ def prepare_constructed(folder: Path, items: list[dict], interactions: list[dict
 def untrained_cold_user_setup(path: Path):
     """Cold-user splits (cold_fraction 0.5) of the prepared slice at `path` and an untrained text model: it starts
     as textknn (adaptor on the catalog's principal components, the text prior at its initial weight). Returns
-    (data, splits, config, model, item vectors, a function making a fresh ModelScorer)."""
-    import numpy as np
+    (data, splits, config, model, item vectors, a function making a fresh Retriever without priors)."""
     import torch
 
     from crossrec.config import TrainConfig
     from crossrec.dataset import Dataset
     from crossrec.inference import backbone_vectors
     from crossrec.model import CrossRecModel
+    from crossrec.retrieval import Retriever
     from crossrec.splits import Splits
-    from crossrec.training import ModelScorer
 
     data = Dataset.load(path)
     sp = Splits(data, protocol="cold-user", cold_fraction=0.5)
@@ -212,7 +211,7 @@ def untrained_cold_user_setup(path: Path):
         item_vecs = model.item_vectors(vecs)
 
     def scorer():
-        return ModelScorer(model, item_vecs, sp, np.arange(len(sp.domains)))
+        return Retriever(model, sp, item_vecs, sp.domains)
 
     return data, sp, cfg, model, item_vecs, scorer
 
@@ -228,3 +227,35 @@ def bundle_items(data, sp, item_vecs) -> dict:
         )
         for d in sp.domains
     }
+
+
+def fit_priors(retriever, names: list[str], domains: list[str] | None = None) -> dict:
+    """Adds the named priors to `retriever` (over its Splits), fits them on the training rows and chooses their
+    weights on validation in order, as training's end does. Returns {name: {domain: Choice}}."""
+    from crossrec.priors import make_prior
+    from crossrec.priors.base import choose
+
+    out = {}
+    for name in names:
+        prior = make_prior(name, retriever.catalog)
+        retriever.priors.append(prior)
+        prior.fit(retriever.catalog)
+        out[name] = choose(retriever, prior, domains)
+    return out
+
+
+def save_with_priors(path, data, sp, cfg, model, item_vecs, retriever):
+    """A bundle of the untrained setup's model with `retriever`'s priors (save_bundle)."""
+    from crossrec.bundle import BundleContents, save_bundle
+
+    contents = BundleContents(
+        model,
+        cfg,
+        list(sp.domains),
+        bundle_items(data, sp, item_vecs),
+        {},
+        data.content_hash,
+        in_dim=384,
+        priors=retriever.priors,
+    )
+    return save_bundle(path, contents)

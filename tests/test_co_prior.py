@@ -1,4 +1,4 @@
-"""The transition prior (crossrec.co_prior) on a tiny real slice: the transitions are counted from training rows
+"""The transition prior (crossrec.priors.transition) on a tiny real slice: the transitions are counted from training rows
 only (the cold-user protocol's hidden rows never count), beta is chosen on validation targets and moves the lists
 to the items users went on to, the bundle stores it, the evaluation scorer and the serving Recommender score and
 explain alike; older bundles load without it. Real MiniLM vectors, no Ray."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_items, fk_items, prepare_constructed, untrained_cold_user_setup
+from conftest import fit_priors, fk_items, prepare_constructed, save_with_priors, untrained_cold_user_setup
 
 from crossrec.evaluation import evaluate, top_k_lists
 
@@ -47,7 +47,7 @@ def _key(sp, k):
 
 
 def test_transitions_count_training_rows_only(setup):
-    from crossrec.co_prior import LAGS, Transitions
+    from crossrec.priors.transition import LAGS, Transitions
 
     data, sp, *_ = setup
     t = Transitions.from_splits(sp)
@@ -75,12 +75,10 @@ def test_transitions_count_training_rows_only(setup):
 
 
 def test_beta_is_chosen_on_validation_and_moves_lists_to_what_users_went_on_to(setup):
-    from crossrec.co_prior import Transitions, fit_co_prior
-
     data, sp, cfg, model, item_vecs, make, mapping = setup
     scorer = make()
     before = evaluate(sp, scorer, "valid", ks=(10,), domains=["kitchen"]).metrics["kitchen"]["ndcg@10"]
-    choices = fit_co_prior(scorer, Transitions.from_splits(sp), domains=["kitchen"])
+    choices = fit_priors(scorer, ["transition"], domains=["kitchen"])["transition"]
     ch = choices["kitchen"]
     assert ch.weight > 0 and ch.valid_ndcg10 > ch.base_ndcg10 + 0.2
     assert ch.base_ndcg10 == pytest.approx(before)
@@ -101,23 +99,10 @@ def test_beta_is_chosen_on_validation_and_moves_lists_to_what_users_went_on_to(s
 
 
 def _save(setup, tmp_path, with_prior: bool = True):
-    from crossrec.bundle import save_bundle
-    from crossrec.co_prior import Transitions, co_prior_meta, fit_co_prior
-    from crossrec.pop_prior import fit_pop_prior, pop_prior_meta
-
     data, sp, cfg, model, item_vecs, make, _ = setup
     scorer = make()
-    extra: dict = {"pop_prior": pop_prior_meta(fit_pop_prior(scorer))}
-    pop = {d: scorer.pop[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy() for d in sp.domains}
-    co = None
-    if with_prior:
-        t = Transitions.from_splits(sp)
-        extra["co_prior"] = co_prior_meta(fit_co_prior(scorer, t), len(t))
-        co = t.to_table(sp.item_ids, [sp.domains[k] for k in sp.item_domain])
-    items = bundle_items(data, sp, item_vecs)
-    path = tmp_path / ("with" if with_prior else "without")
-    save_bundle(path, model, cfg, sp.domains, 384, None, items, {}, data.content_hash, extra=extra, pop=pop, co=co)
-    return path
+    fit_priors(scorer, ["popularity", "transition"] if with_prior else ["popularity"])
+    return save_with_priors(tmp_path / ("with" if with_prior else "without"), data, sp, cfg, model, item_vecs, scorer)
 
 
 def _history(sp, h):
@@ -128,19 +113,19 @@ def _history(sp, h):
 
 def test_serving_and_evaluation_score_and_explain_alike(setup, tmp_path):
     from crossrec.bundle import load_bundle
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from crossrec.recommender import Recommender
 
     data, sp, *_ = setup
     bundle = load_bundle(_save(setup, tmp_path))
-    assert bundle.co_weights["kitchen"][0] > 0 and bundle.co_pairs() is not None
-    scorer = bundle_scorer(bundle, data, sp)
-    assert scorer.co is not None and "co_weight[kitchen]" in scorer.params
+    assert bundle.meta["co_prior"]["weights"]["kitchen"] > 0 and (bundle.path / "co_prior.parquet").is_file()
+    scorer = bundle_retriever(bundle, data, sp)
+    assert [p.name for p in scorer.priors] == ["popularity", "transition"] and "co_weight[kitchen]" in scorer.params
     rec = Recommender(bundle)
     off = sp.offset["kitchen"]
     batch = sp.batch(sp.targets("valid", "kitchen")[:6], "kitchen")
     full = scorer(batch)  # what `crossrec evaluate` ranks
-    assert scorer.history_bias(batch) is not None
+    assert scorer.prior_terms("kitchen", batch.histories, upto=None) is not None
     for r, h in enumerate(batch.histories):
         got = rec.recommend(_history(sp, h), "kitchen", k=10, exclude_seen=False)
         top = np.argsort(-full[r], kind="stable")[:10]
@@ -162,36 +147,35 @@ def test_serving_and_evaluation_score_and_explain_alike(setup, tmp_path):
     vec = rec.vecs["kitchen"][0].clone()
     rec.upsert("kitchen", "new-item", "a new item", vec)
     got = {g.item_id: g.score for g in rec.recommend(hist, "kitchen", k=len(rec.ids["kitchen"]), exclude_seen=False)}
-    beta, decay = bundle.co_weights["kitchen"]
+    pop, co = rec.retriever.priors
+    beta = co.weight["kitchen"]
     hidx = np.array([sp.offset[h.domain] + rec.pos[h.domain][h.item_id] for h in hist])
-    t0 = float(rec.co.term([hidx], off, sp.n_items["kitchen"], decay)[0, 0])
-    pw = bundle.pop_weights.get("kitchen", 0.0)
+    t0 = float(co.term("kitchen", [hidx])[0, 0])
+    pw = pop.weight.get("kitchen", 0.0)
+    p0 = float(pop.term("kitchen", [])[0, 0])
     assert got["new-item"] == pytest.approx(
-        got[rec.ids["kitchen"][0]] - beta * t0 + pw * (bundle.pop_cold("kitchen") - float(rec.pop["kitchen"][0]))
-        if pw
-        else got[rec.ids["kitchen"][0]] - beta * t0,
-        abs=1e-4,
+        got[rec.ids["kitchen"][0]] - beta * t0 + pw * (pop.new_item_term("kitchen") - p0), abs=1e-4
     )
 
 
 def test_a_bundle_without_the_prior_scores_without_it(setup, tmp_path):
     from crossrec.bundle import load_bundle
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from crossrec.recommender import Recommender
 
     data, sp, *_ = setup
     bundle = load_bundle(_save(setup, tmp_path, with_prior=False))  # as written before the prior existed
-    assert bundle.co_weights == {} and bundle.co_pairs() is None
-    scorer = bundle_scorer(bundle, data, sp)
+    assert "co_prior" not in bundle.meta and not (bundle.path / "co_prior.parquet").exists()
+    scorer = bundle_retriever(bundle, data, sp)
     batch = sp.batch(sp.targets("valid", "kitchen")[:1], "kitchen")
-    assert scorer.co is None and scorer.history_bias(batch) is None
+    assert [p.name for p in scorer.priors] == ["popularity"]
     off, n = sp.offset["kitchen"], sp.n_items["kitchen"]
     users = scorer.user_vectors(batch.histories, "kitchen")
-    bias = scorer.item_bias("kitchen")
+    bias = scorer.prior_terms("kitchen", batch.histories)
     want = users @ scorer.vecs[off : off + n].T + (0 if bias is None else bias)
     np.testing.assert_allclose(scorer(batch), want.numpy(), rtol=1e-6)
     rec = Recommender(bundle)
-    assert rec.co is None
+    assert [p.name for p in rec.retriever.priors] == ["popularity"]
     got = rec.recommend(_history(sp, batch.histories[0]), "kitchen", k=3, exclude_seen=False)
     np.testing.assert_allclose([g.score for g in got], np.sort(scorer(batch)[0])[::-1][:3], rtol=1e-5, atol=1e-5)
 

@@ -55,7 +55,7 @@ def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(
 ):
     from crossrec.bundle import load_bundle
     from trainers.embed import embed_catalog
-    from trainers.pipeline import export_bundle
+    from trainers.pipeline import Inputs, TrainedRun, finish_bundle
     from trainers.train import CRASH_ENV, fit
 
     data = Dataset.load(micro_fk)
@@ -88,7 +88,8 @@ def test_zero_run_crashes_resumes_to_the_same_loss_and_exports(
 
     if mode == "end-to-end":  # ZeRO-3 gathers the sharded LoRA weights of every adapter for export
         out = tmp_path / "bundle"
-        meta = export_bundle(micro_fk, out, cfg, best, valid, straight, vec, {}, progress=False)
+        trained = TrainedRun(best, valid, straight)
+        meta = finish_bundle(micro_fk, out, Inputs(str(vec), None, cfg), trained, RunSettings(), progress=False)
         for d in data.domains:
             assert (out / "adapter" / d / "adapter_model.safetensors").is_file()
         assert meta["config"]["strategy"] == "deepspeed" and 0 <= meta["metrics"]["test"]["all"]["ndcg@10"] <= 1

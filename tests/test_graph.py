@@ -160,7 +160,7 @@ def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vec
     from crossrec.bundle import load_bundle
     from crossrec.config import RunSettings
     from crossrec.evaluation import evaluate
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from trainers.pipeline import train_bundle
 
     cfg = load_config(
@@ -178,7 +178,7 @@ def test_train_with_graph_fusion_round_trips_through_the_bundle(ray_cluster, vec
     assert meta["config"]["side_dims"] == [384] and meta["in_dim"] == 768
     data = Dataset.load(tiny_ao)
     splits = Splits(data)
-    res = evaluate(splits, bundle_scorer(load_bundle(tmp_path / "b"), data, splits))
+    res = evaluate(splits, bundle_retriever(load_bundle(tmp_path / "b"), data, splits))
     assert res.metrics["all"]["ndcg@10"] == pytest.approx(meta["metrics"]["test"]["all"]["ndcg@10"], abs=1e-6)
 
 

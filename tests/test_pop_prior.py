@@ -1,4 +1,4 @@
-"""The popularity prior (crossrec.pop_prior) on a tiny real slice: gamma is chosen on validation targets, moves
+"""The popularity prior (crossrec.priors.popularity) on a tiny real slice: gamma is chosen on validation targets, moves
 the ranking towards popular items where popularity helps, is stored in the bundle and applied alike by the
 evaluation scorer and the serving Recommender; older bundles load without it. Real MiniLM vectors, no Ray."""
 
@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import bundle_items, fk_items, prepare_constructed, untrained_cold_user_setup
+from conftest import fit_priors, fk_items, prepare_constructed, save_with_priors, untrained_cold_user_setup
 
 from crossrec.baselines import Popularity
 from crossrec.evaluation import evaluate, top_k_lists
@@ -45,17 +45,15 @@ def _valid_ndcg(sp, scorer, domain):
 
 
 def test_gamma_is_chosen_on_validation_and_moves_the_ranking_to_popular_items(setup):
-    from crossrec.pop_prior import fit_pop_prior
-
     data, sp, cfg, model, item_vecs, make = setup
     scorer = make()
     # The premise: for users new to food, food's popularity ranks its validation targets better than the model.
     assert _valid_ndcg(sp, Popularity(sp), "food") > _valid_ndcg(sp, scorer, "food")
     before, _ = top_k_lists(sp, scorer, "food", "valid")
-    choices = fit_pop_prior(scorer)
+    choices = fit_priors(scorer, ["popularity"])["popularity"]
     food = choices["food"]
     assert food.weight > 0 and food.valid_ndcg10 > food.base_ndcg10
-    assert scorer.pop_weight["food"] == food.weight
+    assert scorer.priors[0].weight["food"] == food.weight
     # The choice is what the evaluation loop measures on VALIDATION targets, with and without the prior.
     assert _valid_ndcg(sp, scorer, "food") == pytest.approx(food.valid_ndcg10)
     without = make()
@@ -68,34 +66,27 @@ def test_gamma_is_chosen_on_validation_and_moves_the_ranking_to_popular_items(se
     # A domain where no grid point beats gamma 0 on validation keeps the model's scores exactly.
     for d, ch in choices.items():
         if ch.weight == 0:
-            assert scorer.item_bias(d) is None
+            assert scorer.prior_terms(d, []) is None
 
 
 def _save(setup, tmp_path, with_prior: bool = True):
-    from crossrec.bundle import save_bundle
-    from crossrec.pop_prior import fit_pop_prior, pop_prior_meta
-
     data, sp, cfg, model, item_vecs, make = setup
     scorer = make()
-    extra, pop = {}, None
     if with_prior:
-        extra["pop_prior"] = pop_prior_meta(fit_pop_prior(scorer))
-        pop = {d: scorer.pop[sp.offset[d] : sp.offset[d] + sp.n_items[d]].numpy() for d in sp.domains}
-    items = bundle_items(data, sp, item_vecs)
-    path = tmp_path / ("with" if with_prior else "without")
-    save_bundle(path, model, cfg, sp.domains, 384, None, items, {}, data.content_hash, extra=extra, pop=pop)
-    return path
+        fit_priors(scorer, ["popularity"])
+    return save_with_priors(tmp_path / ("with" if with_prior else "without"), data, sp, cfg, model, item_vecs, scorer)
 
 
 def test_serving_and_evaluation_score_alike_with_the_prior(setup, tmp_path):
     from crossrec.bundle import load_bundle
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from crossrec.recommender import HistoryItem, Recommender
 
     data, sp, *_ = setup
     bundle = load_bundle(_save(setup, tmp_path))
-    assert bundle.pop_weights["food"] > 0
-    scorer = bundle_scorer(bundle, data, sp)
+    pop_meta = bundle.meta["pop_prior"]
+    assert pop_meta["weights"]["food"] > 0
+    scorer = bundle_retriever(bundle, data, sp)
     rec = Recommender(bundle)
     off, n = sp.offset["food"], sp.n_items["food"]
     rows = sp.targets("valid", "food")[:5]
@@ -112,9 +103,9 @@ def test_serving_and_evaluation_score_alike_with_the_prior(setup, tmp_path):
     vec = rec.vecs["food"][0].clone()
     rec.upsert("food", "new-item", "a new item", vec)
     got = {g.item_id: g.score for g in rec.recommend(hist, "food", k=n + 1, exclude_seen=False)}
+    p0 = float(rec.retriever.priors[0].term("food", [])[0, 0])
     assert got["new-item"] == pytest.approx(
-        got[rec.ids["food"][0]] + bundle.pop_weights["food"] * (bundle.pop_cold("food") - float(rec.pop["food"][0])),
-        abs=1e-4,
+        got[rec.ids["food"][0]] + pop_meta["weights"]["food"] * (pop_meta["cold"]["food"] - p0), abs=1e-4
     )
     # Explanations are score drops: the prior (the same with or without a history entry) cancels out.
     plain = Recommender(load_bundle(_save(setup, tmp_path, with_prior=False)))  # same model, no prior
@@ -131,18 +122,18 @@ def test_serving_and_evaluation_score_alike_with_the_prior(setup, tmp_path):
 
 def test_a_bundle_without_the_prior_loads_with_gamma_zero(setup, tmp_path):
     from crossrec.bundle import load_bundle
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from crossrec.recommender import HistoryItem, Recommender
 
     data, sp, *_ = setup
     path = _save(setup, tmp_path, with_prior=False)
     meta = json.loads((path / "bundle.json").read_text())
-    del meta["config"]["pop_prior"]  # as written before the prior existed (no key, no `pop` column)
+    del meta["config"]["priors"], meta["priors"]  # as written before the priors existed (no key, no `pop` column)
     (path / "bundle.json").write_text(json.dumps(meta))
     bundle = load_bundle(path)
-    assert bundle.pop_weights == {} and bundle.item_pop("food") is None
-    scorer = bundle_scorer(bundle, data, sp)
-    assert scorer.pop is None and scorer.item_bias("food") is None
+    assert "pop_prior" not in bundle.meta and "pop" not in bundle.items["food"].column_names
+    scorer = bundle_retriever(bundle, data, sp)
+    assert scorer.priors == [] and scorer.prior_terms("food", []) is None
     batch = sp.batch(sp.targets("valid", "food")[:1], "food")
     users = scorer.user_vectors(batch.histories, "food")
     off, n = sp.offset["food"], sp.n_items["food"]
@@ -155,23 +146,23 @@ def test_a_bundle_without_the_prior_loads_with_gamma_zero(setup, tmp_path):
 
 def test_zero_shot_calibration_chooses_gamma_on_the_new_domains_validation(setup):
     """calibrate_zero_shot chooses gamma on the calibrated domain's validation targets, with that domain's
-    training-window popularity from the evaluated dataset (a bundle with `pop_prior` off keeps gamma 0)."""
+    training-window popularity from the evaluated dataset (a bundle without the popularity prior keeps gamma 0)."""
     import copy
     import dataclasses
 
     from crossrec.inference import calibrate_zero_shot
-    from crossrec.training import ModelScorer
+    from crossrec.retrieval import Retriever
 
     data, sp, cfg, model, item_vecs, _ = setup
 
     def zero_shot(pop_prior: bool):
         m = copy.deepcopy(model)
-        m.cfg = dataclasses.replace(m.cfg, pop_prior=pop_prior)
-        s = ModelScorer(m, item_vecs, sp, np.arange(len(sp.domains)))
+        m.cfg = dataclasses.replace(m.cfg, priors=["popularity"] if pop_prior else [])
+        s = Retriever(m, sp, item_vecs, sp.domains)
         return s, calibrate_zero_shot(s, ["food"])
 
     with_prior, params = zero_shot(True)
     without, plain = zero_shot(False)
     assert "pop_weight[food]" in params and "pop_weight[food]" not in plain
-    assert params["pop_weight[food]"] > 0 and with_prior.item_bias("food") is not None
+    assert params["pop_weight[food]"] > 0 and with_prior.prior_terms("food", []) is not None
     assert _valid_ndcg(sp, with_prior, "food") > _valid_ndcg(sp, without, "food")

@@ -181,14 +181,14 @@ def _tiny_bundle(path: Path, domains: list[str]) -> Path:
 
     import numpy as np
 
-    from crossrec.bundle import save_bundle
+    from crossrec.bundle import BundleContents, save_bundle
     from crossrec.config import TrainConfig
     from crossrec.model import CrossRecModel
 
     cfg = dataclasses.replace(TrainConfig(), text_prior_decay=0.5, text_prior_cross=1.0)
     model = CrossRecModel(cfg, len(domains), in_dim=8, n_items=None)
     items = {d: ([f"{d}-1"], ["a title"], np.ones((1, cfg.dim))) for d in domains}
-    return save_bundle(path, model, cfg, domains, 8, None, items, {}, "datahash")
+    return save_bundle(path, BundleContents(model, cfg, domains, items, {}, "datahash", in_dim=8))
 
 
 def test_a_bundle_records_its_content_hash_and_refuses_changed_files(tmp_path):

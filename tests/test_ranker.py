@@ -13,7 +13,7 @@ from crossrec.bundle import load_bundle
 from crossrec.config import RankerConfig, load_config
 from crossrec.dataset import Dataset
 from crossrec.graph import build_graph
-from crossrec.inference import bundle_scorer
+from crossrec.inference import bundle_retriever
 from crossrec.ranker import (
     FEATURES,
     Ranker,
@@ -86,7 +86,7 @@ def parts(ranked_bundle, small_ao):
     bundle = load_bundle(ranked_bundle)
     data = Dataset.load(small_ao)
     splits = Splits(data)
-    retrieval = bundle_scorer(bundle, data, splits)
+    retrieval = bundle_retriever(bundle, data, splits)
     items = build_item_table(splits, bundle.domains, build_graph(data, splits))
     cfg = RankerConfig(top_n=30, hidden=16)
     lists = build_lists(retrieval, splits, items, cfg, bundle.config.dim, bundle.config.max_len)

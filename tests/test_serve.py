@@ -577,27 +577,6 @@ def test_one_thousand_items_inserted_one_by_one_grow_the_index_in_a_few_copies(c
     assert len({r.item_id for r in got}) == len(got) == min(1050, n0 + 1000)
 
 
-def test_the_tower_trimmed_to_the_history_gives_the_full_windows_user_vector(catalog):
-    from crossrec.training import encode_users
-
-    ids, bundle = catalog
-    rec = Recommender(bundle)
-    hist = [HistoryItem("food", i) for i in ids["food"][:4]] + [HistoryItem("kitchen", ids["kitchen"][0])]
-    hv, hd = rec._history(hist)
-    names = sorted({"kitchen", "food"})
-    codes = np.array([names.index(h.domain) for h in hist])
-    full = encode_users(
-        rec.model,
-        hv,
-        [np.arange(len(hist))],
-        [hd],
-        np.array([bundle.domain_id("kitchen")]),
-        prior_domains=([codes], np.array([names.index("kitchen")])),
-    )[0]  # max_len wide
-    assert bundle.config.max_len > len(hist)
-    assert torch.allclose(rec._users(hv, hd, [h.domain for h in hist], "kitchen", [None])[0], full, atol=1e-5)
-
-
 def test_explain_weighs_only_the_capped_recent_history(catalog):
     ids, bundle = catalog
     hist = [HistoryItem("food", i) for i in ids["food"][:8]]

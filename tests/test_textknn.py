@@ -176,15 +176,14 @@ def test_model_text_prior_is_textknn_and_tells_unseen_domains_apart(ao):
 
     from crossrec.config import TrainConfig
     from crossrec.model import CrossRecModel
-    from crossrec.training import ModelScorer
+    from crossrec.retrieval import Retriever
 
     _, splits, vectors, _ = ao
     cfg = TrainConfig(text_prior_decay=0.5, text_prior_cross=0.25, max_len=5)  # the prior reads whole histories
     model = CrossRecModel(cfg, n_domains=1, in_dim=vectors.shape[1]).eval()
     with torch.inference_mode():
         item_vecs = model.item_vectors(torch.from_numpy(vectors))
-    unknown = np.full(len(splits.domains), 1)  # every dataset domain -> the model's unknown id
-    scorer = ModelScorer(model, item_vecs, splits, unknown)
+    scorer = Retriever(model, splits, item_vecs, ["other"])  # every dataset domain is the model's unknown one
     knn = TextKNN(splits, vectors, decay=0.5, cross_weight=0.25)
     beta = float(model.log_beta.detach().exp())
     for d in splits.domains:

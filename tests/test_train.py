@@ -10,7 +10,7 @@ from crossrec.bundle import load_bundle
 from crossrec.config import RunSettings, load_config
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
-from crossrec.inference import bundle_scorer
+from crossrec.inference import bundle_retriever
 from crossrec.splits import Splits
 from crossrec_cli import main
 
@@ -41,7 +41,7 @@ def test_bundle_round_trips_without_ray(first_run, tiny_fk):
     out, meta = first_run
     data = Dataset.load(tiny_fk)
     splits = Splits(data)
-    res = evaluate(splits, bundle_scorer(load_bundle(out), data, splits))
+    res = evaluate(splits, bundle_retriever(load_bundle(out), data, splits))
     for d in ("food", "kitchen", "all"):
         assert res.metrics[d]["ndcg@10"] == pytest.approx(meta["metrics"]["test"][d]["ndcg@10"], abs=1e-6)
 

@@ -99,6 +99,34 @@ class _InterruptAtFirstResult:
         return Interrupt()
 
 
+def test_a_sweep_whose_base_enables_the_ranker_exports_the_best_bundle_with_its_ranker(
+    ray_cluster, vector_cache, tiny_fk, tmp_path
+):
+    """The best trial is finished by the same function as `crossrec train` (trainers.pipeline.finish_bundle): the
+    ranker the base config enables is trained on it, as `crossrec train` would."""
+    from crossrec.bundle import load_bundle
+    from crossrec.recommender import HistoryItem, Recommender
+
+    sweep = _write(
+        tmp_path / "sweep.yaml",
+        {
+            "base": {**TINY, "epochs": 1, "ranker": {"enabled": True, "top_n": 20, "epochs": 2, "patience": 0}},
+            "space": {"lr": {"type": "grid", "values": [1.0e-3, 3.0e-3]}},
+            "max_concurrent_trials": 1,
+            "workers_per_trial": 1,
+        },
+    )
+    out = tmp_path / "sweep"
+    assert main(["tune", str(sweep), "--data", str(tiny_fk), "--out", str(out), "--quiet"]) == 0
+    bundle = load_bundle(out / "best")
+    assert len(_csv(out / "trials.csv")) == 2 and bundle.has_ranker
+    assert json.loads((out / "best" / "ranker" / "ranker.json").read_text())["config"]["top_n"] == 20
+    rec = Recommender.load(bundle)
+    assert rec.ranker is not None and rec.n_candidates == 20
+    item = rec.ids["food"][0]
+    assert len(rec.recommend([HistoryItem("food", item)], "kitchen", k=5)) == 5
+
+
 def test_an_interrupted_sweep_resumes_where_it_stopped(ray_cluster, vector_cache, tiny_fk, tmp_path, capsys):
     from trainers.tune import run_sweep
 

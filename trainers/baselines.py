@@ -15,13 +15,13 @@ from crossrec.backbones import cache_dir
 from crossrec.bundle import is_bundle, load_bundle
 from crossrec.config import RunSettings, TrainConfig, config_to_dict
 from crossrec.dataset import Dataset
-from crossrec.inference import bundle_scorer
+from crossrec.inference import bundle_retriever
 from crossrec.splits import Splits
 
 __all__ = ["SASREC", "sasrec_scorer"]
 
 # The usual SASRec settings for sparse Amazon data; dropout is high because ID embeddings overfit fast. The
-# baseline is SASRec as published: no popularity or transition prior (crossrec.pop_prior, crossrec.co_prior).
+# baseline is SASRec as published: no prior (crossrec.priors).
 SASREC = dict(
     item_encoder="id",
     dim=64,
@@ -32,8 +32,7 @@ SASREC = dict(
     epochs=30,
     patience=3,
     domain_dropout=0.0,
-    pop_prior=False,
-    co_prior=False,
+    priors=[],
 )
 
 
@@ -54,4 +53,4 @@ def sasrec_scorer(
     if not is_bundle(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         train_bundle(data_path, out, cfg, RunSettings(workers=2, address=address), progress=progress)
-    return bundle_scorer(load_bundle(out), data, splits, progress)
+    return bundle_retriever(load_bundle(out), data, splits, progress)

@@ -1,7 +1,7 @@
-"""The bundle pipeline of `crossrec train`: catalog vectors (Ray Data) -> fit (Ray Train) -> test evaluation and
-export -> second-stage ranker (Ray Train). It imports the stages; no stage imports it.
-
-`export_bundle` also turns the best trial of a sweep into a bundle (`trainers.tune`).
+"""The bundle pipeline: `prepare_inputs` (catalog vectors by Ray Data, side blocks, the text prior) -> fit (Ray
+Train) -> `finish_bundle` (priors, test evaluation, export, second-stage ranker by Ray Train). `crossrec train` runs
+it all; `crossrec tune` runs `prepare_inputs` once, a fit per trial, and `finish_bundle` for the best trial. It
+imports the stages; no stage imports it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,66 @@ from safetensors.torch import load_file
 
 from crossrec.config import RunSettings, TrainConfig, config_to_dict
 from crossrec.dataset import Dataset
-from crossrec.domains import domain_ids
 from crossrec.evaluation import evaluate
 from crossrec.fingerprint import check_run, clear_run, fingerprint, has_run, read_fingerprint, write_fingerprint
 from crossrec.model import CrossRecModel
 from crossrec.splits import Splits, splits_for
-from crossrec.training import ModelScorer
 from trainers.runtime import best_checkpoint, check_end_to_end_memory, init_ray, storage_uri
 from trainers.train import fit, make_item_input, model_domains, resolved_init, resolved_prior
 
-__all__ = ["train_bundle", "export_bundle", "claim_run"]
+__all__ = ["Inputs", "TrainedRun", "prepare_inputs", "train_bundle", "finish_bundle", "claim_run"]
+
+
+@dataclass
+class Inputs:
+    """What a run trains from, computed once before any training (a sweep shares them between its trials)."""
+
+    vectors: str | None  # catalog vectors .npy ([text | graph | features]), None for an id model
+    side_dims: list[int] | None  # sizes of the graph / feature blocks after the text columns
+    config: TrainConfig  # with side_dims set and, when asked, the text prior chosen on validation
+
+
+@dataclass
+class TrainedRun:
+    """What a fit left: its best checkpoint and how it got there."""
+
+    checkpoint: ray.train.Checkpoint
+    valid_metrics: dict  # the best checkpoint's reported metrics
+    history: list[dict]  # per epoch
+    time_s: dict = field(default_factory=dict)  # wall time per stage
+    extra: dict = field(default_factory=dict)  # more bundle.json entries (the run, the sweep trial)
+
+
+def prepare_inputs(
+    dataset: Dataset,
+    splits: Splits,
+    cfg: TrainConfig,
+    progress: bool = True,
+    address: str | None = None,
+    embed: bool | None = None,
+    resolve_prior: bool = True,
+) -> Inputs:
+    """Catalog vectors (Ray Data, cached on disk) for text items (or when `embed`), the graph / feature blocks
+    fused beside them, and the text prior's weights chosen on validation (`resolve_prior`). `crossrec train` and
+    `crossrec tune` both start here."""
+    cfg = replace(cfg)
+    vec_path = None
+    if embed is None:
+        embed = cfg.item_encoder == "text"
+    if embed:
+        from trainers.embed import embed_catalog
+
+        vec_path = str(embed_catalog(dataset, splits, cfg, progress=progress, address=address))
+    if cfg.graph.enabled or cfg.feature_columns:  # [text | graph | features], fused in the item encoder
+        from crossrec.fusion import with_side_vectors
+
+        path, cfg.side_dims = with_side_vectors(dataset, splits, cfg, vec_path)
+        vec_path = str(path)
+    if resolve_prior:
+        cfg = resolved_prior(cfg, dataset, vec_path, splits)
+        if cfg.text_prior and cfg.item_encoder == "text" and progress:
+            print(f"text prior: decay {cfg.text_prior_decay}, other domains' weight {cfg.text_prior_cross}")
+    return Inputs(vec_path, cfg.side_dims, cfg)
 
 
 def train_bundle(
@@ -41,8 +92,8 @@ def train_bundle(
     resume: bool = False,
     force: bool = False,
 ) -> dict:
-    """`crossrec train`: vectors (cached mode), Ray Train fit, test evaluation, bundle export. Returns bundle.json.
-    A run name that already holds a run continues it only with the same fingerprint (`claim_run`)."""
+    """`crossrec train`: inputs, Ray Train fit, then `finish_bundle`. Returns bundle.json. A run name that already
+    holds a run continues it only with the same fingerprint (`claim_run`)."""
 
     cfg = resolved_init(cfg)  # before any work, and recorded absolute in the bundle
     dataset = Dataset.load(data)
@@ -53,42 +104,19 @@ def train_bundle(
     run.storage_path = run.storage_path or str(out.parent / ".runs")
     run.name = run.name or out.name
     claim_run(dataset.content_hash, cfg, run, resume, force)  # before any Ray work too
-    vec_path = None
     t0 = time.time()
-    if cfg.item_encoder == "text":
-        from trainers.embed import embed_catalog
-
-        vec_path = embed_catalog(dataset, splits, cfg, progress=progress, address=run.address)
-        cfg = resolved_prior(cfg, dataset, vec_path, splits)
-        if cfg.text_prior and progress:
-            print(f"text prior: decay {cfg.text_prior_decay}, other domains' weight {cfg.text_prior_cross}")
-        if cfg.graph.enabled or cfg.feature_columns:  # [text | graph | features], fused in the item encoder
-            from crossrec.fusion import with_side_vectors
-
-            vec_path, cfg.side_dims = with_side_vectors(dataset, splits, cfg, vec_path)
+    inputs = prepare_inputs(dataset, splits, cfg, progress, run.address)
     t_embed = time.time() - t0
-    _, _, result = fit(data, cfg, run, vec_path, resume_from, progress)
+    _, _, result = fit(data, inputs.config, run, inputs.vectors, resume_from, progress)
     best, valid_metrics, history = best_checkpoint(result)
-    t_fit = time.time() - t0 - t_embed
-    meta = export_bundle(
-        data,
-        out,
-        cfg,
+    trained = TrainedRun(
         best,
         valid_metrics,
         history,
-        vec_path,
-        {"embed": round(t_embed, 1), "fit": round(t_fit, 1)},
+        {"embed": round(t_embed, 1), "fit": round(time.time() - t0 - t_embed, 1)},
         {"run": {"workers": run.workers, "name": run.name}},
-        progress,
-        dataset,
-        splits,
     )
-    if cfg.ranker.enabled:  # second stage, trained on the exported retriever (trainers/ranker.py)
-        from trainers.ranker import train_ranker
-
-        meta["ranker"] = train_ranker(out, data, run, cfg.ranker, progress)
-    return meta
+    return finish_bundle(data, out, inputs, trained, run, progress, dataset, splits)
 
 
 def claim_run(data_hash: str, cfg: TrainConfig, run: RunSettings, resume: bool = False, force: bool = False) -> str:
@@ -105,33 +133,35 @@ def claim_run(data_hash: str, cfg: TrainConfig, run: RunSettings, resume: bool =
     return action
 
 
-def export_bundle(
+def finish_bundle(
     data: str | Path,
     out: str | Path,
-    cfg: TrainConfig,
-    best: ray.train.Checkpoint,
-    valid_metrics: dict,
-    history: list[dict],
-    vec_path: str | Path | None,
-    time_s: dict,
-    extra: dict | None = None,
+    inputs: Inputs,
+    trained: TrainedRun,
+    run: RunSettings,
     progress: bool = True,
     dataset: Dataset | None = None,
     splits: Splits | None = None,
 ) -> dict:
-    """A checkpoint of `train_func` -> test evaluation -> bundle at `out` (used by `crossrec train` and, for the
-    best trial, `crossrec tune`). Returns bundle.json."""
-    from crossrec.bundle import load_bundle, save_bundle
+    """A trained checkpoint -> its bundle at `out`: the model and the catalog's item vectors, the priors fitted on
+    training rows and weighted on validation, test metrics, the bundle written, then the second-stage ranker
+    when the config enables it (trained on the exported retriever with `run`'s workers). The one path of
+    `crossrec train` and of a sweep's best trial. Returns bundle.json."""
+    from crossrec.bundle import BundleContents, load_bundle, save_bundle
+    from crossrec.priors import make_prior
+    from crossrec.priors.base import choose
+    from crossrec.progress import interactive
+    from crossrec.retrieval import Retriever
 
     dataset = dataset or Dataset.load(data)
+    cfg = inputs.config
     splits = splits or splits_for(dataset, cfg, training=True)
-    cfg = resolved_prior(cfg, dataset, vec_path, splits)  # as the run's fit() did (a tune trial's config)
+    cfg = resolved_prior(cfg, dataset, inputs.vectors, splits)  # as the run's fit() did (a tune trial's config)
     domains = model_domains(cfg, splits)
-    dmap = domain_ids(domains, splits.domains)
     work = Path(tempfile.mkdtemp(prefix="crossrec-export-"))  # end-to-end: adapter and merged backbone
     adapter_dir = None
-    with best.as_directory() as folder:
-        vectors = np.load(vec_path) if vec_path else None
+    with trained.checkpoint.as_directory() as folder:
+        vectors = np.load(inputs.vectors) if inputs.vectors else None
         n_items = len(splits.item_ids)
         model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
@@ -143,87 +173,60 @@ def export_bundle(
         item_vecs = torch.cat(
             [model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items)))) for s in range(0, n_items, 8192)]
         )
-    from crossrec.progress import interactive
-
-    scorer = ModelScorer(model, item_vecs, splits, dmap)
-    pop_meta = None
-    if cfg.pop_prior:  # gamma per domain on validation targets (0 on the grid), before the test evaluation
-        from crossrec.pop_prior import fit_pop_prior, pop_prior_meta
-
-        choices = fit_pop_prior(scorer, max_targets=cfg.valid_max_targets)
-        pop_meta = pop_prior_meta(choices)
+    # The priors in their configured order, each weighted on validation targets (0 on the grid) over the model
+    # plus the priors before it, before the test evaluation.
+    retriever = Retriever(model, splits, item_vecs, domains, [make_prior(n, splits) for n in cfg.priors])
+    for prior in retriever.priors:
+        prior.fit(splits)
+        choices = choose(retriever, prior, max_targets=cfg.valid_max_targets)
         if progress:
-            print(
-                "popularity prior: "
-                + ", ".join(
-                    f"{d} gamma {ch.weight:.4g} ({ch.relative:g} x spread, {ch.window}; valid NDCG@10 "
-                    f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f})"
-                    for d, ch in choices.items()
-                )
-            )
-    co_meta, co_pairs = None, None
-    if cfg.co_prior:  # beta per domain on validation targets (0 on the grid), after the popularity prior
-        from crossrec.co_prior import co_prior_meta, fit_co_prior
-        from crossrec.transitions import Transitions
-
-        transitions = Transitions.from_splits(splits)
-        co_choices = fit_co_prior(scorer, transitions, max_targets=cfg.valid_max_targets)
-        co_meta = co_prior_meta(co_choices, len(transitions))
-        if any(ch.weight for ch in co_choices.values()):
-            co_pairs = transitions.to_table(splits.item_ids, [splits.domains[k] for k in splits.item_domain])
-        if progress:
-            print(
-                "transition prior: "
-                + ", ".join(
-                    f"{d} beta {ch.weight:.4g} ({ch.relative:g} x spread, decay {ch.decay:g}; valid NDCG@10 "
-                    f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f})"
-                    for d, ch in co_choices.items()
-                )
-            )
-    test = evaluate(splits, scorer, split="test", progress=progress and interactive(), desc="test")
+            print(f"{prior.label}: " + ", ".join(prior.describe(d) for d in choices))
+    test = evaluate(splits, retriever, split="test", progress=progress and interactive(), desc="test")
     titles = dataset.items.take(splits.item_row).column("title").to_pylist()
     items = {}
     for d in splits.domains:
         off, n = splits.offset[d], splits.n_items[d]
         items[d] = (splits.item_ids[off : off + n].tolist(), titles[off : off + n], item_vecs[off : off + n].numpy())
     metrics = {
-        "valid": {k: v for k, v in valid_metrics.items() if k.startswith("valid/")},
+        "valid": {k: v for k, v in trained.valid_metrics.items() if k.startswith("valid/")},
         "test": test.metrics,
         "n_targets": test.n_targets,
-        "history": history,
-        "time_s": time_s,
+        "history": trained.history,
+        "time_s": trained.time_s,
     }
     save_bundle(
         out,
-        model,
-        cfg,
-        domains,
-        None if vectors is None else vectors.shape[1],
-        n_items if cfg.item_encoder == "id" or cfg.item_ids else None,
-        items,
-        metrics,
-        dataset.content_hash,
-        extra={
-            "dataset": str(data),
-            "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
-            "checkpoint": best.path,
-            "libraries": _libraries(),
-            **({"pop_prior": pop_meta} if pop_meta is not None else {}),
-            **({"co_prior": co_meta} if co_meta is not None else {}),
-            **(extra or {}),
-        },
-        adapter_dir=adapter_dir,
-        pop=None
-        if scorer.pop is None
-        else {d: scorer.pop[splits.offset[d] : splits.offset[d] + splits.n_items[d]].numpy() for d in splits.domains},
-        co=co_pairs,
+        BundleContents(
+            model=model,
+            config=cfg,
+            domains=domains,
+            items=items,
+            metrics=metrics,
+            data_hash=dataset.content_hash,
+            in_dim=None if vectors is None else vectors.shape[1],
+            n_items=n_items if cfg.item_encoder == "id" or cfg.item_ids else None,
+            priors=retriever.priors,
+            adapter_dir=adapter_dir,
+            extra={
+                "dataset": str(data),
+                "backbone": cfg.backbone if cfg.item_encoder == "text" else None,
+                "checkpoint": trained.checkpoint.path,
+                "libraries": _libraries(),
+                **trained.extra,
+            },
+        ),
     )
     shutil.rmtree(work, ignore_errors=True)
-    if history:  # loss and validation NDCG@10 per epoch, beside the weights they chose
+    if trained.history:  # loss and validation NDCG@10 per epoch, beside the weights they chose
         from crossrec.plots import plot_curves
 
-        plot_curves(history, Path(out) / "curves.png", f"{Path(out).name}: {cfg.mode}, backbone {cfg.backbone}")
-    return load_bundle(out).meta
+        plot_curves(trained.history, Path(out) / "curves.png", f"{Path(out).name}: {cfg.mode}, backbone {cfg.backbone}")
+    meta = load_bundle(out).meta
+    if cfg.ranker.enabled:  # second stage, trained on the exported retriever (trainers/ranker.py)
+        from trainers.ranker import train_ranker
+
+        meta["ranker"] = train_ranker(out, data, run, cfg.ranker, progress)
+    return meta
 
 
 def _libraries() -> dict[str, str]:

@@ -134,7 +134,7 @@ def train_ranker(
     from crossrec.dataset import Dataset
     from crossrec.evaluation import evaluate
     from crossrec.graph import build_graph
-    from crossrec.inference import bundle_scorer
+    from crossrec.inference import bundle_retriever
     from crossrec.splits import splits_for
 
     run = run or RunSettings()
@@ -143,7 +143,7 @@ def train_ranker(
     dataset = Dataset.load(data)
     splits = splits_for(dataset, bundle.config, training=True)  # what the retriever trained on
     t0 = time.time()
-    retrieval = bundle_scorer(bundle, dataset, splits)
+    retrieval = bundle_retriever(bundle, dataset, splits)
     graph = None
     if cfg.graph:
         g = bundle.config.graph

@@ -34,8 +34,9 @@ from crossrec.early_stopping import VALID_METRIC, new_state, record_epoch
 from crossrec.evaluation import evaluate
 from crossrec.metrics import metrics_from_ranks
 from crossrec.model import CrossRecModel
+from crossrec.retrieval import Retriever
 from crossrec.splits import Splits, splits_for
-from crossrec.training import ModelScorer, SequenceData, loss_inputs, resolve_text_prior, text_prior_unset
+from crossrec.training import SequenceData, loss_inputs, resolve_text_prior, text_prior_unset
 from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
 from trainers.strategies import DS_ENV, make_strategy
 
@@ -130,13 +131,13 @@ def _validate(
     model: CrossRecModel,
     vecs: torch.Tensor,
     splits: Splits,
-    domain_map: np.ndarray,
+    domains: list[str],
     cfg: TrainConfig,
     rank: int,
     world: int,
 ) -> dict[str, float]:
     """NDCG@10 / Recall@10 on the validation subset, per domain and overall, summed over workers."""
-    scorer = ModelScorer(model, vecs, splits, domain_map)
+    scorer = Retriever(model, splits, vecs, domains)  # the model alone: priors are chosen at training end
     res = evaluate(splits, scorer, split="valid", max_targets=cfg.valid_max_targets, shard=(rank, world))
     sums = []
     for d in splits.domains:
@@ -328,7 +329,7 @@ def train_func(config: dict) -> None:
                 break
         t_valid = time.time()
         rec, vecs = _eval_model(strategy, new_recommender, cfg, splits, item_input, n_items, rank, world)
-        metrics = _validate(rec, vecs, splits, dmap, cfg, rank, world)
+        metrics = _validate(rec, vecs, splits, domains, cfg, rank, world)
         metrics.update(
             {
                 "epoch": epoch + 1,

@@ -35,9 +35,9 @@ from crossrec.sweep import (
     sweep_to_dict,
     write_trial_csv,
 )
-from trainers.pipeline import export_bundle
+from trainers.pipeline import Inputs, TrainedRun, finish_bundle, prepare_inputs
 from trainers.runtime import check_end_to_end_memory, init_ray
-from trainers.train import fit, model_domains, resolved_prior
+from trainers.train import fit, model_domains
 
 __all__ = ["run_sweep", "SweepResult", "tune_trial", "KILL_TRIAL_ENV"]
 
@@ -384,22 +384,19 @@ def _shared_inputs(sweep: SweepConfig, base, dataset, splits, progress: bool) ->
     """What every trial reads, computed once before the first: (catalog vectors .npy or None, sizes of the graph /
     feature blocks or None, the text prior's weights chosen on validation unless trials vary what they depend
     on). Sets `base.side_dims`."""
-    vec_path = None
-    if base.item_encoder == "text" or "item_encoder" in sweep.space:
-        from trainers.embed import embed_catalog
-
-        vec_path = embed_catalog(dataset, splits, base, progress=progress)
-    side_dims = None
-    if base.graph.enabled or base.feature_columns:  # [text | graph | features], as `crossrec train` builds it
-        from crossrec.fusion import with_side_vectors
-
-        vec_path, side_dims = with_side_vectors(dataset, splits, base, vec_path)
-    base.side_dims = side_dims
+    inputs = prepare_inputs(
+        dataset,
+        splits,
+        base,
+        progress,
+        embed=base.item_encoder == "text" or "item_encoder" in sweep.space,
+        resolve_prior=not set(PRIOR_INPUTS) & set(sweep.space),
+    )
+    base.side_dims = inputs.side_dims
     text_prior = {}
     if not set(PRIOR_INPUTS) & set(sweep.space):
-        chosen = resolved_prior(base, dataset, vec_path, splits)
-        text_prior = {k: getattr(chosen, k) for k in ("text_prior_decay", "text_prior_cross")}
-    return vec_path, side_dims, text_prior
+        text_prior = {k: getattr(inputs.config, k) for k in ("text_prior_decay", "text_prior_cross")}
+    return inputs.vectors, inputs.side_dims, text_prior
 
 
 def _check_resume(out: Path, experiment: Path, state: dict, resume: bool) -> None:
@@ -542,12 +539,20 @@ def run_sweep(
     best = max(reported, key=lambda r: sign * r.best(sweep.metric, sweep.mode)[sweep.metric], default=None)
     bundle = None
     if best is not None and not interrupted:
-        bundle = _export_best(best, sweep, data, out, setup, dataset, splits, progress)
+        bundle = _export_best(best, sweep, data, out, setup, dataset, splits, progress, address)
     return SweepResult(out, records, best, bundle, interrupted, round(time.time() - t0, 1), experiment)
 
 
 def _export_best(
-    best: TrialRecord, sweep: SweepConfig, data: Path, out: Path, setup: dict, dataset, splits, progress: bool
+    best: TrialRecord,
+    sweep: SweepConfig,
+    data: Path,
+    out: Path,
+    setup: dict,
+    dataset,
+    splits,
+    progress: bool,
+    address: str | None,
 ) -> dict:
     from ray.train import Checkpoint  # ray
 
@@ -558,17 +563,14 @@ def _export_best(
     row = (max if sweep.mode == "max" else min)(rows, key=lambda h: h[sweep.metric])
     cfg = _trial_config(sweep, best.params, setup)
     history = [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in best.history]
-    return export_bundle(
-        data,
-        out / "best",
-        cfg,
+    trained = TrainedRun(
         Checkpoint(row["checkpoint_path"]),
         row,
         history,
-        setup["vectors"],
         {"fit": round(sum(h.get("train/epoch_s", 0) for h in best.history), 1)},
         {"run": {"sweep": str(out), "trial": best.trial_id, "params": best.params, "workers": sweep.workers_per_trial}},
-        progress,
-        dataset,
-        splits,
     )
+    inputs = Inputs(setup["vectors"], setup["side_dims"], cfg)
+    # The best trial's bundle is finished as `crossrec train` finishes one: its ranker too, when the base enables it.
+    run = RunSettings(workers=sweep.workers_per_trial, address=address, storage_path=str(out / "runs"), name="best")
+    return finish_bundle(data, out / "best", inputs, trained, run, progress, dataset, splits)

@@ -2,10 +2,9 @@
 
 bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
 model.safetensors    adaptor (or item embeddings) + user tower + temperature
-items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog; with the
-                     popularity prior, pop (crossrec.pop_prior: p_i, gamma per domain in bundle.json "pop_prior")
-co_prior.parquet     the transition prior's pairs (crossrec.co_prior: src/dst domain and item_id, weight; beta and
-                     decay per domain in bundle.json "co_prior"), optional
+items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+PRIOR files          each prior's own (crossrec.priors: pop_prior.parquet, co_prior.parquet), its weights and choices
+                     in bundle.json under its key, the priors' order in bundle.json "priors"
 adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
 ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
 """
@@ -16,8 +15,9 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +32,12 @@ from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
 from crossrec.schema import check_domain
 
+if TYPE_CHECKING:
+    from crossrec.priors import Prior
+
 __all__ = [
     "Bundle",
+    "BundleContents",
     "save_bundle",
     "load_bundle",
     "is_bundle",
@@ -74,33 +78,9 @@ class Bundle:
         return domain_id(self.domains, name)
 
     @property
-    def pop_weights(self) -> dict[str, float]:
-        """Domain -> gamma of the popularity prior chosen at training end (crossrec.pop_prior); {} for a bundle
-        trained without it or before it existed: gamma 0 everywhere, the model's score alone."""
-        return {d: float(w) for d, w in (self.meta.get("pop_prior") or {}).get("weights", {}).items()}
-
-    def pop_cold(self, domain: str) -> float:
-        """p of an item the bundle has no popularity for (an item added online): that of zero interactions."""
-        return float((self.meta.get("pop_prior") or {}).get("cold", {}).get(domain, 0.0))
-
-    def item_pop(self, domain: str) -> np.ndarray | None:
-        """(n,) p of the domain's items in item_matrix order, or None when the bundle stores none."""
-        t = self.items[domain]
-        if "pop" not in t.column_names:
-            return None
-        return np.asarray(t.column("pop").to_numpy(), dtype=np.float32)
-
-    @property
-    def co_weights(self) -> dict[str, tuple[float, float]]:
-        """Domain -> (beta, decay) of the transition prior chosen at training end (crossrec.co_prior), beta > 0
-        only; {} for a bundle trained without it or before it existed."""
-        meta = self.meta.get("co_prior") or {}
-        return {d: (float(w), float(meta["decay"][d])) for d, w in meta.get("weights", {}).items() if w}
-
-    def co_pairs(self) -> pa.Table | None:
-        """The transition prior's pairs (co_prior.parquet), or None when the bundle has none."""
-        f = self.path / "co_prior.parquet"
-        return pq.read_table(f) if self.co_weights and f.is_file() else None
+    def learned_weight(self) -> float:
+        """Weight of the learned part of the user vector against the text prior (1 unless calibrated for zero-shot)."""
+        return float(self.meta.get("learned_weight", 1.0))
 
     def item_matrix(self, domain: str) -> tuple[list[str], torch.Tensor]:
         t = self.items[domain]
@@ -122,58 +102,58 @@ def bundle_meta(path: str | Path, field: str | None = None) -> dict:
     return json.loads((Path(path) / "bundle.json").read_text())
 
 
-def save_bundle(
-    path: str | Path,
-    model: CrossRecModel,
-    cfg: TrainConfig,
-    domains: list[str],
-    in_dim: int | None,
-    n_items: int | None,
-    items: dict[str, tuple[list[str], list[str], np.ndarray]],
-    metrics: dict,
-    data_hash: str,
-    extra: dict | None = None,
-    adapter_dir: Path | None = None,
-    pop: dict[str, np.ndarray] | None = None,
-    co: pa.Table | None = None,
-) -> Path:
+@dataclass
+class BundleContents:
+    """Everything a bundle holds (what `save_bundle` writes)."""
+
+    model: CrossRecModel
+    config: TrainConfig
+    domains: list[str]  # the model's domain ids, in order
+    items: dict[str, tuple[list[str], list[str], np.ndarray]]  # per domain: ids, titles, vectors (n, D)
+    metrics: dict
+    data_hash: str
+    in_dim: int | None = None  # backbone vector size (text items)
+    n_items: int | None = None  # item embeddings of an id model / item_ids
+    priors: list[Prior] = field(default_factory=list)  # fitted, with their weights (crossrec.priors)
+    adapter_dir: Path | None = None  # peft adapter of an end-to-end run
+    extra: dict = field(default_factory=dict)  # more bundle.json entries
+
+
+def save_bundle(path: str | Path, contents: BundleContents) -> Path:
     """Writes a bundle with `crossrec.atomic.publishing` (lock, temporary sibling, fsync, atomic swap: a reader
-    sees the old bundle or the new one). items[domain] = (ids, titles, vectors (n, D)); pop[domain] (n,): the
-    popularity prior's p of those items (a `pop` column); co: the transition prior's pairs (co_prior.parquet,
-    `crossrec.co_prior.Transitions.to_table`). bundle.json records the sha256 of every file and their
-    `content_hash` (`verify_bundle` checks them)."""
+    sees the old bundle or the new one). Each prior writes its own files and bundle.json entry. bundle.json records
+    the sha256 of every file and their `content_hash` (`verify_bundle` checks them)."""
     path = Path(path)
-    bad = [why for d in domains if (why := check_domain(d)) is not None]
+    c = contents
+    bad = [why for d in c.domains if (why := check_domain(d)) is not None]
     if bad:  # domain names become file names (items/DOMAIN.parquet)
         raise ValueError(f"`domains`: {bad[0]}")
     with publishing(path, replace=True) as tmp:
         (tmp / "items").mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in c.model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
-        for d, (ids, titles, vecs) in items.items():
+        for d, (ids, titles, vecs) in c.items.items():
             vecs = np.ascontiguousarray(vecs, dtype=np.float32)
             col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
-            cols = {"item_id": ids, "title": titles, "vector": col}
-            if pop is not None and d in pop:
-                cols["pop"] = pa.array(np.asarray(pop[d], dtype=np.float32))
-            pq.write_table(pa.table(cols), tmp / "items" / f"{d}.parquet")
-        if co is not None:
-            pq.write_table(co, tmp / "co_prior.parquet")
-        if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter")
+            pq.write_table(pa.table({"item_id": ids, "title": titles, "vector": col}), tmp / "items" / f"{d}.parquet")
+        priors = {p.meta_key: p.save(tmp) for p in c.priors}
+        if c.adapter_dir is not None:
+            shutil.copytree(c.adapter_dir, tmp / "adapter")
         h = file_sha256(tmp / "model.safetensors")
         meta = {
             "format": BUNDLE_FORMAT,
             "created_by": f"crossrec {crossrec.__version__}",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "version": f"{path.name}-{h[:12]}",
-            "config": config_to_dict(cfg),
-            "domains": domains,
-            "in_dim": in_dim,
-            "n_items": n_items,
-            "data_hash": data_hash,
-            "metrics": metrics,
-            **(extra or {}),
+            "config": config_to_dict(c.config),
+            "domains": c.domains,
+            "in_dim": c.in_dim,
+            "n_items": c.n_items,
+            "data_hash": c.data_hash,
+            "metrics": c.metrics,
+            "priors": [p.spec for p in c.priors],
+            **priors,
+            **c.extra,
         }
         meta["files"] = _file_hashes(tmp)
         meta["content_hash"] = bundle_content_hash(meta["files"])

@@ -45,6 +45,7 @@ STRATEGIES = ("ddp", "deepspeed")
 FUSIONS = ("concat", "gate", "attention")
 # TrainConfig fields that training computes and saves in the bundle: not settable (--set, --config, sweep files).
 DERIVED = ("side_dims",)
+DEFAULT_PRIORS = ("popularity", "transition")
 
 
 def _doc(default: Any, doc: str):
@@ -186,16 +187,12 @@ class TrainConfig:
     text_prior_cross: float | None = _doc(
         None, "weight of other domains' history items in the text prior; null: chosen on validation"
     )
-    pop_prior: bool = _doc(
-        True,
-        "add gamma * (the item's standardised log popularity in its domain) to retrieval scores, gamma chosen per "
-        "domain on validation at training end, 0 included (see crossrec.pop_prior)",
-    )
-    co_prior: bool = _doc(
-        True,
-        "add beta * log(1 + decayed training transitions from the user's history items to the item) to retrieval "
-        "scores, beta and the decay chosen per domain on validation at training end after the popularity prior, "
-        "0 included (see crossrec.co_prior)",
+    priors: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PRIORS),
+        metadata={
+            "doc": "terms added to retrieval scores, each weighted per domain on validation at training end, 0 "
+            "included, in this order (crossrec.priors): popularity, transition, or module:Class; [] for none"
+        },
     )
     n_negatives: int = _doc(128, "sampled negatives per domain and batch, on top of in-batch ones")
     domain_dropout: float = _doc(0.1, "chance to replace a domain id by 'unknown': trains the zero-shot path")
@@ -279,6 +276,9 @@ class TrainConfig:
         _check_choice("fusion", self.fusion, FUSIONS)
         if isinstance(self.feature_columns, str):
             self.feature_columns = [c for c in self.feature_columns.split(",") if c]
+        if isinstance(self.priors, str):
+            self.priors = [c for c in self.priors.split(",") if c]
+        _check_priors(self.priors)
         _check_choice("mode", self.mode, MODES)
         _check_choice("item_encoder", self.item_encoder, ITEM_ENCODERS)
         if (self.graph.enabled or self.feature_columns) and (self.item_encoder != "text" or self.mode != "cached"):
@@ -442,7 +442,25 @@ def check_types(obj: Any, prefix: str = "") -> None:
 
 
 def config_from_dict(data: dict) -> TrainConfig:
-    return from_dict(TrainConfig, dict(data))
+    data = dict(data)
+    # Bundles and runs written before `priors` had a switch per prior (both on by default).
+    legacy = {k: data.pop(k) for k in ("pop_prior", "co_prior") if k in data}
+    if legacy and "priors" not in data:
+        data["priors"] = [
+            n for k, n in (("pop_prior", "popularity"), ("co_prior", "transition")) if legacy.get(k, True)
+        ]
+    return from_dict(TrainConfig, data)
+
+
+def _check_priors(names: Any) -> None:
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"`priors` must be a list of prior names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`priors`: a prior is listed twice in {names!r}")
+    from crossrec.priors import prior_class
+
+    for n in names:
+        prior_class(n)
 
 
 def config_to_dict(cfg) -> dict:

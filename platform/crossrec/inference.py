@@ -23,18 +23,17 @@ from crossrec.embedding import (
     template_of,
     vector_cache_path,
 )
+from crossrec.retrieval import Retriever
 from crossrec.splits import Splits
-from crossrec.training import ModelScorer
 
 __all__ = [
     "domain_map_for",
     "catalog_vectors",
-    "bundle_scorer",
+    "bundle_retriever",
     "backbone_vectors",
     "bundle_backbone",
     "has_domain_adapters",
     "calibrate_zero_shot",
-    "catalog_pop",
 ]
 
 
@@ -131,96 +130,83 @@ def catalog_vectors(bundle: Bundle, data: Dataset, splits: Splits, progress: boo
     return out
 
 
-def bundle_scorer(
+def bundle_retriever(
     bundle: Bundle, data: Dataset, splits: Splits, progress: bool = False, domains: list[str] | None = None
-) -> ModelScorer:
-    """The bundle's retrieval scorer over `splits`' catalog, with the popularity and transition priors it was
-    trained with; their weights in each of `domains` (default: all), the domains to be scored, are reported in
-    `params`."""
-    scorer = ModelScorer(
-        bundle.model, catalog_vectors(bundle, data, splits, progress), splits, domain_map_for(bundle.domains, splits)
+) -> Retriever:
+    """The bundle's retrieval over `splits`' catalog, with the priors it was trained with mapped onto it; their
+    weights in each of `domains` (default: all), the domains to be scored, are reported in `params`."""
+    from crossrec.priors import load_priors
+
+    retriever = Retriever(
+        bundle.model,
+        splits,
+        catalog_vectors(bundle, data, splits, progress),
+        bundle.domains,
+        load_priors(bundle, splits),
+        learned_weight=bundle.learned_weight,
     )
-    weights = {d: w for d, w in bundle.pop_weights.items() if d in splits.domain_code}
-    if weights:
-        scorer.pop = catalog_pop(bundle, splits)
-        scorer.pop_weight = weights
-        shown = {d: w for d, w in weights.items() if domains is None or d in domains}
-        if shown:
-            scorer.params = {f"pop_weight[{d}]": round(w, 6) for d, w in shown.items()}
-    co = {d: bw for d, bw in bundle.co_weights.items() if d in splits.domain_code}
-    pairs = bundle.co_pairs() if co else None
-    if pairs is not None:
-        from crossrec.transitions import Transitions
-
-        names = [splits.domains[k] for k in splits.item_domain]
-        index = {(d, str(i)): k for k, (d, i) in enumerate(zip(names, splits.item_ids))}
-        scorer.co = Transitions.from_table(pairs, index, len(splits.item_ids))
-        scorer.co_weight = co
-        shown_co = {d: bw for d, bw in co.items() if domains is None or d in domains}
-        if shown_co:
-            scorer.params = {
-                **getattr(scorer, "params", {}),
-                **{f"co_weight[{d}]": f"{b:.6g} (decay {c:g})" for d, (b, c) in shown_co.items()},
-            }
-    return scorer
-
-
-def catalog_pop(bundle: Bundle, splits: Splits) -> torch.Tensor:
-    """(N,) the popularity prior's p of `splits`' catalog from the bundle (as Serve's Recommender reads it): the
-    bundle's value for its items, that of zero interactions (`Bundle.pop_cold`) for an item of a bundle domain
-    the bundle lacks, 0 in domains the bundle never saw."""
-    out = torch.zeros(len(splits.item_ids))
-    for d in splits.domains:
-        if d not in bundle.items:
-            continue
-        pop = bundle.item_pop(d)
-        if pop is None:
-            continue
-        pos = dict(zip(bundle.items[d].column("item_id").to_pylist(), pop.tolist()))
-        off, n = splits.offset[d], splits.n_items[d]
-        cold = bundle.pop_cold(d)
-        out[off : off + n] = torch.tensor([pos.get(i, cold) for i in splits.item_ids[off : off + n]])
-    return out
+    shown = [d for d in splits.domains if domains is None or d in domains]
+    for p in retriever.priors:
+        retriever.params.update(p.params(shown))
+    return retriever
 
 
 LEARNED_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
 
-def calibrate_zero_shot(scorer: ModelScorer, domains: list[str] | None = None, max_targets: int = 1500) -> dict | None:
+def calibrate_zero_shot(retriever: Retriever, domains: list[str] | None = None, max_targets: int = 1500) -> dict | None:
     """Zero-shot on a dataset the bundle never saw, calibrated on that dataset's validation split as the
     textknn baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid
     over the prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0
-    leaves exactly the prior: the learned part did not transfer) together with, when the bundle's config has
-    `pop_prior`, the popularity prior's gamma and window per domain (crossrec.pop_prior, popularity from this
-    dataset's training window: what the popularity baseline counts; gamma 0 is on the grid). No weight of the
-    model is trained. Changes `scorer` (and its model's config) in place and returns the chosen values (also
-    `scorer.params`), or None for a model without a text prior."""
+    leaves exactly the prior: the learned part did not transfer) together with the weights of the priors that
+    calibrate (`Prior.calibrates`: popularity, from this dataset's training window, when the bundle's config
+    lists it; weight 0 is on the grid). No weight of the model is trained. Changes `retriever` (and its model's
+    config) in place and returns the chosen values (also `retriever.params`), or None for a model without a text
+    prior."""
     import dataclasses
 
     from crossrec.baselines.textknn import fit_textknn
-    from crossrec.pop_prior import GRID, apply_pop_prior, choose_pop_prior
+    from crossrec.priors import make_prior
+    from crossrec.priors.base import choose
 
-    model = scorer.model
+    model = retriever.model
     if not model.text_prior:
         return None
-    domains = list(domains or scorer.catalog.domains)
-    knn = fit_textknn(scorer.catalog, scorer.vecs[:, model.cfg.dim :].numpy(), domains=domains, max_targets=max_targets)
+    splits = retriever.catalog
+    assert isinstance(splits, Splits)
+    domains = list(domains or splits.domains)
+    knn = fit_textknn(splits, retriever.vecs[:, model.cfg.dim :].numpy(), domains=domains, max_targets=max_targets)
     model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
-    grid = GRID if model.cfg.pop_prior else (0.0,)
-    best, best_score, best_pop = 1.0, -1.0, {}
+    # The priors that calibrate are refitted on this dataset's training window and chosen for `domains` (the
+    # bundle's choices stay for other domains). Popularity is always searched, on a grid of 0 alone when the
+    # bundle's config leaves it out: the learned weight is then chosen on the model's scores alone.
+    names = list(model.cfg.priors)
+    # Copies: a shallow copy of the retriever (the as-trained model beside the calibrated one) keeps its own.
+    retriever.priors = [p.clone() if p.calibrates else p for p in retriever.priors]
+    if not any(p.spec == "popularity" for p in retriever.priors):
+        retriever.priors.insert(0, make_prior("popularity", splits))
+    fresh = [p for p in retriever.priors if p.calibrates]
+    for p in fresh:
+        p.fit(splits)
+    best, best_score, best_choices = 1.0, -1.0, {}
     for w in LEARNED_WEIGHTS:  # ties keep the larger weight: the model as trained
-        scorer.learned_weight = w
-        # gamma = 0 on the grid scores exactly the model without the prior (what this loop chose before it).
-        choices = choose_pop_prior(scorer, domains, max_targets, grid=grid)
-        score = float(np.mean([choices[d].valid_ndcg10 for d in domains]))
+        retriever.learned_weight = w
+        choices = {
+            p.spec: choose(retriever, p, domains, max_targets, None if p.spec in names else (0.0,), install=False)
+            for p in fresh
+        }
+        score = float(np.mean([np.mean([c[d].valid_ndcg10 for d in domains]) for c in choices.values()]))
         if score > best_score:
-            best, best_score, best_pop = w, score, choices
-    scorer.learned_weight = best
-    apply_pop_prior(scorer, best_pop)
-    scorer.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight, "learned_weight": best}
-    if model.cfg.pop_prior:
-        for d, ch in best_pop.items():
-            scorer.params[f"pop_weight[{d}]"] = round(ch.weight, 6)
-            scorer.params[f"pop_window[{d}]"] = ch.window
-            scorer.params[f"pop_valid_ndcg10[{d}]"] = f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f}"
-    return scorer.params
+            best, best_score, best_choices = w, score, choices
+    retriever.learned_weight = best
+    for p in fresh:
+        p.install(best_choices[p.spec])
+    retriever.priors = [p for p in retriever.priors if p.spec in names or not p.calibrates]
+    retriever.params = {"text_prior_decay": knn.decay, "text_prior_cross": knn.cross_weight, "learned_weight": best}
+    for p in fresh:
+        if p.spec in names:
+            for d, ch in best_choices[p.spec].items():
+                retriever.params[f"{p.short}_weight[{d}]"] = round(ch.weight, 6)
+                retriever.params[f"{p.short}_{p.option_name}[{d}]"] = ch.option
+                retriever.params[f"{p.short}_valid_ndcg10[{d}]"] = f"{ch.base_ndcg10:.4f} -> {ch.valid_ndcg10:.4f}"
+    return retriever.params

@@ -224,7 +224,7 @@ class CrossRecModel(nn.Module):
     ) -> torch.Tensor:
         """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>: at
         every position (training). Inference reads the last position's with the prior over the whole history
-        (crossrec.training.encode_users)."""
+        (crossrec.retrieval.Retriever.encode)."""
         d = self.cfg.dim
         u = self.learned_user_vectors(items[..., :d], domains, next_domains, valid)
         if not self.text_prior:

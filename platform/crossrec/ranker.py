@@ -7,8 +7,8 @@ training (listwise softmax over the top-N: the retriever's hard negatives) only 
 Features (FEATURES) use only what serving has at request time - the model's item vectors of the candidates and
 of the history, the retrieval scores, the user vector - plus a per-item table saved with the ranker (log
 popularity in the training data, knowledge-graph rows). Items the ranker never saw score with zero popularity
-and no graph links, never an error. The retrieval scores include the retriever's popularity prior
-(crossrec.pop_prior), in training lists, evaluation and serving alike: they are the scores that chose the top-N,
+and no graph links, never an error. The retrieval scores include the retriever's priors
+(crossrec.priors), in training lists, evaluation and serving alike: they are the scores that chose the top-N,
 and an untrained ranker then keeps exactly retrieval's order.
 
 Training data (`build_lists`): the VALIDATION targets. The retriever was fit on the training sequences, so its
@@ -34,8 +34,8 @@ from torch import nn
 
 from crossrec.config import RankerConfig
 from crossrec.domains import domain_id
+from crossrec.retrieval import Retriever
 from crossrec.splits import Splits, TargetBatch
-from crossrec.training import ModelScorer
 
 __all__ = [
     "FEATURES",
@@ -92,7 +92,7 @@ class RankRequest:
     history: list[tuple[str, str | None]]  # (domain, item_id or None for a text-only entry), oldest first
     history_vectors: np.ndarray  # (H, V) the model's item vectors of the history entries
     candidate_vectors: np.ndarray  # (N, V) the model's item vectors of the candidates
-    # (N,) the priors' term in `retrieval_scores` (crossrec.pop_prior, crossrec.co_prior); None: no prior.
+    # (N,) the priors' term in `retrieval_scores` (crossrec.priors); None: no prior.
     # Explanations re-read retrieval scores from other user vectors and add it back.
     candidate_bias: np.ndarray | None = None
 
@@ -294,7 +294,7 @@ class RankerNet(nn.Module):
 
 # -- candidate lists -----------------------------------------------------------------------------------------
 def candidate_lists(
-    scorer: ModelScorer, batch: TargetBatch, table_rows: np.ndarray, domain_id: int, top_n: int, max_len: int
+    scorer: Retriever, batch: TargetBatch, table_rows: np.ndarray, domain_id: int, top_n: int, max_len: int
 ) -> tuple[ListBatch, np.ndarray, np.ndarray]:
     """Retrieval's top-N for a batch of targets (history items of the domain excluded, as evaluation does).
     table_rows: catalog global index -> ItemTable row. Returns (lists, top columns (B, N), full scores (B, n))."""
@@ -302,7 +302,7 @@ def candidate_lists(
     off, n = c.offset[batch.domain], c.n_items[batch.domain]
     users = scorer.user_vectors(batch.histories, batch.domain)  # (B, V)
     block = scorer.vecs[off : off + n]
-    full = scorer.retrieval_scores(batch, users)  # (B, n) the priors included: lists and their `retrieval` scores
+    full = scorer.scores(batch, users)  # (B, n) the priors included: lists and their `retrieval` scores
     for r, h in enumerate(batch.histories):
         own = h[(h >= off) & (h < off + n)] - off
         full[r, torch.from_numpy(own)] = -math.inf
@@ -368,7 +368,7 @@ def table_rows_for(items: ItemTable, splits: Splits) -> np.ndarray:
 
 
 def build_lists(
-    scorer: ModelScorer,
+    scorer: Retriever,
     splits: Splits,
     items: ItemTable,
     cfg: RankerConfig,
@@ -620,14 +620,17 @@ class RankedScorer:
 
     name = "crossrec"
 
-    def __init__(self, retrieval: ModelScorer, ranker: Ranker):
+    def __init__(self, retrieval: Retriever, ranker: Ranker):
+        if not isinstance(retrieval.catalog, Splits):
+            raise TypeError("RankedScorer evaluates a split: its retriever's catalog must be a Splits")
         self.retrieval = retrieval
+        self.splits = retrieval.catalog
         self.ranker = ranker
-        self.rows = table_rows_for(ranker.items, retrieval.catalog)
+        self.rows = table_rows_for(ranker.items, self.splits)
 
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         if len(batch) > 64:  # features are (B, N, H, ...): a few lists at a time
-            cat = self.retrieval.catalog
+            cat = self.splits
             return np.concatenate(
                 [self(cat.batch(batch.rows[s : s + 64], batch.domain)) for s in range(0, len(batch), 64)]
             )

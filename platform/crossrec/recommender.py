@@ -1,14 +1,12 @@
 """The in-process recommender over a bundle: `crossrec recommend` and the serving replica both call
 `Recommender.recommend`, the one definition of retrieve -> rank -> explain.
 
-Per domain it holds the catalog's item vectors (a dense index: exact inner-product top-k) plus the items added
-online, takes a history of known item ids (or precomputed item vectors for text-only entries), and returns the
-top-k items of the target domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered
-by it. Retrieval's score is the inner product plus the bundle's popularity prior (gamma * p, crossrec.pop_prior)
-and transition prior (crossrec.co_prior), as `crossrec evaluate` scores it; an item added online has the p of zero
-interactions and no transitions. On request each item names
-the history entries that contributed most to the score it is ranked by (occlusion: how much that score drops when
-the entry is left out), computed in the same pass from the vectors already in hand.
+Retrieval is the bundle's `crossrec.retrieval.Retriever` (its item matrix per domain, the user encoder, the priors:
+the score `crossrec evaluate` ranks by) over the bundle's catalog plus the items added online. A history is a list
+of known item ids (or precomputed item vectors for text-only entries); the answer is the top-k items of the target
+domain: retrieval's order, or, with the bundle's ranker, retrieval's top-N re-ordered by it. On request each item
+names the history entries that contributed most to the score it is ranked by (occlusion: how much that score drops
+when the entry is left out), computed in the same pass from the vectors already in hand.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 
 from crossrec.bundle import Bundle
-from crossrec.training import _prior_query, history_arrays
+from crossrec.retrieval import Retriever
 
 if TYPE_CHECKING:  # the ranker is optional: only its type is needed here
     from crossrec.ranker import Ranker
@@ -83,7 +81,7 @@ class Candidates:
 
 
 class Recommender:
-    """Index of one bundle (+ items added online) and its optional ranker.
+    """Retrieval over one bundle (+ items added online) and its optional ranker.
 
     ranker: the bundle's second stage (`crossrec.ranker.load_ranker`), or None for retrieval's order.
     max_online_items: how many items not in the bundle `upsert` may add (None: no limit).
@@ -104,44 +102,12 @@ class Recommender:
             raise ValueError(f"`explain_history` must be >= 1, got {explain_history}")
         self.bundle = bundle
         self.model = bundle.model.eval()
+        self.retriever = Retriever.from_bundle(bundle)
         self.ranker = ranker
         self.max_online_items = max_online_items
         self.explain_history = explain_history
-        self.ids: dict[str, list[str]] = {}
-        self.titles: dict[str, list[str]] = {}
-        # vecs[d] is a view of the first rows of _block[d], whose spare rows take items added online: an insert
-        # writes one row (amortised O(1)) instead of copying the matrix.
-        self.vecs: dict[str, torch.Tensor] = {}
-        self._block: dict[str, torch.Tensor] = {}
-        self.pos: dict[str, dict[str, int]] = {}
+        self.titles: dict[str, list[str]] = {d: bundle.items[d].column("title").to_pylist() for d in self.domains}
         self.online: set[tuple[str, str]] = set()  # (domain, item_id) of items added that the bundle lacks
-        # Popularity prior: gamma per domain and p per item (pop[d] a view of _pop_block[d], grown with _block[d]).
-        self.pop_weight = {d: w for d, w in bundle.pop_weights.items() if w}
-        self.pop: dict[str, torch.Tensor] = {}
-        self._pop_block: dict[str, torch.Tensor] = {}
-        for d in bundle.items:
-            ids, vecs = bundle.item_matrix(d)
-            self.ids[d], self.vecs[d], self._block[d] = ids, vecs, vecs
-            self.titles[d] = bundle.items[d].column("title").to_pylist()
-            self.pos[d] = {iid: k for k, iid in enumerate(ids)}
-            pop = bundle.item_pop(d) if d in self.pop_weight else None
-            if pop is not None:
-                self.pop[d] = self._pop_block[d] = torch.from_numpy(pop.copy())
-        # Transition prior (crossrec.co_prior): (beta, decay) per domain and the pairs over the bundle's catalog,
-        # global index = the domain's offset (domains in sorted order) + its row; items added online have none.
-        self.co_weight = bundle.co_weights
-        self.co = None
-        self._co_off: dict[str, int] = {}
-        self._co_n: dict[str, int] = {}
-        pairs = bundle.co_pairs() if self.co_weight else None
-        if pairs is not None:
-            from crossrec.transitions import Transitions
-
-            index: dict[tuple[str, str], int] = {}
-            for d in sorted(self.ids):
-                self._co_off[d], self._co_n[d] = len(index), len(self.ids[d])
-                index.update({(d, iid): len(index) + k for k, iid in enumerate(self.ids[d])})
-            self.co = Transitions.from_table(pairs, index, len(index))
 
     @classmethod
     def load(cls, bundle: Bundle, **kwargs) -> Recommender:
@@ -152,7 +118,22 @@ class Recommender:
 
     @property
     def domains(self) -> list[str]:
-        return sorted(self.ids)
+        return self.retriever.domains
+
+    @property
+    def ids(self) -> dict[str, list[str]]:
+        """Domain -> item ids in row order (items added online last)."""
+        return {d: self.retriever.ids(d) for d in self.domains}
+
+    @property
+    def pos(self) -> dict[str, dict[str, int]]:
+        """Domain -> item_id -> row."""
+        return {d: self.retriever.pos(d) for d in self.domains}
+
+    @property
+    def vecs(self) -> dict[str, torch.Tensor]:
+        """Domain -> (n, V) item vectors."""
+        return {d: self.retriever.rows(d) for d in self.domains}
 
     @property
     def n_candidates(self) -> int | None:
@@ -160,22 +141,22 @@ class Recommender:
         return None if self.ranker is None else self.ranker.cfg.top_n
 
     def check_domain(self, domain: str, field: str = "domain") -> None:
-        if domain not in self.ids:
+        if domain not in self.retriever.catalog.domain_code:
             raise UnknownDomain(f"`{field}`: unknown domain {domain!r} (known: {', '.join(self.domains)})")
 
     def item_vector(self, domain: str, item_id: str, field: str = "history") -> torch.Tensor:
         self.check_domain(domain, field)
-        k = self.pos[domain].get(item_id)
+        k = self.retriever.pos(domain).get(item_id)
         if k is None:
             raise UnknownItem(f"`{field}`: unknown item_id {item_id!r} in domain {domain!r}")
-        return self.vecs[domain][k]
+        return self.retriever.rows(domain)[k]
 
     # -- items added online -------------------------------------------------------------------------------
     def room(self, keys: list[tuple[str, str]], field: str = "items") -> None:
         """Raises CatalogFull unless the new ones among (domain, item_id) `keys` fit under max_online_items."""
         if self.max_online_items is None:
             return
-        new = {k for k in keys if k[1] not in self.pos.get(k[0], {})}
+        new = {k for k in keys if k[0] not in self.domains or k[1] not in self.retriever.pos(k[0])}
         if len(self.online) + len(new) > self.max_online_items:
             raise CatalogFull(
                 f"`{field}`: {len(new)} new items do not fit: {len(self.online)} of max_online_items="
@@ -185,149 +166,89 @@ class Recommender:
     def upsert(self, domain: str, item_id: str, title: str, vector: torch.Tensor) -> bool:
         """Adds or replaces an item (recommendable at once). Returns True if it was new."""
         self.check_domain(domain, "items.domain")
-        k = self.pos[domain].get(item_id)
-        if k is not None:  # an update replaces the row in place
-            self.vecs[domain][k] = vector.reshape(-1)
+        k = self.retriever.pos(domain).get(item_id)
+        if k is not None:
+            self.retriever.add_item(domain, item_id, vector)
             self.titles[domain][k] = title
             return False
         self.room([(domain, item_id)])
-        n, block = len(self.ids[domain]), self._block[domain]
-        if n == len(block):  # grow geometrically: the copy is paid once per n/4 inserts
-            grown = torch.empty(n + max(256, n // 4), block.shape[1], dtype=block.dtype)
-            grown[:n] = block[:n]
-            self._block[domain] = block = grown
-            if domain in self._pop_block:
-                pop = torch.empty(len(grown))
-                pop[:n] = self._pop_block[domain][:n]
-                self._pop_block[domain] = pop
-        block[n] = vector.reshape(-1)
-        self.vecs[domain] = block[: n + 1]
-        if domain in self._pop_block:  # new: no interactions yet, as the catalog's never-seen items had
-            self._pop_block[domain][n] = self.bundle.pop_cold(domain)
-            self.pop[domain] = self._pop_block[domain][: n + 1]
-        self.pos[domain][item_id] = n
-        self.ids[domain].append(item_id)
+        self.retriever.add_item(domain, item_id, vector)
         self.titles[domain].append(title)
         self.online.add((domain, item_id))
         return True
 
     # -- scoring ------------------------------------------------------------------------------------------
     def _history(self, history: list[HistoryItem]) -> tuple[torch.Tensor, np.ndarray]:
-        vecs, doms = [], []
+        """(H, V) the entries' vectors and (H,) their catalog global indices (-1: online item, text)."""
+        vecs, glob = [], []
         for k, h in enumerate(history):
             if h.vector is not None:
                 vecs.append(torch.as_tensor(h.vector, dtype=torch.float32).reshape(-1))
+                glob.append(-1)
             else:
                 if h.item_id is None:
                     raise UnknownItem(f"history[{k}]: an entry needs an item_id or a vector")
                 vecs.append(self.item_vector(h.domain, h.item_id, f"history[{k}]"))
-            doms.append(self.bundle.domain_id(h.domain))
+                glob.append(self.retriever.global_index(h.domain, h.item_id))
         dim = self.model.vector_dim
-        return (torch.stack(vecs) if vecs else torch.zeros(0, dim)), np.array(doms, dtype=np.int64)
+        return (torch.stack(vecs) if vecs else torch.zeros(0, dim)), np.array(glob, dtype=np.int64)
 
-    @torch.inference_mode()
     def _users(
-        self, hvecs: torch.Tensor, hdoms: np.ndarray, hnames: list[str], domain: str, drop: list[int | None]
+        self, hvecs: torch.Tensor, history: list[HistoryItem], domain: str, drop: list[int | None]
     ) -> torch.Tensor:
-        """(B, V) user vectors for the history with each `drop` position left out (None: the full history).
-        hnames: the history's domain names (two domains the bundle never saw share one model id, not a name).
-
-        crossrec.training.encode_users, with the tower's input trimmed to the longest real history of the batch
-        instead of max_len: the tower reads left-padded histories whose padded slots only ever see themselves,
-        so the last position's output is the same, at a fraction of the cost for the usual short history."""
-        model = self.model
-        tid = self.bundle.domain_id(domain)
-        n = len(hdoms)
-        code = {name: k for k, name in enumerate(sorted({domain, *hnames}))}
-        hcodes = np.array([code[name] for name in hnames], dtype=np.int64)
+        """(B, V) user vectors for the history with each `drop` position left out (None: the full history)."""
+        names = [h.domain for h in history]
+        code = {name: k for k, name in enumerate(sorted({domain, *names}))}  # only equality matters
+        hcodes = np.array([code[n] for n in names], dtype=np.int64)
+        hids = np.array([self.retriever.model_domain(n) for n in names], dtype=np.int64)
+        n = len(history)
         keeps = [np.array([i for i in range(n) if i != d], dtype=np.int64) for d in drop]
-        length = min(model.cfg.max_len, max(1, max(len(k) for k in keeps)))
-        items, doms, nxt, valid = history_arrays(keeps, [hdoms[k] for k in keeps], np.full(len(drop), tid), length)
-        if len(hvecs) == 0:  # no history: one zero row for the padded slot to read
-            hvecs = torch.zeros(1, model.vector_dim)
-        d = model.cfg.dim
-        hv = hvecs[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
-        u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))[
-            :, -1
-        ]
-        if model.text_prior:  # over the whole history, as encode_users does
-            u = torch.cat(
-                [
-                    u,
-                    model.log_beta.exp()
-                    * _prior_query(
-                        model, hvecs[:, d:], keeps, [hcodes[k] for k in keeps], np.full(len(drop), code[domain])
-                    ),
-                ],
-                dim=-1,
-            )
-        return u
-
-    def _bias(self, domain: str, history: list[HistoryItem], drop: list[int] | None = None) -> torch.Tensor | None:
-        """(N,) the popularity prior's term gamma * p of the domain's items plus the transition prior's term of
-        `history`, or None without either; with `drop`, (B, N): the history with each drop position left out."""
-        pop = self.pop.get(domain)
-        out = None if pop is None else self.pop_weight[domain] * pop
-        beta, decay = self.co_weight.get(domain, (0.0, 1.0))
-        if self.co is None or not beta:
-            return out if drop is None or out is None else out.expand(len(drop), -1)
-        hidx = np.array(
-            [
-                self._co_off[h.domain] + self.pos[h.domain][h.item_id]
-                if h.domain in self._co_off
-                and h.item_id is not None
-                and self.pos[h.domain].get(h.item_id, self._co_n[h.domain]) < self._co_n[h.domain]
-                else -1
-                for h in history
-            ],
-            dtype=np.int64,
+        return self.retriever.encode(
+            hvecs,
+            keeps,
+            [hcodes[k] for k in keeps],
+            code[domain],
+            ([hids[k] for k in keeps], self.retriever.model_domain(domain)),
         )
-        keeps = [hidx] if drop is None else [np.delete(hidx, i) for i in drop]
-        n = self._co_n[domain]
-        term = torch.zeros(len(keeps), len(self.ids[domain]))  # items added online (past n) have no transitions
-        term[:, :n] = torch.from_numpy(self.co.term(keeps, self._co_off[domain], n, decay).astype(np.float32))
-        co = beta * term
-        if out is not None:
-            co = co + out
-        return co[0] if drop is None else co
 
     def _score(
         self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
     ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """History vectors (H, V) and domain ids (H,), the user vector (V,), the scores (N,) of every item of
+        """History vectors (H, V) and catalog indices (H,), the user vector (V,), the scores (N,) of every item of
         `domain` (-inf where masked), and the priors' term (N,) in them (None without priors)."""
         self.check_domain(domain)
-        hvecs, hdoms = self._history(history)
-        user = self._users(hvecs, hdoms, [h.domain for h in history], domain, [None])[0]
-        scores = self.vecs[domain] @ user  # (N,)
-        bias = self._bias(domain, history)
+        hvecs, glob = self._history(history)
+        user = self._users(hvecs, history, domain, [None])[0]
+        scores = self.retriever.rows(domain) @ user  # (N,)
+        bias = self.retriever.prior_terms(domain, [glob])
         if bias is not None:
+            bias = bias[0]  # (N,)
             scores = scores + bias
+        pos = self.retriever.pos(domain)
         if exclude_seen:
             seen = [
-                self.pos[domain][h.item_id]
-                for h in history
-                if h.domain == domain and h.item_id is not None and h.item_id in self.pos[domain]
+                pos[h.item_id] for h in history if h.domain == domain and h.item_id is not None and h.item_id in pos
             ]
             if seen:
                 scores[seen] = float("-inf")
         if candidates is not None:
             mask = torch.full_like(scores, float("-inf"))
-            idx = [self.pos[domain][c] for c in candidates if c in self.pos[domain]]
+            idx = [pos[c] for c in candidates if c in pos]
             mask[idx] = 0
             scores = scores + mask
-        return hvecs, hdoms, user, scores, bias
+        return hvecs, glob, user, scores, bias
 
     def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
         """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
         hvecs, _, user, scores, _ = self._score(history, domain, exclude_seen)
         top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
+        ids = self.retriever.ids(domain)
         return Candidates(
-            item_ids=[self.ids[domain][j] for j in top.indices.tolist()],
+            item_ids=[ids[j] for j in top.indices.tolist()],
             scores=top.values.numpy(),
             user=user.numpy(),
             history_vectors=hvecs.numpy(),
-            candidate_vectors=self.vecs[domain][top.indices].numpy(),
+            candidate_vectors=self.retriever.rows(domain)[top.indices].numpy(),
         )
 
     def recommend(
@@ -344,7 +265,8 @@ class Recommender:
         `candidates`), then, with a ranker, retrieval's top `n_candidates` (default: the ranker's top_n)
         re-ordered by it; `explain` adds to each returned item the history entries whose removal lowers the
         score it is ranked by the most (among the last `explain_history` entries)."""
-        hvecs, hdoms, user, scores, bias = self._score(history, domain, exclude_seen, candidates)
+        hvecs, glob, user, scores, bias = self._score(history, domain, exclude_seen, candidates)
+        ids, rows_d = self.retriever.ids(domain), self.retriever.rows(domain)
         finite = int(torch.isfinite(scores).sum())
         if self.ranker is None:
             top = torch.topk(scores, min(k, finite))
@@ -354,10 +276,10 @@ class Recommender:
             from crossrec.ranker import RankRequest
 
             top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
-            cand = self.vecs[domain][top.indices]  # (N, V)
+            cand = rows_d[top.indices]  # (N, V)
             req = RankRequest(
                 domain=domain,
-                candidates=[self.ids[domain][j] for j in top.indices.tolist()],
+                candidates=[ids[j] for j in top.indices.tolist()],
                 retrieval_scores=top.values.numpy(),
                 user=user.numpy(),
                 history=[(h.domain, h.item_id) for h in history],
@@ -369,12 +291,12 @@ class Recommender:
             order = torch.from_numpy(np.argsort(-ranked.numpy(), kind="stable")[:k])
             rows, final = top.indices[order], ranked[order]
         recs = [
-            Recommendation(item_id=self.ids[domain][j], domain=domain, title=self.titles[domain][j], score=float(s))
+            Recommendation(item_id=ids[j], domain=domain, title=self.titles[domain][j], score=float(s))
             for s, j in zip(final.tolist(), rows.tolist())
         ]
         if explain and len(history) and len(recs):
             drop = self._explain(
-                hvecs, hdoms, history, domain, user, rows, final, None if req is None else (req, order, top.indices)
+                hvecs, glob, history, domain, rows, final, None if req is None else (req, order, top.indices)
             )  # (E, k)
             first = len(history) - drop.shape[0]
             for c, rec in enumerate(recs):
@@ -393,10 +315,9 @@ class Recommender:
     def _explain(
         self,
         hvecs: torch.Tensor,
-        hdoms: np.ndarray,
+        glob: np.ndarray,
         history: list[HistoryItem],
         domain: str,
-        user: torch.Tensor,
         rows: torch.Tensor,
         final: torch.Tensor,
         ranked,
@@ -405,12 +326,15 @@ class Recommender:
         ranker's score with a ranker (the order the user sees), else retrieval's."""
         first = max(0, len(history) - self.explain_history)
         drop = list(range(first, len(history)))
-        loo = self._users(hvecs, hdoms, [h.domain for h in history], domain, list(drop))
-        # The priors with each entry left out: popularity's does not depend on the history (it cancels out), the
-        # transition prior's does.
-        bias = self._bias(domain, history, drop)  # (E, N) or None
+        loo = self._users(hvecs, history, domain, list(drop))
+        # The priors with each entry left out: popularity's does not depend on the history (one row, broadcast),
+        # the transition prior's does.
+        bias = self.retriever.prior_terms(domain, [np.delete(glob, i) for i in drop])  # (E | 1, N) or None
+        if bias is not None:
+            bias = bias.expand(len(drop), -1)
         if ranked is None:
-            return final.unsqueeze(0) - (loo @ self.vecs[domain][rows].T + (0.0 if bias is None else bias[:, rows]))
+            scores = loo @ self.retriever.rows(domain)[rows].T
+            return final.unsqueeze(0) - (scores + (0.0 if bias is None else bias[:, rows]))
         req, order, cand_rows = ranked  # cand_rows: the catalog rows of req.candidates
         assert self.ranker is not None  # `ranked` comes from the ranker
         without = self.ranker.score_without(

@@ -50,22 +50,20 @@ class TextKNN:
 
     def user_vectors(self, histories: list[np.ndarray], domain: str | None = None) -> torch.Tensor:
         """(B, D) unit query vectors for targets in `domain` (zero rows for empty histories)."""
-        lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
-        q = torch.zeros(len(histories), self.vectors.shape[1])
-        if int(lengths.sum()) == 0:
-            return q
-        items = torch.from_numpy(np.concatenate(histories).astype(np.int64))  # (H,) all rows' histories, chained
-        row = torch.repeat_interleave(torch.arange(len(histories)), lengths)  # (H,)
-        # Age within its own history: 0 for the most recent (last) item.
-        ends = torch.cumsum(lengths, 0)
-        age = ends[row] - 1 - torch.arange(len(items))
-        w = torch.pow(torch.tensor(self.decay, dtype=torch.float64), age.double()).float()  # (H,)
-        if domain is not None and self.cross_weight != 1.0:
-            other = torch.from_numpy(self.splits.item_domain[items.numpy()] != self.splits.domain_code[domain])
-            w = torch.where(other, w * self.cross_weight, w)
-        q.index_add_(0, row, w[:, None] * self.vectors[items])  # (B, D) weighted sums
-        # A weighted sum points where the weighted mean does: normalising it gives the mean's cosine directly.
-        return F.normalize(q, dim=-1)  # zero rows stay zero
+        from crossrec.retrieval import text_query
+
+        sp = self.splits
+        # Without a domain every entry counts alike (the target's code matches none of the catalog's).
+        target = sp.domain_code[domain] if domain is not None else -1
+        cross = self.cross_weight if domain is not None else 1.0
+        return text_query(
+            self.vectors,
+            histories,
+            [sp.item_domain[h] for h in histories],
+            np.full(len(histories), target),
+            self.decay,
+            cross,
+        )
 
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         off, n = self.splits.offset[batch.domain], self.splits.n_items[batch.domain]

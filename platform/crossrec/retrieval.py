@@ -1,0 +1,290 @@
+"""Retrieval: the one definition of the score that ranks a domain's items for a history,
+
+    score(h, i) = <user(h), item_i> + sum over the priors p of weight_p[d] * term_p(d, h)[i]
+
+`Retriever` owns the item matrix of a catalog (per domain, grown by items added online), the one user encoder
+(the model's user tower over the last `max_len` items plus the text prior over the whole history, `text_query`)
+and the ordered priors (crossrec.priors). Evaluation, validation during training, zero-shot calibration, the
+ranker's candidate lists, `crossrec recommend` and the Serve replica all call it, so they cannot drift.
+
+A catalog gives every item a global index: domains in sorted order, each a contiguous block `offset[d] :
+offset[d] + n_items[d]` (a `Splits`, or `BundleCatalog` for a bundle's own items). Histories are arrays of global
+indices, oldest first; -1 marks an entry the catalog does not know (an item added online, a text): priors skip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crossrec.catalog import BundleCatalog, Catalog
+from crossrec.domains import domain_id, domain_ids
+from crossrec.model import CrossRecModel
+from crossrec.splits import TargetBatch
+
+if TYPE_CHECKING:
+    from crossrec.bundle import Bundle
+    from crossrec.priors.base import Prior
+
+__all__ = ["Catalog", "BundleCatalog", "Retriever", "text_query", "history_arrays"]
+
+
+def history_arrays(
+    histories: list[np.ndarray], hist_domains: list[np.ndarray], target_domain: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded (items, domains, next_domains, valid) for inference: the last position asks for the
+    target domain. Histories longer than max_len keep their most recent items."""
+    b = len(histories)
+    items = np.zeros((b, max_len), np.int64)
+    doms = np.zeros((b, max_len), np.int64)
+    nxt = np.zeros((b, max_len), np.int64)
+    valid = np.zeros((b, max_len), bool)
+    for r, (h, hd) in enumerate(zip(histories, hist_domains)):
+        h, hd = h[-max_len:], hd[-max_len:]
+        k = len(h)
+        if k == 0:
+            # No history: one padded slot still carries the target domain to the last position.
+            nxt[r, -1] = target_domain[r]
+            continue
+        items[r, max_len - k :] = h
+        doms[r, max_len - k :] = hd
+        nxt[r, max_len - k : -1] = hd[1:]
+        nxt[r, -1] = target_domain[r]
+        valid[r, max_len - k :] = True
+    return items, doms, nxt, valid
+
+
+def text_query(
+    text: torch.Tensor,
+    histories: Sequence[np.ndarray],
+    hist_domains: Sequence[np.ndarray],
+    target_domains: np.ndarray,
+    decay: float,
+    cross: float,
+) -> torch.Tensor:
+    """(B, T) unit recency-weighted means of the histories' text vectors (rows of `text`): the item k steps back
+    from the most recent one weighs decay ** k, times `cross` when its domain code differs from the target's. Zero
+    rows for empty histories. The text prior of the model and the textknn baseline; the model's training forward
+    computes the same at every position of its window (CrossRecModel.user_vectors)."""
+    lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
+    q = torch.zeros(len(histories), text.shape[1])
+    if int(lengths.sum()) == 0:
+        return q
+    items = torch.from_numpy(np.concatenate(histories).astype(np.int64))  # (H,) every history, chained
+    row = torch.repeat_interleave(torch.arange(len(histories)), lengths)  # (H,)
+    age = torch.cumsum(lengths, 0)[row] - 1 - torch.arange(len(items))  # 0 = the most recent item
+    w = torch.pow(torch.tensor(decay, dtype=torch.float64), age.double()).float()
+    if cross != 1.0:
+        other = (
+            torch.from_numpy(np.concatenate(hist_domains).astype(np.int64))
+            != torch.from_numpy(np.asarray(target_domains, dtype=np.int64))[row]
+        )
+        w = torch.where(other, w * cross, w)
+    q.index_add_(0, row, w[:, None] * text[items])
+    # A weighted sum points where the weighted mean does: normalising it gives the mean's cosine directly.
+    return F.normalize(q, dim=-1)
+
+
+class Retriever:
+    """The model, a catalog's item vectors and the priors: retrieval's scores for histories.
+
+    vectors: (N, V) the model's item vectors in the catalog's global order. model_domains: the domains the model
+    has ids for (any other domain is its "unknown" id). learned_weight scales the learned part of the user vector
+    against the text prior (1: the model as trained; zero-shot calibration may lower it)."""
+
+    name = "crossrec"
+
+    def __init__(
+        self,
+        model: CrossRecModel,
+        catalog: Catalog,
+        vectors: torch.Tensor,
+        model_domains: Sequence[str],
+        priors: Sequence[Prior] = (),
+        learned_weight: float = 1.0,
+        batch_size: int = 512,
+    ):
+        if vectors.shape[0] != len(catalog.item_ids):
+            raise ValueError(f"`vectors`: {vectors.shape[0]} rows for a catalog of {len(catalog.item_ids)} items")
+        self.model = model.eval()
+        self.catalog = catalog
+        self.vecs = vectors  # (N, V) the catalog's rows (items added online live in `_block` only)
+        self.model_domains = list(model_domains)
+        self.domain_map = domain_ids(self.model_domains, catalog.domains)  # catalog code -> model id
+        self.priors = list(priors)
+        self.learned_weight = learned_weight
+        self.batch_size = batch_size
+        self.params: dict = {}  # chosen values to report (`crossrec evaluate` prints them)
+        # Per domain, the first rows of _block[d] are the domain's items: a view of `vecs` until an item added
+        # online grows it (an insert then writes one row, amortised O(1), instead of copying the matrix).
+        self._block = {d: vectors[self._span(d)] for d in catalog.domains}
+        self._rows = {d: catalog.n_items[d] for d in catalog.domains}
+        self._ids: dict[str, list[str]] = {}
+        self._pos: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Retriever:
+        """The bundle's retrieval over its own catalog, with the priors it was trained with."""
+        from crossrec.priors import load_priors
+
+        matrices = {d: bundle.item_matrix(d) for d in sorted(bundle.items)}
+        catalog = BundleCatalog.of({d: ids for d, (ids, _) in matrices.items()})
+        vectors = (
+            torch.cat([m for _, m in matrices.values()])
+            if matrices
+            else torch.zeros(0, bundle.model.vector_dim, dtype=torch.float32)
+        )
+        return cls(
+            bundle.model,
+            catalog,
+            vectors,
+            bundle.domains,
+            load_priors(bundle, catalog),
+            learned_weight=bundle.learned_weight,
+        )
+
+    # -- the catalog, per domain ------------------------------------------------------------------------------
+    def _span(self, domain: str) -> slice:
+        off = self.catalog.offset[domain]
+        return slice(off, off + self.catalog.n_items[domain])
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.catalog.domains)
+
+    def rows(self, domain: str) -> torch.Tensor:
+        """(n, V) the domain's item vectors, items added online last."""
+        return self._block[domain][: self._rows[domain]]
+
+    def ids(self, domain: str) -> list[str]:
+        """The domain's item ids in row order (built on first use: evaluation never needs them)."""
+        if domain not in self._ids:
+            self._ids[domain] = [str(i) for i in self.catalog.item_ids[self._span(domain)]]
+        return self._ids[domain]
+
+    def pos(self, domain: str) -> dict[str, int]:
+        """item_id -> row of the domain."""
+        if domain not in self._pos:
+            self._pos[domain] = {iid: k for k, iid in enumerate(self.ids(domain))}
+        return self._pos[domain]
+
+    def model_domain(self, name: str) -> int:
+        return domain_id(self.model_domains, name)
+
+    def global_index(self, domain: str, item_id: str | None) -> int:
+        """The catalog's global index of an item, or -1 (an item added online, a text, an unknown domain)."""
+        if item_id is None or domain not in self.catalog.domain_code:
+            return -1
+        k = self.pos(domain).get(item_id, -1)
+        return self.catalog.offset[domain] + k if 0 <= k < self.catalog.n_items[domain] else -1
+
+    def add_item(self, domain: str, item_id: str, vector: torch.Tensor) -> bool:
+        """Adds (or replaces the vector of) an item of `domain`; it is ranked at once. True if it was new. An added
+        item has no history in the priors: each gives it the term of a new item (`Prior.new_item_term`)."""
+        pos = self.pos(domain)
+        k = pos.get(item_id)
+        if k is not None:  # an update replaces the row in place
+            self._block[domain][k] = vector.reshape(-1)
+            return False
+        n, block = self._rows[domain], self._block[domain]
+        if n == len(block):  # grow geometrically: the copy is paid once per n/4 inserts
+            grown = torch.empty(n + max(256, n // 4), block.shape[1], dtype=block.dtype)
+            grown[:n] = block[:n]
+            self._block[domain] = block = grown
+        block[n] = vector.reshape(-1)
+        self._rows[domain] = n + 1
+        pos[item_id] = n
+        self.ids(domain).append(item_id)
+        return True
+
+    # -- the user encoder ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(
+        self,
+        source: torch.Tensor,
+        histories: Sequence[np.ndarray],
+        hist_codes: Sequence[np.ndarray],
+        target_code: int,
+        model_ids: tuple[Sequence[np.ndarray], int],
+    ) -> torch.Tensor:
+        """(B, V) user vectors for histories given as rows of `source` (M, V), their domains as codes (only equality
+        matters: the text prior's same-domain weight) and as the model's ids (`model_ids`: per history, then the
+        target's). The tower reads the last max_len items, left-padded to the longest of the batch (padded slots only
+        ever see themselves, so the last position is the same as at max_len); the text prior reads the whole history."""
+        model = self.model
+        d = model.cfg.dim
+        hist_ids, target_id = model_ids
+        if len(source) == 0:  # no history anywhere: one zero row for the padded slots to read
+            source = torch.zeros(1, source.shape[1])
+        out = []
+        for s in range(0, len(histories), self.batch_size):
+            hs = histories[s : s + self.batch_size]
+            length = min(model.cfg.max_len, max(1, max(len(h) for h in hs)))
+            items, doms, nxt, valid = history_arrays(
+                list(hs), list(hist_ids[s : s + self.batch_size]), np.full(len(hs), target_id), length
+            )
+            hv = source[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
+            u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))
+            u = u[:, -1]
+            if self.learned_weight != 1.0:
+                u = u * self.learned_weight
+            if model.text_prior:
+                cfg = model.cfg
+                if cfg.text_prior_decay is None or cfg.text_prior_cross is None:
+                    raise ValueError("`text_prior_decay` / `text_prior_cross` are unset: training chooses them first")
+                q = text_query(
+                    source[:, d:],
+                    hs,
+                    hist_codes[s : s + self.batch_size],
+                    np.full(len(hs), target_code),
+                    cfg.text_prior_decay,
+                    cfg.text_prior_cross,
+                )
+                u = torch.cat([u, model.log_beta.exp() * q], dim=-1)
+            out.append(u)
+        return torch.cat(out) if out else torch.zeros(0, source.shape[1])
+
+    def user_vectors(self, histories: Sequence[np.ndarray], domain: str) -> torch.Tensor:
+        """(B, V) user vectors of catalog histories (global indices) for targets in `domain`."""
+        c = self.catalog
+        code = c.domain_code[c.check_domain(domain)]
+        codes = [c.item_domain[h] for h in histories]
+        return self.encode(
+            self.vecs, histories, codes, code, ([self.domain_map[x] for x in codes], int(self.domain_map[code]))
+        )
+
+    # -- scores -------------------------------------------------------------------------------------------------
+    def prior_terms(self, domain: str, histories: Sequence[np.ndarray], upto: int | None = None) -> torch.Tensor | None:
+        """(B, n) or (1, n) the sum of weight * term of the priors (the first `upto` of them) over the domain's rows
+        (items added online get each prior's new-item term), or None when no prior has a weight here."""
+        total = None
+        n_base, n = self.catalog.n_items.get(domain, 0), self._rows[domain]
+        for p in self.priors[:upto]:
+            w = p.weight.get(domain, 0.0)
+            if not w:
+                continue
+            term = torch.as_tensor(p.term(domain, histories), dtype=torch.float32)  # (B | 1, n_base)
+            if n > n_base:
+                term = torch.cat([term, torch.full((len(term), n - n_base), p.new_item_term(domain))], dim=1)
+            total = w * term if total is None else total + w * term
+        return total
+
+    def model_scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) the model's scores of the domain's items, without the priors."""
+        if users is None:
+            users = self.user_vectors(batch.histories, batch.domain)
+        return users @ self.rows(batch.domain).T
+
+    def scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) what retrieval ranks: the model's scores plus the priors'."""
+        scores = self.model_scores(batch, users)
+        bias = self.prior_terms(batch.domain, batch.histories)
+        return scores if bias is None else scores + bias
+
+    def __call__(self, batch: TargetBatch) -> np.ndarray:
+        """The evaluation Scorer (crossrec.evaluation.evaluate)."""
+        return self.scores(batch).numpy()
