@@ -1,4 +1,4 @@
-"""Test NDCG@10 of a bundle WITHOUT its priors, for the "without the prior" columns of README's transfer tables:
+"""Test NDCG@10 of a bundle WITHOUT its priors, for the "without the prior" columns in docs/RESULTS.md "Transfer":
 the same weights, beta 0 (no transition prior, crossrec.co_prior), then also gamma 0 (no popularity prior).
 
     python bench/pop_prior_ablation.py as-trained BUNDLE DATASET            # with, beta 0, beta 0 and gamma 0

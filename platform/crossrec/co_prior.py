@@ -6,7 +6,7 @@ where h_k are the user's history items (all domains; age 0 = the most recent) an
 training interactions of one user go from a to b: the next interaction (weight 1) or the one after it
 (weight LAGS[1]), across domains too. A user known in food and new to kitchen gets the kitchen items that users
 with the same food items went on to: the collaborative signal that item text lacks (food and kitchen titles say
-little about each other, while ID-based SASRec learns exactly this; measured in README "Transfer").
+little about each other, while ID-based SASRec learns exactly this; measured in docs/RESULTS.md "Transfer").
 
 beta_d and decay_d are chosen per domain on VALIDATION targets from a grid that contains beta 0 (the model and its
 popularity prior as they are), at training end after the popularity prior (stored in the bundle: bundle.json
