@@ -1,4 +1,4 @@
-"""Peak memory of `crossrec prepare` on a synthetic interactions file (README "Reliability").
+"""Peak memory of `crossrec prepare` on a synthetic interactions file (docs/RELIABILITY.md "Ingest memory").
 
     python bench/ingest_memory.py [--rows 5000000] [--items 200000] [--users 500000] [--format csv|jsonl|parquet]
                                   [--work /tmp/crossrec-ingest-bench] [--repeat 1]

@@ -1,5 +1,5 @@
-"""Test NDCG@10 of a bundle WITHOUT its priors, for the "without the prior" columns of docs/RESULTS.md's transfer
-tables: the same weights, without the last prior (crossrec.priors: transition), then without any prior.
+"""Test NDCG@10 of a bundle WITHOUT its priors, for the "without the prior" columns in docs/RESULTS.md "Transfer":
+the same weights, without the last prior (crossrec.priors: transition), then without any prior.
 
     python bench/pop_prior_ablation.py as-trained BUNDLE DATASET            # with, beta 0, beta 0 and gamma 0
     python bench/pop_prior_ablation.py zero-shot BUNDLE DATASET DOMAIN      # calibrated as before the prior

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossrec",
         description="LLM-enhanced cross-domain recommendation on Ray: prepare logs, train, tune, evaluate, serve.",
-        epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: see README.md.",
+        epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: docs/REFERENCE.md.",
     )
     p.add_argument("--version", action="version", version=f"crossrec {crossrec.__version__}")
     p.add_argument(

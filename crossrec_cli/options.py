@@ -23,7 +23,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "data"
-RECOMMENDED = REPO / "configs" / "recommended.yaml"  # the pipeline the README's numbers measure
+RECOMMENDED = REPO / "configs" / "recommended.yaml"  # the pipeline docs/RESULTS.md's numbers measure
 
 
 class UsageError(ValueError):

@@ -217,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config",
         metavar="NAME|FILE.yaml",
         help="training config: `recommended` (the default: cached text vectors fused with knowledge-graph vectors "
-        "by attention, 14 epochs, then the ranker; the pipeline of the README's numbers; configs/recommended.yaml), "
+        "by attention, 14 epochs, then the ranker; the pipeline docs/RESULTS.md measures; configs/recommended.yaml), "
         "`basic` (TrainConfig's defaults: text vectors only, no graph, no ranker), or a YAML file of "
         "crossrec.config.TrainConfig keys. Without --config, where `recommended` does not apply (--mode end-to-end, "
         "item_encoder=id, --init from a bundle without graph vectors) training uses `basic` + the ranker and says so",

@@ -12,7 +12,7 @@ is dropped. (A new bundle passed as an arg would restart every replica, stop fir
 
 Nothing here starts Ray: the caller connects first (`crossrec serve` runs its own Ray start-up, tests and the
 bench call `ray.init`). Serve's throughput-optimised mode is read from the environment of the processes Ray
-starts, so `FAST_PATH_ENV` must be in `os.environ` before Ray starts (README "Serve").
+starts, so `FAST_PATH_ENV` must be in `os.environ` before Ray starts (docs/RESULTS.md "Serve's fast paths").
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ __all__ = [
 APP_NAME = "crossrec"
 DEFAULT_STATE_DIR = "out/serve-state"  # relative to the working folder of whoever deploys (made absolute there)
 
-# Serve's throughput-optimised mode (Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED: direct ingress, gRPC between
-# replicas, user code and router on the replica's one event loop, buffered request logs, GC frozen after start)
-# with HAProxy in front of the ingress replicas instead of the Python proxy: the fastest setting measured here
-# (README "Serve"). Ray reads these when its processes start: set them before `ray.init`. An ingress replica
-# that stops waits out a draining period meant for an external load balancer to deregister it (30 s by
-# default, which every shutdown then takes); HAProxy here is Serve's own and is told at once.
+# Serve's throughput-optimised mode (Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED: direct ingress, gRPC between replicas, user
+# code and router on the replica's one event loop, buffered request logs, GC frozen after start) with HAProxy in front
+# of the ingress replicas instead of the Python proxy: the fastest setting measured here (docs/RESULTS.md "Serve's fast
+# paths"). Ray reads these when its processes start: set them before `ray.init`. An ingress replica that stops waits out
+# a draining period meant for an external load balancer to deregister it (30 s by default, which every shutdown then
+# takes); HAProxy here is Serve's own and is told at once.
 FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -231,7 +231,7 @@ class TrainConfig:
     fusion: str = _doc("concat", "how text, graph and feature vectors combine: concat, gate, attention")
     # Chance that an item's side vectors are hidden in a training batch: trains the text-only path that new
     # items, items without graph edges and zero-shot catalogs take (like domain_dropout for domain ids). Off by
-    # default: 0.1 cost food-kitchen a third of the ranker's gain in-domain (README, "Reference numbers").
+    # default: 0.1 cost food-kitchen a third of the ranker's gain in-domain (docs/RESULTS.md, "Reference numbers").
     side_dropout: float = _doc(
         0.0, "chance an item's graph/feature vectors are hidden in a training batch (trains the text-only path)"
     )
@@ -358,7 +358,7 @@ class RunSettings:
 
 # Built-in configs for `crossrec train --config NAME`: data, like a YAML file's keys over TrainConfig's defaults.
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    # The retrieve-then-rank pipeline measured best on both vendored datasets (README "Reference numbers"):
+    # The retrieve-then-rank pipeline measured best on both vendored datasets (docs/RESULTS.md "Reference numbers"):
     # cached text vectors fused (attention) with knowledge-graph vectors, then the ranker over retrieval's top-N.
     # configs/recommended.yaml is its documented copy (a test keeps the two equal).
     "recommended": {

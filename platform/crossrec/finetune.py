@@ -252,11 +252,11 @@ def grad_rows(n: int, inputs: dict, limit: int) -> torch.Tensor:
     return torch.argsort(first, stable=True)
 
 
-# Measured on SmolLM2-135M (30 layers, hidden 576, fp32, LoRA r=8 on q/k/v/o, 1 torch thread; the README's
-# measurement): peak RSS of forward + backward grows by ~2.0 MiB per token with gradients (8, 16, 32 items x 64
-# tokens: +0.7, +1.9, +3.9 GiB), i.e. ~121 bytes per token, hidden unit and layer; other backbones scale by
-# hidden size x layers. A forward without gradients frees each layer's activations: its peak is one layer's
-# hidden states and MLP (~12 x hidden floats per token).
+# Measured on SmolLM2-135M (30 layers, hidden 576, fp32, LoRA r=8 on q/k/v/o, 1 torch thread; docs/RESULTS.md
+# "End-to-end memory"): peak RSS of forward + backward grows by ~2.0 MiB per token with gradients (8, 16, 32 items x 64
+# tokens: +0.7, +1.9, +3.9 GiB), i.e. ~121 bytes per token, hidden unit and layer; other backbones scale by hidden size
+# x layers. A forward without gradients frees each layer's activations: its peak is one layer's hidden states and MLP
+# (~12 x hidden floats per token).
 _GRAD_BYTES_PER_TOKEN_UNIT_LAYER = 125.0
 NO_GRAD_CHUNK = 256  # items per forward without gradients
 _NOGRAD_FLOATS_PER_TOKEN_UNIT = 12
