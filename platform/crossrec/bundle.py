@@ -6,7 +6,7 @@ items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of t
 PRIOR files          each prior's own (crossrec.priors: pop_prior.parquet, co_prior.parquet), its weights and choices
                      in bundle.json under its key, the priors' order in bundle.json "priors"
 adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
-ranker/              second-stage ranker (ranker.py: ranker.json, safetensors, items.parquet), optional
+ranker/              second-stage ranker (crossrec.ranker: ranker.json, safetensors, items.parquet), optional
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class RankerConfig:
-    """The second-stage ranker over retrieval's top-N (see ranker.py), trained after the retriever."""
+    """The second-stage ranker over retrieval's top-N (see crossrec.ranker), trained after the retriever."""
 
     enabled: bool = _doc(False, "train a ranker and store it in the bundle (ranker/)")
     top_n: int = _doc(100, "candidates from retrieval that the ranker re-orders")

@@ -51,7 +51,7 @@ class ItemGraph:
         return np.bincount(e.reshape(-1), minlength=self.n_nodes).astype(np.float64)
 
     def item_arrays(self, max_attrs: int = 16, max_neighbors: int = 16) -> dict[str, np.ndarray]:
-        """Padded per-item rows of Â for the ranker's graph similarity (see `two_hop` in ranker.py):
+        """Padded per-item rows of Â for the ranker's graph similarity (see `two_hop` in ranker/features.py):
         attr (n, max_attrs) attribute ids (-1 pad) with weights Â[item, attr]; nb (n, max_neighbors) item
         neighbours with Â[item, nb]. Items with more keep their heaviest (rarest) ones."""
         deg = self.degree()
