@@ -84,8 +84,7 @@ def bundle_summary(path: Path) -> dict:
         "data_hash": meta.get("data_hash"),
         "dataset": meta.get("dataset"),
         "config_changed": _changed(cfg),
-        "pop_prior": meta.get("pop_prior"),
-        "co_prior": meta.get("co_prior"),
+        "priors": _priors(meta),
         "run": meta.get("run"),
         "valid": metrics.get("valid"),
         "test": metrics.get("test"),
@@ -96,6 +95,27 @@ def bundle_summary(path: Path) -> dict:
         "size": parts,
         "total_size": sum(parts.values()),
     }
+
+
+def _priors(meta: dict) -> dict:
+    """Each prior of the bundle, in order: its weights per domain and the option chosen with them."""
+    from crossrec.priors import bundle_prior_names, prior_class
+
+    out = {}
+    for name in bundle_prior_names(meta):
+        try:
+            cls = prior_class(name)
+        except ValueError:  # a plugin this environment cannot import: its entry is unknown here
+            out[name] = {"weights": {}, "option": {}, "option_name": "option"}
+            continue
+        entry = meta.get(cls.meta_key) or {}
+        option = entry.get(cls.option_name, {})
+        out[name] = {
+            "weights": entry.get("weights", {}),
+            "option": option if isinstance(option, dict) else {},
+            "option_name": cls.option_name,
+        }
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -121,17 +141,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"data     {s['dataset']}  (hash {s['data_hash']})")
     changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all TrainConfig defaults"
     print(f"config   {changed}  (changed from TrainConfig's defaults, `basic`: crossrec train --help-config)")
-    pop = s["pop_prior"]
-    if pop:
+    for name, p in s["priors"].items():
         print(
-            "prior    popularity, gamma per domain (chosen on validation): "
-            + ", ".join(f"{d} {w:.4g} ({pop['window'].get(d, 'all')})" for d, w in pop["weights"].items())
-        )
-    co = s["co_prior"]
-    if co:
-        print(
-            "prior    transitions, beta per domain (chosen on validation): "
-            + ", ".join(f"{d} {w:.4g} (decay {co['decay'].get(d, 1.0):g})" for d, w in co["weights"].items())
+            f"prior    {name}, weight per domain (chosen on validation): "
+            + ", ".join(
+                f"{d} {w:.4g}" + (f" ({p['option_name']} {p['option'][d]})" if d in p["option"] else "")
+                for d, w in p["weights"].items()
+            )
         )
     if s["test"]:
         print(
