@@ -159,20 +159,7 @@ def finish_bundle(
     cfg = resolved_prior(cfg, dataset, inputs.vectors, splits)  # as the run's fit() did (a tune trial's config)
     domains = model_domains(cfg, splits)
     work = Path(tempfile.mkdtemp(prefix="crossrec-export-"))  # end-to-end: adapter and merged backbone
-    adapter_dir = None
-    with trained.checkpoint.as_directory() as folder:
-        vectors = np.load(inputs.vectors) if inputs.vectors else None
-        n_items = len(splits.item_ids)
-        model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-        if cfg.mode == "end-to-end":
-            adapter_dir, vectors = _export_backbone(cfg, folder, dataset, splits, work, progress)
-    model.eval()
-    with torch.inference_mode():
-        item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
-        item_vecs = torch.cat(
-            [model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items)))) for s in range(0, n_items, 8192)]
-        )
+    model, item_vecs, in_dim, adapter_dir = _trained_model(cfg, inputs, trained, dataset, splits, work, progress)
     # The priors in their configured order, each weighted on validation targets (0 on the grid) over the model
     # plus the priors before it, before the test evaluation.
     retriever = Retriever(model, splits, item_vecs, domains, [make_prior(n, splits) for n in cfg.priors])
@@ -182,11 +169,6 @@ def finish_bundle(
         if progress:
             print(f"{prior.label}: " + ", ".join(prior.describe(d) for d in choices))
     test = evaluate(splits, retriever, split="test", progress=progress and interactive(), desc="test")
-    titles = dataset.items.take(splits.item_row).column("title").to_pylist()
-    items = {}
-    for d in splits.domains:
-        off, n = splits.offset[d], splits.n_items[d]
-        items[d] = (splits.item_ids[off : off + n].tolist(), titles[off : off + n], item_vecs[off : off + n].numpy())
     metrics = {
         "valid": {k: v for k, v in trained.valid_metrics.items() if k.startswith("valid/")},
         "test": test.metrics,
@@ -200,11 +182,11 @@ def finish_bundle(
             model=model,
             config=cfg,
             domains=domains,
-            items=items,
+            items=_bundle_items(dataset, splits, item_vecs),
             metrics=metrics,
             data_hash=dataset.content_hash,
-            in_dim=None if vectors is None else vectors.shape[1],
-            n_items=n_items if cfg.item_encoder == "id" or cfg.item_ids else None,
+            in_dim=in_dim,
+            n_items=len(splits.item_ids) if cfg.item_encoder == "id" or cfg.item_ids else None,
             priors=retriever.priors,
             adapter_dir=adapter_dir,
             extra={
@@ -227,6 +209,39 @@ def finish_bundle(
 
         meta["ranker"] = train_ranker(out, data, run, cfg.ranker, progress)
     return meta
+
+
+def _trained_model(
+    cfg: TrainConfig, inputs: Inputs, trained: TrainedRun, dataset: Dataset, splits: Splits, work: Path, progress: bool
+) -> tuple[CrossRecModel, torch.Tensor, int | None, Path | None]:
+    """The checkpoint's model in eval mode, the catalog's item vectors (N, V) under it, the backbone vectors' size
+    and, end-to-end, the adapter folder (the catalog then re-embedded by the adapted backbone)."""
+    domains = model_domains(cfg, splits)
+    adapter_dir = None
+    n_items = len(splits.item_ids)
+    with trained.checkpoint.as_directory() as folder:
+        vectors = np.load(inputs.vectors) if inputs.vectors else None
+        model = CrossRecModel(cfg, len(domains), in_dim=None if vectors is None else vectors.shape[1], n_items=n_items)
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        if cfg.mode == "end-to-end":
+            adapter_dir, vectors = _export_backbone(cfg, folder, dataset, splits, work, progress)
+    model.eval()
+    with torch.inference_mode():
+        item_input = make_item_input(cfg, splits, None if vectors is None else torch.from_numpy(vectors))
+        item_vecs = torch.cat(
+            [model.item_vectors(item_input(torch.arange(s, min(s + 8192, n_items)))) for s in range(0, n_items, 8192)]
+        )
+    return model, item_vecs, None if vectors is None else vectors.shape[1], adapter_dir
+
+
+def _bundle_items(dataset: Dataset, splits: Splits, item_vecs: torch.Tensor) -> dict:
+    """BundleContents.items: per domain (ids, titles, vectors) in the catalog's order."""
+    titles = dataset.items.take(splits.item_row).column("title").to_pylist()
+    items = {}
+    for d in splits.domains:
+        off, n = splits.offset[d], splits.n_items[d]
+        items[d] = (splits.item_ids[off : off + n].tolist(), titles[off : off + n], item_vecs[off : off + n].numpy())
+    return items
 
 
 def _libraries() -> dict[str, str]:
