@@ -213,42 +213,52 @@ class Recommender:
 
     def _score(
         self, history: list[HistoryItem], domain: str, exclude_seen: bool, candidates: list[str] | None = None
-    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """History vectors (H, V) and catalog indices (H,), the user vector (V,), the scores (N,) of every item of
-        `domain` (-inf where masked), and the priors' term (N,) in them (None without priors)."""
+    ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None, np.ndarray | None]:
+        """History vectors (H, V) and catalog indices (H,), the user vector (V,), the scores of the rows of `domain`
+        that retrieval considers (-inf where masked) and the priors' term in them (None without priors), and those
+        rows: None for every row (exact scan), else the given `candidates` or, in a domain with an ANN index, the
+        index's candidates (crossrec.retrieval.Retriever.candidate_rows), each scored exactly."""
         self.check_domain(domain)
         hvecs, glob = self._history(history)
         user = self._users(hvecs, history, domain, [None])[0]
-        scores = self.retriever.rows(domain) @ user  # (N,)
-        bias = self.retriever.prior_terms(domain, [glob])
-        if bias is not None:
-            bias = bias[0]  # (N,)
-            scores = scores + bias
         pos = self.retriever.pos(domain)
+        cand: np.ndarray | None
+        if candidates is not None:
+            cand = np.array(sorted({pos[c] for c in candidates if c in pos}), dtype=np.int64)
+        else:
+            cand = self.retriever.candidate_rows(domain, user, glob)
+        rows_d = self.retriever.rows(domain)
+        if cand is None:
+            scores = rows_d @ user  # (N,)
+            bias = self.retriever.prior_terms(domain, [glob])
+        else:
+            scores = rows_d[torch.from_numpy(cand)] @ user  # (C,)
+            bias = self.retriever.prior_terms_at(domain, [glob], cand)
+        if bias is not None:
+            bias = bias[0]
+            scores = scores + bias
         if exclude_seen:
             seen = [
                 pos[h.item_id] for h in history if h.domain == domain and h.item_id is not None and h.item_id in pos
             ]
-            if seen:
+            if seen and cand is None:
                 scores[seen] = float("-inf")
-        if candidates is not None:
-            mask = torch.full_like(scores, float("-inf"))
-            idx = [pos[c] for c in candidates if c in pos]
-            mask[idx] = 0
-            scores = scores + mask
-        return hvecs, glob, user, scores, bias
+            elif seen and cand is not None:
+                scores[torch.from_numpy(np.isin(cand, seen))] = float("-inf")
+        return hvecs, glob, user, scores, bias, cand
 
     def candidates(self, history: list[HistoryItem], domain: str, n: int, exclude_seen: bool = True) -> Candidates:
         """Top-n of `domain` by the user vector of `history` (the first stage of a retrieve-then-rank graph)."""
-        hvecs, _, user, scores, _ = self._score(history, domain, exclude_seen)
+        hvecs, _, user, scores, _, cand = self._score(history, domain, exclude_seen)
         top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum())))
+        rows = top.indices if cand is None else torch.from_numpy(cand)[top.indices]
         ids = self.retriever.ids(domain)
         return Candidates(
-            item_ids=[ids[j] for j in top.indices.tolist()],
+            item_ids=[ids[j] for j in rows.tolist()],
             scores=top.values.numpy(),
             user=user.numpy(),
             history_vectors=hvecs.numpy(),
-            candidate_vectors=self.retriever.rows(domain)[top.indices].numpy(),
+            candidate_vectors=self.retriever.rows(domain)[rows].numpy(),
         )
 
     def recommend(
@@ -262,41 +272,42 @@ class Recommender:
         n_candidates: int | None = None,
     ) -> list[Recommendation]:
         """Top-k of `domain` for `history` (oldest first), in one pass: retrieval over every item (or only over
-        `candidates`), then, with a ranker, retrieval's top `n_candidates` (default: the ranker's top_n)
-        re-ordered by it; `explain` adds to each returned item the history entries whose removal lowers the
-        score it is ranked by the most (among the last `explain_history` entries)."""
-        hvecs, glob, user, scores, bias = self._score(history, domain, exclude_seen, candidates)
+        `candidates`; or, in a domain with an ANN index, over the index's candidates), then, with a ranker,
+        retrieval's top `n_candidates` (default: the ranker's top_n) re-ordered by it; `explain` adds to each
+        returned item the history entries whose removal lowers the score it is ranked by the most (among the last
+        `explain_history` entries)."""
+        hvecs, glob, user, scores, bias, cand = self._score(history, domain, exclude_seen, candidates)
         ids, rows_d = self.retriever.ids(domain), self.retriever.rows(domain)
         finite = int(torch.isfinite(scores).sum())
+        n = min(k, finite) if self.ranker is None else min(max(n_candidates or self.ranker.cfg.top_n, k), finite)
+        top = torch.topk(scores, n)
+        top_rows = top.indices if cand is None else torch.from_numpy(cand)[top.indices]  # catalog rows
         if self.ranker is None:
-            top = torch.topk(scores, min(k, finite))
-            rows, final = top.indices, top.values  # (k,)
+            rows, final = top_rows, top.values  # (k,)
             req = None
         else:
             from crossrec.ranker import RankRequest
 
-            top = torch.topk(scores, min(max(n_candidates or self.ranker.cfg.top_n, k), finite))
-            cand = rows_d[top.indices]  # (N, V)
             req = RankRequest(
                 domain=domain,
-                candidates=[ids[j] for j in top.indices.tolist()],
+                candidates=[ids[j] for j in top_rows.tolist()],
                 retrieval_scores=top.values.numpy(),
                 user=user.numpy(),
                 history=[(h.domain, h.item_id) for h in history],
                 history_vectors=hvecs.numpy(),
-                candidate_vectors=cand.numpy(),
+                candidate_vectors=rows_d[top_rows].numpy(),  # (N, V)
                 candidate_bias=None if bias is None else bias[top.indices].numpy(),
             )
             ranked = torch.from_numpy(self.ranker.score(req))  # (N,)
             order = torch.from_numpy(np.argsort(-ranked.numpy(), kind="stable")[:k])
-            rows, final = top.indices[order], ranked[order]
+            rows, final = top_rows[order], ranked[order]
         recs = [
             Recommendation(item_id=ids[j], domain=domain, title=self.titles[domain][j], score=float(s))
             for s, j in zip(final.tolist(), rows.tolist())
         ]
         if explain and len(history) and len(recs):
             drop = self._explain(
-                hvecs, glob, history, domain, rows, final, None if req is None else (req, order, top.indices)
+                hvecs, glob, history, domain, rows, final, None if req is None else (req, order, top_rows)
             )  # (E, k)
             first = len(history) - drop.shape[0]
             for c, rec in enumerate(recs):
@@ -322,22 +333,26 @@ class Recommender:
         final: torch.Tensor,
         ranked,
     ) -> torch.Tensor:
-        """(E, k) score lost by each returned item when each of the last E history entries is left out: the
-        ranker's score with a ranker (the order the user sees), else retrieval's."""
+        """(E, k) score lost by each returned item (catalog `rows`) when each of the last E history entries is left
+        out: the ranker's score with a ranker (the order the user sees), else retrieval's."""
         first = max(0, len(history) - self.explain_history)
         drop = list(range(first, len(history)))
         loo = self._users(hvecs, history, domain, list(drop))
-        # The priors with each entry left out: popularity's does not depend on the history (one row, broadcast),
-        # the transition prior's does.
-        bias = self.retriever.prior_terms(domain, [np.delete(glob, i) for i in drop])  # (E | 1, N) or None
-        if bias is not None:
-            bias = bias.expand(len(drop), -1)
+        variants = [np.delete(glob, i) for i in drop]
+        # The priors with each entry left out, at the rows that need them: popularity's does not depend on the
+        # history (one row, broadcast), the transition prior's does.
         if ranked is None:
+            bias = self.retriever.prior_terms_at(domain, variants, rows.numpy())  # (E | 1, k) or None
             scores = loo @ self.retriever.rows(domain)[rows].T
-            return final.unsqueeze(0) - (scores + (0.0 if bias is None else bias[:, rows]))
+            return final.unsqueeze(0) - (scores + (0.0 if bias is None else bias))
         req, order, cand_rows = ranked  # cand_rows: the catalog rows of req.candidates
         assert self.ranker is not None  # `ranked` comes from the ranker
+        bias = self.retriever.prior_terms_at(domain, variants, cand_rows.numpy())  # (E | 1, N) or None
         without = self.ranker.score_without(
-            req, loo.numpy(), drop, cols=order.numpy(), bias=None if bias is None else bias[:, cand_rows].numpy()
+            req,
+            loo.numpy(),
+            drop,
+            cols=order.numpy(),
+            bias=None if bias is None else bias.expand(len(drop), -1).numpy(),
         )  # (E, k)
         return final.unsqueeze(0) - torch.from_numpy(without)

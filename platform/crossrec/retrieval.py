@@ -15,7 +15,7 @@ indices, oldest first; -1 marks an entry the catalog does not know (an item adde
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +30,18 @@ if TYPE_CHECKING:
     from crossrec.bundle import Bundle
     from crossrec.priors.base import Prior
 
-__all__ = ["Catalog", "BundleCatalog", "Retriever", "text_query", "history_arrays"]
+__all__ = ["Catalog", "BundleCatalog", "Retriever", "AnnIndex", "text_query", "history_arrays"]
+
+ANN_CANDIDATES = 200  # rows an ANN index proposes per request, rescored exactly
+PRIOR_CANDIDATES = 100  # rows each weighted prior adds to them (its largest terms for the history)
+
+
+class AnnIndex(Protocol):
+    """An approximate nearest-neighbour index over a domain's catalog rows (crossrec.index)."""
+
+    def search(self, query: np.ndarray, k: int) -> np.ndarray:
+        """(<= k,) rows with the largest inner product with `query` (V,)."""
+        ...
 
 
 def history_arrays(
@@ -125,6 +136,11 @@ class Retriever:
         self._rows = {d: catalog.n_items[d] for d in catalog.domains}
         self._ids: dict[str, list[str]] = {}
         self._pos: dict[str, dict[str, int]] = {}
+        # Domains with an approximate nearest-neighbour index over their catalog rows (crossrec.index): a request
+        # there scores `candidate_rows` exactly instead of every row. Evaluation scores every row.
+        self.index: dict[str, AnnIndex] = {}
+        self.ann_candidates = ANN_CANDIDATES
+        self.prior_candidates = PRIOR_CANDIDATES
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Retriever:
@@ -272,6 +288,42 @@ class Retriever:
                 term = torch.cat([term, torch.full((len(term), n - n_base), p.new_item_term(domain))], dim=1)
             total = w * term if total is None else total + w * term
         return total
+
+    def prior_terms_at(self, domain: str, histories: Sequence[np.ndarray], rows: np.ndarray) -> torch.Tensor | None:
+        """`prior_terms` at some rows of the domain only: (B | 1, len(rows)), or None."""
+        total = None
+        n_base = self.catalog.n_items.get(domain, 0)
+        rows = np.asarray(rows, dtype=np.int64)
+        base = rows < n_base
+        for p in self.priors:
+            w = p.weight.get(domain, 0.0)
+            if not w:
+                continue
+            at = np.asarray(p.term_at(domain, histories, rows[base]), dtype=np.float32)  # (B | 1, n_at)
+            if base.all():
+                term = torch.from_numpy(at)
+            else:  # items added online: the prior's new-item term
+                full = np.full((len(at), len(rows)), p.new_item_term(domain), dtype=np.float32)
+                full[:, base] = at
+                term = torch.from_numpy(full)
+            total = w * term if total is None else total + w * term
+        return total
+
+    def candidate_rows(self, domain: str, user: torch.Tensor, history: np.ndarray) -> np.ndarray | None:
+        """The rows retrieval scores exactly in a domain with an ANN index (sorted): the index's top `ann_candidates`
+        by the model's score, every item added online (the index does not hold them), and each weighted prior's top
+        `prior_candidates` rows for the history. None in a domain without an index: every row (exact scan)."""
+        index = self.index.get(domain)
+        if index is None:
+            return None
+        n_base, n = self.catalog.n_items[domain], self._rows[domain]
+        parts = [np.asarray(index.search(user.numpy(), self.ann_candidates), dtype=np.int64)]
+        if n > n_base:
+            parts.append(np.arange(n_base, n))
+        for p in self.priors:
+            if p.weight.get(domain):
+                parts.append(np.asarray(p.top_rows(domain, history, self.prior_candidates), dtype=np.int64))
+        return np.unique(np.concatenate(parts))
 
     def model_scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) the model's scores of the domain's items, without the priors."""

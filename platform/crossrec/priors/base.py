@@ -123,6 +123,16 @@ class Prior(ABC):
         """The term of an item added online (no statistics yet)."""
         return 0.0
 
+    def term_at(self, domain: str, histories: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        """(B | 1, len(rows)) the term at some rows of the domain: a request that scores only candidates."""
+        return np.asarray(self.term(domain, histories))[:, rows]
+
+    def top_rows(self, domain: str, history: np.ndarray, m: int) -> np.ndarray:
+        """At most m rows of the domain with the largest term for one history: what this prior adds to the
+        candidates of an approximate (ANN) retrieval, so that the items it lifts are scored even when the model's
+        score alone would not propose them."""
+        return top_m(np.asarray(self.term(domain, [history]))[0], m)
+
     def meta(self) -> dict:
         """Its bundle.json entry: the weights plus what validation chose."""
         return {
@@ -159,6 +169,14 @@ class Prior(ABC):
     def params(self, domains: list[str]) -> dict[str, Any]:
         """What `crossrec evaluate` prints of it for the evaluated domains."""
         return {f"{self.short}_weight[{d}]": round(self.weight[d], 6) for d in domains if d in self.weight}
+
+
+def top_m(values: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the (at most) m largest values, in no particular order."""
+    m = min(m, len(values))
+    if m <= 0:
+        return np.zeros(0, np.int64)
+    return np.argpartition(-values, m - 1)[:m]
 
 
 def check_grid(grid: tuple[float, ...]) -> None:

@@ -80,6 +80,7 @@ class PopularityPrior(Prior):
         self.cold: dict[str, float] = {}
         self.window: dict[str, str] = {}
         self._counts: dict[str, np.ndarray] = {}
+        self._top: dict[str, np.ndarray] = {}  # domain -> rows by decreasing p (top_rows)
 
     def fit(self, splits: Splits) -> None:
         self._counts = {w: window_counts(splits, w) for w in WINDOWS}
@@ -100,6 +101,7 @@ class PopularityPrior(Prior):
         off = self.catalog.offset[domain]
         self.p[off : off + len(p)] = p
         self.cold[domain], self.window[domain] = cold, option
+        self._top.pop(domain, None)
 
     def term(self, domain: str, histories: Sequence[np.ndarray]) -> np.ndarray:
         off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
@@ -107,6 +109,15 @@ class PopularityPrior(Prior):
 
     def new_item_term(self, domain: str) -> float:
         return self.cold.get(domain, 0.0)
+
+    def term_at(self, domain: str, histories: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        return self.p[None, self.catalog.offset[domain] + np.asarray(rows, dtype=np.int64)]
+
+    def top_rows(self, domain: str, history: np.ndarray, m: int) -> np.ndarray:
+        if domain not in self._top:  # the same for every history: sorted once per domain
+            off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
+            self._top[domain] = np.argsort(-self.p[off : off + n], kind="stable")
+        return self._top[domain][:m]
 
     def meta(self) -> dict:
         return {

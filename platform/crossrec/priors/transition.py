@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crossrec.priors.base import Prior, StoredBundle, register
+from crossrec.priors.base import Prior, StoredBundle, register, top_m
 from crossrec.splits import Splits, TargetBatch
 
 if TYPE_CHECKING:
@@ -140,6 +140,12 @@ class TransitionPrior(Prior):
 
     def term(self, domain: str, histories: Sequence[np.ndarray]) -> np.ndarray:
         return self._term(domain, list(histories), self.decay[domain])
+
+    def top_rows(self, domain: str, history: np.ndarray, m: int) -> np.ndarray:
+        off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
+        sums = self.transitions.sums(history, off, n, self.decay[domain])
+        nz = np.flatnonzero(sums)  # the items the history leads to; every other item's term is 0
+        return nz if len(nz) <= m else nz[top_m(sums[nz], m)]
 
     def meta(self) -> dict:
         return {
