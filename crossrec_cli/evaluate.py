@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     backbone = args.backbone or text_cfg.backbone
     # Baselines are fitted on the validation targets of the evaluated domains, as the model is calibrated.
     scorers.update(_baseline_scorers(baselines, splits, data, text_cfg, backbone, args, domains))
-    params = {name: s.params for name, s in scorers.items() if hasattr(s, "params")}
+    params = {name: s.params for name, s in scorers.items() if getattr(s, "params", None)}
     for name, p in params.items():
         print(f"{name}: {', '.join(f'{k}={v}' for k, v in p.items())} (chosen on the validation split)")
     # tqdm's bars at a terminal only: in a log they are a wall of carriage returns (the table follows anyway).
