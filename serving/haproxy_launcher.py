@@ -39,7 +39,9 @@ ENV_PIDS = "CROSSREC_HAPROXY_PIDS"
 
 SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|userlist|peers|resolvers|program|cache|ring)\b")
 WILDCARD = ("", "*", "0.0.0.0", "::", "[::]")
-SOCKET_PATH_MAX = 107  # sun_path; Serve puts admin.sock under STATE/<56-hex node id>/
+# HAProxy refuses a longer unix socket path in `log` (measured: 97 works, 98 does not); Serve puts metrics.sock
+# under STATE/<56-hex node id>/, so the state folder's path is kept short.
+SOCKET_PATH_MAX = 97
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ class ServeState:
 
     def __init__(self, host: str, port: int, root: str | Path | None = None):
         uid = os.getuid()
-        base = Path(root) if root is not None else Path("/tmp") / f"crossrec-{uid}"
-        self.dir = base / f"{port}-{hashlib.sha1(host.encode()).hexdigest()[:6]}"
+        base = Path(root) if root is not None else Path("/tmp") / f"crx-{uid}"
+        self.dir = base / f"{port}-{hashlib.sha1(host.encode()).hexdigest()[:4]}"
         if len(str(self.dir)) + 1 + 56 + len("/metrics.sock") > SOCKET_PATH_MAX:
             raise ValueError(f"serve state folder {self.dir} is too long for HAProxy's unix sockets")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
