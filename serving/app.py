@@ -321,6 +321,10 @@ def serve_until_stopped(
             pass
     except KeyboardInterrupt:
         pass
+    except ServeStartError:
+        if not stop.is_set():
+            raise
+        print("stopped by SIGTERM while starting", flush=True)  # a requested stop, not a failure
     finally:
         signal.signal(signal.SIGTERM, previous)
         print("shutting down Serve", flush=True)
