@@ -21,6 +21,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -46,6 +47,7 @@ __all__ = [
     "curl_line",
     "serve_until_stopped",
     "serve_once",
+    "ServeStartError",
 ]
 
 APP_NAME = "crossrec"
@@ -62,6 +64,10 @@ FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
+
+
+class ServeStartError(RuntimeError):
+    """Serve cannot come up (HAProxy failed, the app failed to deploy): a one-line reason for the operator."""
 
 
 class AppArgs(BaseModel):
@@ -188,34 +194,50 @@ def deploy(
     config: str | Path | None = None,
     timeout_s: float = 180.0,
     state_dir: str | Path | None = None,
+    failed: Callable[[], str | None] | None = None,
 ) -> str:
     """Deploys (or rolls out) the app from a Serve config on the connected Ray; returns the base URL once the
     given bundle answers. The same call with another bundle is a rollout without downtime. `state_dir`: the
-    item log's folder (default: the config's `state_dir` arg, else DEFAULT_STATE_DIR in the working folder)."""
+    item log's folder (default: the config's `state_dir` arg, else DEFAULT_STATE_DIR in the working folder).
+    `failed`: polled while waiting; a reason it returns stops the wait (ServeStartError)."""
     from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml` deploys through
 
     _require_ray()
     schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port, state_dir)
     version = json.loads((Path(path) / "bundle.json").read_text())["version"]
-    serve.start(
-        http_options=schema.http_options.model_dump(),
-        proxy_location=schema.proxy_location,
-        logging_config=schema.logging_config,
-    )  # only a first start applies these (Serve's rule)
+    try:
+        serve.start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+            logging_config=schema.logging_config,
+        )  # only a first start applies these (Serve's rule); waits for the proxies (HAProxy) to be ready
+    except Exception as e:  # Ray's error is a remote traceback: the operator gets its cause in one line
+        reason = (failed() if failed is not None else None) or _last_line(e)
+        raise ServeStartError(f"Serve did not start: {reason}") from None
     _get_global_client().deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
-    wait_ready(url, version, timeout_s, app=name)
+    wait_ready(url, version, timeout_s, app=name, failed=failed)
     return url
 
 
-def wait_ready(url: str, version: str, timeout_s: float = 180.0, app: str = APP_NAME) -> None:
-    """Until GET /v1/model answers with `version` and Serve reports the app RUNNING (no replica left to update)."""
+def wait_ready(
+    url: str,
+    version: str,
+    timeout_s: float = 180.0,
+    app: str = APP_NAME,
+    failed: Callable[[], str | None] | None = None,
+) -> None:
+    """Until GET /v1/model answers with `version` and Serve reports the app RUNNING (no replica left to update).
+    Raises ServeStartError as soon as the app fails to deploy or `failed()` gives a reason."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
+        reason = failed() if failed is not None else None
+        if reason:
+            raise ServeStartError(reason)
         status = serve.status().applications.get(app)
         if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"Serve could not deploy {app!r}: {status.message}")
+            raise ServeStartError(f"Serve could not deploy {app!r}: {status.message}")
         try:
             with urllib.request.urlopen(f"{url}/v1/model", timeout=5) as r:
                 last = json.loads(r.read())["model"]
@@ -225,6 +247,11 @@ def wait_ready(url: str, version: str, timeout_s: float = 180.0, app: str = APP_
             last = str(e)
         time.sleep(0.5)
     raise TimeoutError(f"{url}: bundle {version} not serving after {timeout_s:.0f} s (last: {last})")
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def shutdown() -> None:
@@ -267,9 +294,11 @@ def serve_until_stopped(
     port: int = 8000,
     config: str | Path | None = None,
     state_dir: str | Path | None = None,
+    failed: Callable[[], str | None] | None = None,
 ) -> None:
     """`crossrec serve`: the app on the connected Ray until Ctrl-C or SIGTERM, then Serve shuts down (Ray is
-    the caller's to shut down). `state_dir`: `crossrec serve --state DIR`, the item log's folder."""
+    the caller's to shut down). `state_dir`: `crossrec serve --state DIR`, the item log's folder; `failed`: as
+    in `deploy`."""
     import signal
     import threading
 
@@ -280,7 +309,11 @@ def serve_until_stopped(
     # SIGTERM (it logs a "crash" and the process later aborts).
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        url = deploy(bundle, host, port, config, state_dir=state_dir)
+
+        def start_failed() -> str | None:  # a SIGTERM while Serve starts stops the wait, too
+            return "stopped by SIGTERM while starting" if stop.is_set() else (failed() if failed else None)
+
+        url = deploy(bundle, host, port, config, state_dir=state_dir, failed=start_failed)
         version = json.loads((bundle / "bundle.json").read_text())["version"]
         print(f"serving bundle {version} at {url}  (OpenAPI: {url}/docs; Ctrl-C or SIGTERM stops)")
         print(f"try: {curl_line(url, example_body(bundle))}", flush=True)
@@ -288,6 +321,10 @@ def serve_until_stopped(
             pass
     except KeyboardInterrupt:
         pass
+    except ServeStartError:
+        if not stop.is_set():
+            raise
+        print("stopped by SIGTERM while starting", flush=True)  # a requested stop, not a failure
     finally:
         signal.signal(signal.SIGTERM, previous)
         print("shutting down Serve", flush=True)
