@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -261,6 +262,11 @@ class Recommender:
         self.state: _State | None = None
         self.cache: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
         self._reembedding: asyncio.Task | None = None
+        # Which replica, on which Ray node, answers GET /v1/health (several replicas behind one proxy, on a cluster).
+        self.where = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     # -- bundle and item log --------------------------------------------------------------------------------
     async def reconfigure(self, config: dict) -> None:
@@ -524,7 +530,7 @@ class Recommender:
     async def health(self):
         if self.state is None:
             return _unavailable(_NO_BUNDLE)
-        return {"status": "ok", "model": self.state.version}
+        return {"status": "ok", "model": self.state.version, **self.where}
 
     @api.get("/v1/model")
     async def model(self):

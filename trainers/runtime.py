@@ -23,6 +23,7 @@ __all__ = [
     "init_ray",
     "log_level",
     "setup_worker",
+    "worker_nodes",
     "storage_uri",
     "run_config",
     "best_checkpoint",
@@ -86,6 +87,19 @@ def setup_worker(threads: int, seed: int) -> tuple[int, int]:
     torch.set_num_threads(max(1, int(threads)))
     torch.manual_seed(seed)
     return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def worker_nodes(world: int) -> list[dict[str, str]]:
+    """Where each rank of the worker group runs, by rank: {"node_id", "ip"} of its Ray node, gathered over the
+    process group (every rank must call it). A multi-node run's record of its placement."""
+    import torch.distributed as dist
+
+    here = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}  # ray
+    if world == 1:
+        return [here]
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, here)
+    return nodes
 
 
 def storage_uri(path: str | Path | None, default: str | Path) -> str:

@@ -37,7 +37,7 @@ from crossrec.model import CrossRecModel
 from crossrec.retrieval import Retriever
 from crossrec.splits import Splits, splits_for
 from crossrec.training import SequenceData, loss_inputs, resolve_text_prior, text_prior_unset
-from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri
+from trainers.runtime import best_checkpoint, init_ray, run_config, setup_worker, storage_uri, worker_nodes
 from trainers.strategies import DS_ENV, make_strategy
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "resolved_init",
     "CRASH_ENV",
     "KILL_ENV",
+    "PAUSE_ENV",
 ]
 
 # Fault injection for tests of FailureConfig: with CROSSREC_CRASH_AFTER_EPOCH=N every worker of a run that
@@ -60,6 +61,10 @@ CRASH_ENV = "CROSSREC_CRASH_AFTER_EPOCH"
 # without a checkpoint SIGKILLs itself after the first step of epoch N (mid-epoch), writing its pid to PID_FILE first
 # (an existing PID_FILE: no kill, so it happens once).
 KILL_ENV = "CROSSREC_KILL_WORKER_IN_EPOCH"
+# A known moment to act on a run from outside (the multi-node test kills a node there): with
+# CROSSREC_PAUSE_AFTER_EPOCH=N:FILE every worker of a run that started without a checkpoint waits after reporting
+# epoch N until FILE exists (at most 10 minutes).
+PAUSE_ENV = "CROSSREC_PAUSE_AFTER_EPOCH"
 
 
 def _kill_plan(resumed: bool, rank: int, world: int) -> tuple[int, str]:
@@ -69,6 +74,21 @@ def _kill_plan(resumed: bool, rank: int, world: int) -> tuple[int, str]:
         return 0, ""
     epoch, _, pid_file = value.partition(":")
     return (0, "") if pid_file and Path(pid_file).exists() else (int(epoch), pid_file)
+
+
+def _pause_plan(resumed: bool) -> tuple[int, str]:
+    """(epoch after whose report this worker waits, the file it waits for) from PAUSE_ENV; (0, "") for no pause."""
+    value = os.environ.get(PAUSE_ENV) or ""
+    if resumed or not value:
+        return 0, ""
+    epoch, _, release = value.partition(":")
+    return int(epoch), release
+
+
+def _pause(release: str, limit_s: float = 600.0) -> None:
+    deadline = time.time() + limit_s
+    while not Path(release).exists() and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def _kill_self(pid_file: str) -> None:
@@ -278,9 +298,13 @@ def train_func(config: dict) -> None:
     strategy.prepare(model, _param_groups(model, cfg))  # DDP over gloo / NCCL, or a DeepSpeed engine
     ckpt = ray.train.get_checkpoint()  # ray: a re-run of the same run name, or a restart after a failure
     state = _restored_state(strategy, ckpt, config.get("resume_from"), rank)
+    # The run's record of where each start of the worker group ran (rank -> node): a restart after a node is lost
+    # lands elsewhere.
+    state.setdefault("worker_nodes", []).append(worker_nodes(world))  # ray: each rank's node
     crash_after = None if ckpt is not None else int(os.environ.get(CRASH_ENV) or 0)
     progress_every = float(config.get("progress_every_s", 0))  # s between step lines (0: none)
     kill_in, kill_pid_file = _kill_plan(ckpt is not None, rank, world)
+    pause_after, pause_release = _pause_plan(ckpt is not None)
 
     item_domain = torch.from_numpy(splits.item_domain)
     domain_items = [
@@ -352,6 +376,8 @@ def train_func(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)  # ray
         if crash_after and state["epoch"] == crash_after:
             raise RuntimeError(f"{CRASH_ENV}={crash_after}: injected worker failure after epoch {crash_after}")
+        if pause_after and state["epoch"] == pause_after:  # fault injection (PAUSE_ENV): wait to be acted on
+            _pause(pause_release)
         if stop:
             break
 
@@ -409,7 +435,7 @@ def fit(
             "resume_from": str(resume_from) if resume_from else None,
             "threads": max(1, int(cpus)),
             "progress_every_s": 30.0 if progress else 0.0,
-            "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV, KILL_ENV) if k in os.environ},
+            "env": {k: os.environ[k] for k in (*DS_ENV, CRASH_ENV, KILL_ENV, PAUSE_ENV) if k in os.environ},
         },
         scaling_config=ScalingConfig(
             num_workers=run.workers,
