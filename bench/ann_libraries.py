@@ -41,7 +41,7 @@ K = 10
 
 # (M, ef_construction) builds and the ef_search sweep; IVF: nlist factor and the nprobe sweep.
 HNSW_BUILDS = [(16, 100)]  # --hnsw
-EF_SWEEP = [16, 24, 32, 48, 64, 96, 128, 192, 256]
+EF_SWEEP = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 NPROBE_SWEEP = [4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
@@ -491,12 +491,18 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/ann/work")
     ap.add_argument("--keep", action="store_true", help="keep the chosen index files")
     ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print one table of these --json outputs")
     for k, t in (("lib", str), ("index", str), ("knob", int), ("queries", str), ("new", str), ("n", int), ("dim", int)):
         ap.add_argument(f"--probe-{k}", type=t, help=argparse.SUPPRESS)
     ap.add_argument("--probe-mmap", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.probe_lib:
         return probe(a)
+    if a.table:
+        rows = [r for f in a.table for r in json.loads(Path(f).read_text())["rows"]]
+        rows.sort(key=lambda r: (r["n"], not r["lib"].startswith("exact"), r["lib"], r.get("build", "")))
+        print(table(rows))
+        return 0
     if not a.base:
         ap.error("--base is required")
     HNSW_BUILDS[:] = [tuple(int(x) for x in b.split(",")) for b in a.hnsw]
