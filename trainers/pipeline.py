@@ -169,6 +169,19 @@ def finish_bundle(
         if progress:
             print(f"{prior.label}: " + ", ".join(prior.describe(d) for d in choices))
     test = evaluate(splits, retriever, split="test", progress=progress and interactive(), desc="test")
+    # ANN indexes for the large domains (retrieval.index), over the rows the bundle stores: what Serve searches.
+    big = [d for d in splits.domains if cfg.retrieval.builds_index(splits.n_items[d])]
+    t_index = time.time()
+    retriever.ann_candidates = cfg.retrieval.candidates
+    recall = retriever.build_indexes(cfg.retrieval.nprobe, big, tune_on=256)
+    if big and progress:
+        print(
+            "ANN index: "
+            + ", ".join(
+                f"{d} nprobe {retriever.index[d].nprobe} (recall {recall.get(d, float('nan')):.3f})" for d in big
+            )
+            + f" in {time.time() - t_index:.1f} s"
+        )
     metrics = {
         "valid": {k: v for k, v in trained.valid_metrics.items() if k.startswith("valid/")},
         "test": test.metrics,
@@ -189,6 +202,7 @@ def finish_bundle(
             n_items=len(splits.item_ids) if cfg.item_encoder == "id" or cfg.item_ids else None,
             priors=retriever.priors,
             adapter_dir=adapter_dir,
+            indexes=retriever.index,
             extra={
                 "dataset": str(data),
                 "backbone": cfg.backbone if cfg.item_encoder == "text" else None,

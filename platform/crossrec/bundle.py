@@ -3,6 +3,7 @@
 bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
 model.safetensors    adaptor (or item embeddings) + user tower + temperature
 items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+index/DOMAIN.faiss   an ANN index of the domain's items (crossrec.index), for large catalogs; bundle.json "retrieval"
 PRIOR files          each prior's own (crossrec.priors: pop_prior.parquet, co_prior.parquet), its weights and choices
                      in bundle.json under its key, the priors' order in bundle.json "priors"
 adapter/             PEFT adapter of the backbone (end-to-end LoRA runs)
@@ -33,6 +34,7 @@ from crossrec.model import CrossRecModel
 from crossrec.schema import check_domain
 
 if TYPE_CHECKING:
+    from crossrec.index import IvfIndex
     from crossrec.priors import Prior
 
 __all__ = [
@@ -116,6 +118,7 @@ class BundleContents:
     n_items: int | None = None  # item embeddings of an id model / item_ids
     priors: list[Prior] = field(default_factory=list)  # fitted, with their weights (crossrec.priors)
     adapter_dir: Path | None = None  # peft adapter of an end-to-end run
+    indexes: dict[str, IvfIndex] = field(default_factory=dict)  # domain -> ANN index of its items (crossrec.index)
     extra: dict = field(default_factory=dict)  # more bundle.json entries
 
 
@@ -137,6 +140,18 @@ def save_bundle(path: str | Path, contents: BundleContents) -> Path:
             col = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
             pq.write_table(pa.table({"item_id": ids, "title": titles, "vector": col}), tmp / "items" / f"{d}.parquet")
         priors = {p.meta_key: p.save(tmp) for p in c.priors}
+        specs = {}
+        if c.indexes:
+            (tmp / "index").mkdir()
+        for d, index in c.indexes.items():  # rows in items/DOMAIN.parquet order
+            index.save(tmp / "index" / f"{d}.faiss")
+            specs[d] = {
+                "kind": "faiss-ivfflat",
+                "n": len(index),
+                "nlist": index.nlist,
+                "nprobe": index.nprobe,
+                "file": f"index/{d}.faiss",
+            }
         if c.adapter_dir is not None:
             shutil.copytree(c.adapter_dir, tmp / "adapter")
         h = file_sha256(tmp / "model.safetensors")
@@ -153,6 +168,7 @@ def save_bundle(path: str | Path, contents: BundleContents) -> Path:
             "metrics": c.metrics,
             "priors": [p.spec for p in c.priors],
             **priors,
+            **({"retrieval": {"index": specs}} if specs else {}),
             **c.extra,
         }
         meta["files"] = _file_hashes(tmp)

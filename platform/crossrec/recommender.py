@@ -86,6 +86,8 @@ class Recommender:
     ranker: the bundle's second stage (`crossrec.ranker.load_ranker`), or None for retrieval's order.
     max_online_items: how many items not in the bundle `upsert` may add (None: no limit).
     explain_history: the most recent history entries that `explain` weighs; older ones are never named.
+    index: "auto" searches the ANN indexes the bundle holds (large domains), "exact" scans every item, "ann" also
+    builds an index for every other domain (crossrec.retrieval.Retriever.from_bundle).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Recommender:
         *,
         max_online_items: int | None = None,
         explain_history: int = EXPLAIN_HISTORY,
+        index: str = "auto",
     ):
         if max_online_items is not None and max_online_items < 0:
             raise ValueError(f"`max_online_items` must be >= 0, got {max_online_items}")
@@ -102,7 +105,7 @@ class Recommender:
             raise ValueError(f"`explain_history` must be >= 1, got {explain_history}")
         self.bundle = bundle
         self.model = bundle.model.eval()
-        self.retriever = Retriever.from_bundle(bundle)
+        self.retriever = Retriever.from_bundle(bundle, index)
         self.ranker = ranker
         self.max_online_items = max_online_items
         self.explain_history = explain_history

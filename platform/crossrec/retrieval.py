@@ -143,8 +143,9 @@ class Retriever:
         self.prior_candidates = PRIOR_CANDIDATES
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> Retriever:
-        """The bundle's retrieval over its own catalog, with the priors it was trained with."""
+    def from_bundle(cls, bundle: Bundle, index: str = "auto") -> Retriever:
+        """The bundle's retrieval over its own catalog, with the priors it was trained with. index: "auto" uses the
+        ANN indexes the bundle holds (memory-mapped), "exact" none, "ann" also builds one for every other domain."""
         from crossrec.priors import load_priors
 
         matrices = {d: bundle.item_matrix(d) for d in sorted(bundle.items)}
@@ -154,7 +155,7 @@ class Retriever:
             if matrices
             else torch.zeros(0, bundle.model.vector_dim, dtype=torch.float32)
         )
-        return cls(
+        out = cls(
             bundle.model,
             catalog,
             vectors,
@@ -162,6 +163,48 @@ class Retriever:
             load_priors(bundle, catalog),
             learned_weight=bundle.learned_weight,
         )
+        out.load_indexes(bundle, index)
+        return out
+
+    def load_indexes(self, bundle: Bundle, index: str = "auto") -> None:
+        """Installs the bundle's ANN indexes of this catalog's domains (index "auto" or "ann"; "ann" builds the
+        missing ones in memory). The bundle's catalog must be this retriever's (an index's rows are its order)."""
+        from crossrec.index import INDEX_KINDS, IvfIndex
+
+        if index not in INDEX_KINDS:
+            raise ValueError(f"`index` must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+        cfg = bundle.config.retrieval
+        self.ann_candidates = cfg.candidates
+        if index == "exact":
+            return
+        specs = (bundle.meta.get("retrieval") or {}).get("index") or {}
+        for d in self.domains:
+            spec = specs.get(d)
+            if spec is not None and spec["n"] == self.catalog.n_items[d]:
+                self.index[d] = IvfIndex.load(bundle.path / spec["file"], spec["nprobe"])
+        if index == "ann":
+            self.build_indexes(cfg.nprobe, [d for d in self.domains if d not in self.index])
+
+    def build_indexes(
+        self, nprobe: int, domains: Sequence[str] | None = None, nlist: int | None = None, tune_on: int = 0
+    ) -> dict[str, float]:
+        """Builds an ANN index (crossrec.index) over the catalog rows of each of `domains` (default: all). With
+        `tune_on` > 0 (a Splits catalog), nprobe is the smallest that holds 95% of the exact top-10 of up to that
+        many validation users of the domain (crossrec.index.tune_nprobe), else `nprobe`. Returns the measured
+        recall per tuned domain."""
+        from crossrec.index import IvfIndex, tune_nprobe
+
+        recall = {}
+        for d in self.domains if domains is None else domains:
+            if not self.catalog.n_items[d]:
+                continue
+            rows = self.vecs[self._span(d)].numpy()
+            index = self.index[d] = IvfIndex.build(rows, nprobe, nlist)
+            targets = self.catalog.targets("valid", d)[:tune_on] if tune_on and hasattr(self.catalog, "targets") else []
+            if len(targets):
+                users = self.user_vectors(self.catalog.batch(targets, d).histories, d).numpy()  # type: ignore[attr-defined]
+                _, recall[d] = tune_nprobe(index, rows, users, self.ann_candidates)
+        return recall
 
     # -- the catalog, per domain ------------------------------------------------------------------------------
     def _span(self, domain: str) -> slice:
@@ -332,10 +375,27 @@ class Retriever:
         return users @ self.rows(batch.domain).T
 
     def scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, n) what retrieval ranks: the model's scores plus the priors'."""
+        """(B, n) what retrieval ranks: the model's scores plus the priors'. In a domain with an ANN index, as a
+        request sees it: each user's `candidate_rows` scored exactly, -inf elsewhere (to measure what ANN costs)."""
+        if batch.domain in self.index:
+            return self._ann_scores(batch, users)
         scores = self.model_scores(batch, users)
         bias = self.prior_terms(batch.domain, batch.histories)
         return scores if bias is None else scores + bias
+
+    def _ann_scores(self, batch: TargetBatch, users: torch.Tensor | None) -> torch.Tensor:
+        d = batch.domain
+        if users is None:
+            users = self.user_vectors(batch.histories, d)
+        rows_d = self.rows(d)
+        out = torch.full((len(batch.histories), len(rows_d)), float("-inf"))
+        for r, h in enumerate(batch.histories):
+            cand = self.candidate_rows(d, users[r], h)
+            assert cand is not None  # the domain has an index
+            s = rows_d[torch.from_numpy(cand)] @ users[r]
+            bias = self.prior_terms_at(d, [h], cand)
+            out[r, torch.from_numpy(cand)] = s if bias is None else s + bias[0]
+        return out
 
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         """The evaluation Scorer (crossrec.evaluation.evaluate)."""

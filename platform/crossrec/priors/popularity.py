@@ -122,8 +122,8 @@ class PopularityPrior(Prior):
     def meta(self) -> dict:
         return {
             **super().meta(),
-            "cold": {d: self.cold[d] for d in self.choices},
-            "window": {d: self.window[d] for d in self.choices},
+            "cold": dict(self.cold),
+            "window": dict(self.window),
             "recent_share": RECENT_SHARE,
         }
 

@@ -150,7 +150,7 @@ class TransitionPrior(Prior):
     def meta(self) -> dict:
         return {
             **super().meta(),
-            "decay": {d: self.decay[d] for d in self.choices},
+            "decay": dict(self.decay),
             "lags": list(LAGS),
             "n_pairs": len(self.transitions),
         }
