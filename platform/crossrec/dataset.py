@@ -55,9 +55,9 @@ class PrepareLimits:
 
     # Interactions validated and spilled at a time: a piece a reader gives (CSV: 32 MiB of text, JSONL: 128 Ki
     # lines, Parquet: 1 Mi rows) is cut into pieces of at most this many rows.
-    batch_rows: int = 1 << 20
+    batch_rows: int = 1 << 18
     # Interactions sorted at a time: one range of users (one user's history is never split across ranges).
-    partition_rows: int = 1 << 20
+    partition_rows: int = 1 << 19
     # Where interactions are spilled meanwhile (about the size of the output again; removed when `prepare` ends,
     # whether it succeeds or fails). Default: inside the dataset's temporary folder, on the output's disk, where
     # the next `prepare` of the same output also removes what a killed one left.
@@ -244,7 +244,7 @@ def prepare(
             if limits.spill_dir is not None:
                 Path(limits.spill_dir).mkdir(parents=True, exist_ok=True)
             spill_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=limits.spill_dir or tmp))
-            with RangeSpill(spill_dir, limits.partition_rows) as spill:
+            with RangeSpill(spill_dir, limits.partition_rows, limits.batch_rows) as spill:
                 manifest = _prepare_into(tmp, sources, fmt, domain, identity, bar, spill, limits, identity_canonical)
         bar.update()
         return manifest

@@ -39,9 +39,10 @@ _COMPRESSION = "lz4"  # spill files are read once, soon: speed over size
 class RangeSpill:
     """A folder of spilled interactions (removed by `close`, or by the `with` block that holds it)."""
 
-    def __init__(self, folder: Path, partition_rows: int) -> None:
+    def __init__(self, folder: Path, partition_rows: int, batch_rows: int) -> None:
         self.folder = folder
         self.partition_rows = partition_rows
+        self.batch_rows = batch_rows
         self.rows = 0
         self.schemas: list[pa.Schema] = []  # of each piece added (without `_row`), in input order
         (folder / "runs").mkdir(parents=True)
@@ -98,13 +99,17 @@ class RangeSpill:
         if not self.rows:
             return
 
-        def batches() -> Iterator[pa.RecordBatch]:
+        def finished() -> Iterator[pa.Table]:
             for run in self.runs():
                 done = finish(run.drop_columns([_ROW]))
                 if not done.schema.equals(schema):
                     raise ValueError(f"finish gave {done.schema}, expected {schema}")
-                done = done.append_column(run.field(_ROW), run.column(_ROW))
-                yield from done.append_column(_PART, _range_of(done.column("user_id"), cuts)).to_batches()
+                yield done.append_column(run.field(_ROW), run.column(_ROW))
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            # Runs gathered up to `batch_rows`: each batch becomes one row group in each range's file.
+            for group in _gathered(finished(), self.batch_rows):
+                yield from group.append_column(_PART, _range_of(group.column("user_id"), cuts)).to_batches()
 
         ds.write_dataset(
             batches(),
@@ -138,6 +143,20 @@ class RangeSpill:
             table = table.take(pc.sort_indices(table, _SORT_KEYS)).drop_columns([_ROW])
             shutil.rmtree(folder)
             yield table
+
+
+def _gathered(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Consecutive tables of one schema concatenated into tables of about `rows` rows (at least, but the last)."""
+    group: list[pa.Table] = []
+    n = 0
+    for table in tables:
+        group.append(table)
+        n += table.num_rows
+        if n >= rows:
+            yield pa.concat_tables(group).combine_chunks()
+            group, n = [], 0
+    if group:
+        yield pa.concat_tables(group).combine_chunks()
 
 
 def _range_of(users: pa.ChunkedArray, cuts: list[str]) -> pa.Array:

@@ -24,7 +24,7 @@ from crossrec.schema import DataError, SourceTable
 
 __all__ = ["CSV", "PARQUET", "JSONL", "TableFolder", "CSV_BLOCK_BYTES", "JSONL_CHUNK_ROWS", "PARQUET_BATCH_ROWS"]
 
-CSV_BLOCK_BYTES = 32 << 20  # CSV text parsed at a time
+CSV_BLOCK_BYTES = 4 << 20  # CSV text parsed at a time; Arrow reads up to 32 blocks ahead (128 MiB)
 JSONL_CHUNK_ROWS = 1 << 17  # JSON objects turned into Arrow at a time
 PARQUET_BATCH_ROWS = 1 << 20  # Parquet rows decoded at a time
 
