@@ -23,7 +23,7 @@ from crossrec.schema import DataError
 from crossrec.spill import RangeSpill
 from crossrec_cli import main
 
-TINY = PrepareLimits(batch_rows=29, partition_rows=100)  # the minis have 800 to 3,400 interactions: 8 to 34 ranges
+TINY = PrepareLimits(batch_rows=61, partition_rows=150)  # the minis have 800 to 3,400 interactions: 5 to 23 ranges
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -73,7 +73,7 @@ def test_tiny_batches_and_ranges_give_the_same_dataset_as_one_batch(case, tmp_pa
     srcs = SOURCES[case](tmp_path)
     prepare(srcs, tmp_path / "one", progress=False, limits=PrepareLimits(batch_rows=10**9, partition_rows=10**9))
     prepare(srcs, tmp_path / "tiny", progress=False, limits=TINY)
-    assert Dataset.load(tmp_path / "tiny").interactions.num_rows > 5 * TINY.partition_rows
+    assert Dataset.load(tmp_path / "tiny").interactions.num_rows > 4 * TINY.partition_rows
     _same_dataset(tmp_path / "one", tmp_path / "tiny")
 
 
@@ -100,7 +100,7 @@ def test_identity_merge_is_the_same_in_tiny_ranges(tmp_path, food_kitchen_csv):
 def test_vendored_dataset_prepared_again_keeps_its_content_hash(tmp_path):
     """The vendored datasets were written by the in-memory prepare; streamed in small ranges, the same bytes."""
     src = REPO / "data" / "amazon-art-office"
-    man = prepare([src], tmp_path / "ao", progress=False, limits=PrepareLimits(batch_rows=5000, partition_rows=20000))
+    man = prepare([src], tmp_path / "ao", progress=False, limits=PrepareLimits(batch_rows=20000, partition_rows=50000))
     assert man["content_hash"] == json.loads((src / "manifest.json").read_text())["content_hash"]
 
 
@@ -115,7 +115,7 @@ def _bad_timestamp(tmp_path: Path, row: int) -> Path:
     return src
 
 
-@pytest.mark.parametrize("row", [1, 29, 30, 1000, 3452])
+@pytest.mark.parametrize("row", [1, 61, 62, 1000, 3452])
 def test_bad_rows_are_named_by_their_file_row_across_batches(tmp_path, row):
     src = _bad_timestamp(tmp_path, row)
     msg = rf"interactions.csv: column 'timestamp' row {row}: expected an integer, got 'yesterday'"
@@ -139,7 +139,7 @@ def test_bad_rows_of_a_parquet_file_are_named_across_batches(tmp_path):
 
 def test_the_spill_is_gone_after_success_and_after_failure(tmp_path, art_office_csv):
     spill = tmp_path / "spill"
-    limits = PrepareLimits(batch_rows=29, partition_rows=100, spill_dir=spill)
+    limits = PrepareLimits(batch_rows=61, partition_rows=150, spill_dir=spill)
     prepare([art_office_csv], tmp_path / "out" / "ds", progress=False, limits=limits)
     assert list(spill.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]
