@@ -7,8 +7,9 @@ sort is split where a library does each part, never a hand-written merge:
    position, the tie-break that makes the order total), and a systematic sample of rows is kept (at most
    `SAMPLE_ROWS`);
 2. `partition`: the sample's user ids give `ceil(rows / partition_rows)` user ranges; the runs (after the caller's
-   per-row finish, e.g. the identity merge) are written by `pyarrow.dataset.write_dataset` into one folder per
-   range (`parts/RANGE/`). A user's rows all land in one range, and ranges are in user order;
+   per-row finish, e.g. the identity merge), gathered a range's worth at a time, are written by
+   `pyarrow.dataset.write_dataset` into one folder per range (`parts/RANGE/`, a file per gathered batch). A user's
+   rows all land in one range, and ranges are in user order;
 3. `sorted_parts`: each range is read back whole and sorted by Arrow; the ranges in order are the sorted table.
 
 Memory holds one piece, the sample and one range, never the whole log. A range is `partition_rows` long give or
@@ -106,21 +107,20 @@ class RangeSpill:
                     raise ValueError(f"finish gave {done.schema}, expected {schema}")
                 yield done.append_column(run.field(_ROW), run.column(_ROW))
 
-        def batches() -> Iterator[pa.RecordBatch]:
-            # Runs gathered up to `batch_rows`: each batch becomes one row group in each range's file.
-            for group in _gathered(finished(), self.batch_rows):
-                yield from group.append_column(_PART, _range_of(group.column("user_id"), cuts)).to_batches()
-
-        ds.write_dataset(
-            batches(),
-            self.folder / "parts",
-            schema=schema.append(pa.field(_ROW, pa.int64())).append(pa.field(_PART, pa.int32())),
-            format="parquet",
-            file_options=ds.ParquetFileFormat().make_write_options(compression=_COMPRESSION),
-            partitioning=ds.partitioning(pa.schema([(_PART, pa.int32())])),
-            max_partitions=self._n_parts,
-            existing_data_behavior="overwrite_or_ignore",
-        )
+        # Runs gathered up to a range's worth of rows, and each gathered batch written by its own `write_dataset`
+        # call (a file per range): an open Parquet file keeps every row group's metadata until it is closed, so one
+        # long call would hold (ranges x batches) of it, which grows as the square of the log.
+        for k, group in enumerate(_gathered(finished(), max(self.batch_rows, self.partition_rows))):
+            ds.write_dataset(
+                group.append_column(_PART, _range_of(group.column("user_id"), cuts)),
+                self.folder / "parts",
+                basename_template=f"batch-{k:06d}-{{i}}.parquet",
+                format="parquet",
+                file_options=ds.ParquetFileFormat().make_write_options(compression=_COMPRESSION),
+                partitioning=ds.partitioning(pa.schema([(_PART, pa.int32())])),
+                max_partitions=self._n_parts,
+                existing_data_behavior="overwrite_or_ignore",
+            )
         shutil.rmtree(self.folder / "runs")  # all in `parts/` now: the disk holds one copy of the log at a time
 
     def _cuts(self, users: pa.ChunkedArray) -> list[str]:
