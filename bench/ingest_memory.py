@@ -1,12 +1,15 @@
-"""Peak memory of `crossrec prepare` on a synthetic interactions file (docs/RELIABILITY.md "Ingest memory").
+"""Peak memory of `crossrec prepare` on synthetic interactions files (docs/RESULTS.md "Ingest memory";
+older single-size runs: docs/RELIABILITY.md "Ingest memory").
 
-    python bench/ingest_memory.py [--rows 5000000] [--items 200000] [--users 500000] [--format csv|jsonl|parquet]
-                                  [--work /tmp/crossrec-ingest-bench] [--repeat 1]
+    python bench/ingest_memory.py [--rows 5000000 [20000000 ...]] [--items 200000] [--users 500000]
+                                  [--format csv|jsonl|parquet] [--work /tmp/crossrec-ingest-bench] [--repeat 1]
+                                  [--keep] [-- PREPARE_OPTIONS...]
 
-Writes items + interactions in crossrec's own schema (two domains, ids like real Amazon ones, seeded), then runs
-`crossrec prepare` in a subprocess under `/usr/bin/time -v` and prints one table row per run: rows, input size,
-wall time and peak resident memory (the kernel's maximum RSS of the prepare process). The files are reused when
-they already exist with the same parameters.
+For each row count, writes items + interactions in crossrec's own schema (two domains, ids like real Amazon ones,
+seeded), then runs `crossrec prepare` in a subprocess under `/usr/bin/time -v` and prints one table row: rows,
+input size, wall time, peak resident memory (the kernel's maximum RSS of the prepare process), the output's size
+and content hash. Options after `--` go to `crossrec prepare` (e.g. `--partition-rows 500000`). The files are
+reused when they already exist with the same parameters; `--keep` keeps the prepared output (else removed).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,8 +93,8 @@ def generate(folder: Path, rows: int, n_items: int, n_users: int, fmt: str) -> P
     return folder
 
 
-def measure(src: Path, out: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one `crossrec prepare SRC --out OUT --force --quiet`."""
+def measure(src: Path, out: Path, extra: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one `crossrec prepare SRC --out OUT --force --quiet EXTRA...`."""
     cmd = [
         "/usr/bin/time",
         "-v",
@@ -103,34 +107,49 @@ def measure(src: Path, out: Path) -> tuple[float, float]:
         str(out),
         "--force",
         "--quiet",
+        *extra,
     ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"prepare failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return wall, kb / 1024
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    assert match is not None, r.stderr[-3000:]
+    return wall, int(match.group(1)) / 1024
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=5_000_000)
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[5_000_000])
     p.add_argument("--items", type=int, default=200_000)
     p.add_argument("--users", type=int, default=500_000)
     p.add_argument("--format", default="csv")
     p.add_argument("--work", type=Path, default=Path("/tmp/crossrec-ingest-bench"))
     p.add_argument("--repeat", type=int, default=1)
-    a = p.parse_args()
-    src = generate(a.work / f"src-{a.format}-{a.rows}", a.rows, a.items, a.users, a.format)
-    size = sum(f.stat().st_size for f in src.iterdir()) / 2**20
-    runs = [measure(src, a.work / "out") for _ in range(a.repeat)]
-    print(f"| format | interactions | input MiB | wall s (median of {a.repeat}) | peak RSS MiB (median) |")
-    print("|---|---:|---:|---:|---:|")
+    p.add_argument("--keep", action="store_true", help="keep the prepared datasets (WORK/out-ROWS)")
+    a = p.parse_args(argv)
     print(
-        f"| {a.format} | {a.rows:,} | {size:,.0f} | {statistics.median(w for w, _ in runs):.1f} | "
-        f"{statistics.median(m for _, m in runs):,.0f} |"
+        f"| format | interactions | input MiB | wall s (median of {a.repeat}) | peak RSS MiB (median) | output MiB | content hash |"
     )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for rows in a.rows:
+        src = generate(a.work / f"src-{a.format}-{rows}", rows, a.items, a.users, a.format)
+        size = sum(f.stat().st_size for f in src.iterdir()) / 2**20
+        out = a.work / f"out-{rows}"
+        runs = [measure(src, out, extra) for _ in range(a.repeat)]
+        manifest = json.loads((out / "manifest.json").read_text())
+        out_size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        if not a.keep:
+            shutil.rmtree(out)
+        print(
+            f"| {a.format} | {rows:,} | {size:,.0f} | {statistics.median(w for w, _ in runs):.1f} | "
+            f"{statistics.median(m for _, m in runs):,.0f} | {out_size:,.0f} | {manifest['content_hash'][:12]} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

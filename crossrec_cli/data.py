@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from crossrec_cli.options import add_quiet
 
@@ -10,8 +11,11 @@ __all__ = ["register"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from crossrec.dataset import prepare
+    from crossrec.dataset import PrepareLimits, prepare
 
+    limits = PrepareLimits(
+        **{k: v for k, v in vars(args).items() if k in ("batch_rows", "partition_rows", "spill_dir") and v is not None}
+    )
     man = prepare(
         args.sources,
         args.out,
@@ -21,6 +25,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
         identity_canonical=[p for p in (args.identity_canonical or "").split(",") if p],
+        limits=limits,
     )
     c = man["counts"]
     print(f"wrote {args.out}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions")
@@ -73,5 +78,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "table only needs to list the other platforms' users (a platform is the `platform` column, else the domain)",
     )
     sp.add_argument("--force", action="store_true", help="replace DATASET if it exists")
+    sp.add_argument(
+        "--batch-rows",
+        type=int,
+        metavar="N",
+        help="interactions validated and spilled at a time (default 1048576); with --partition-rows, what bounds "
+        "memory (the log itself may be larger than memory)",
+    )
+    sp.add_argument(
+        "--partition-rows",
+        type=int,
+        metavar="N",
+        help="interactions sorted at a time: one range of users (default 1048576)",
+    )
+    sp.add_argument(
+        "--spill-dir",
+        type=Path,
+        metavar="DIR",
+        help="where interactions are spilled while preparing (about the output's size again; default: beside the "
+        "output); removed at the end",
+    )
     add_quiet(sp)
     sp.set_defaults(func=cmd_prepare)

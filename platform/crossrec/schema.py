@@ -24,6 +24,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "validate_items",
     "validate_interactions",
+    "iter_interactions",
+    "conform_interactions",
     "validate_identity",
     "DOMAIN_PATTERN",
     "check_domain",
@@ -77,15 +79,20 @@ class SourceTable:
         col = f" column '{column}'" if column else ""
         return f"{self.path}:{col} row {self.offset + row + 1}"
 
-    def pieces(self) -> Iterator[SourceTable]:
-        """Whole SourceTables of consecutive pieces, each with its row offset in the file."""
+    def pieces(self, max_rows: int | None = None) -> Iterator[SourceTable]:
+        """Whole SourceTables of consecutive pieces, each with its row offset in the file; a piece longer than
+        `max_rows` is cut into slices of at most that many rows (zero-copy)."""
         if self.chunks is None:
             assert self.table is not None
-            yield self
-            return
+            tables: Iterator[pa.Table] = iter([self.table])
+        else:
+            tables = self.chunks()
         offset = self.offset
-        for table in self.chunks():
-            yield SourceTable(table, self.path, offset=offset)
+        for table in tables:
+            step = max_rows or table.num_rows or 1
+            for start in range(0, max(table.num_rows, 1), step):
+                piece = table.slice(start, step) if step < table.num_rows else table
+                yield SourceTable(piece, self.path, offset=offset + start)
             offset += table.num_rows
 
 
@@ -274,20 +281,36 @@ def _merge_duplicates(
 def validate_interactions(sources: list[SourceTable], items: pa.Table) -> pa.Table:
     """Checks interaction tables against the items: known domain, known item, same domain as the item.
     Streamed sources are checked piece by piece: only the validated columns are kept, never the raw text."""
+    pieces = list(iter_interactions(sources, items))
+    return conform_interactions(
+        pa.concat_tables(pieces, promote_options="default"), pa.unify_schemas([t.schema for t in pieces])
+    )
+
+
+def iter_interactions(sources: list[SourceTable], items: pa.Table, max_rows: int | None = None) -> Iterator[pa.Table]:
+    """`validate_interactions` piece by piece, in input order, each piece at most `max_rows` long: what a caller
+    that must not hold every interaction at once (`crossrec.dataset.prepare`) consumes. Pieces keep the columns
+    their file has; `conform_interactions` gives them the columns of all pieces together."""
     item_ids = items.column("item_id").combine_chunks()
     item_dom = items.column("domain").combine_chunks()
     domains = sorted(set(item_dom.to_pylist()))
     domain_set = pa.array(domains, pa.string())
-    tables = []
     for src in sources:
-        for i, piece in enumerate(src.pieces()):
+        for i, piece in enumerate(src.pieces(max_rows)):
             _require_columns(piece, INTERACTION_REQUIRED, first=i == 0)
-            tables.append(_interaction_columns(piece, item_ids, item_dom, domains, domain_set))
-    inters = pa.concat_tables(tables, promote_options="default")
-    for name in _STRING_INTERACTION_OPTIONAL:  # absent from some pieces or files: ""
-        if name in inters.column_names and inters.column(name).null_count:
-            inters = inters.set_column(inters.column_names.index(name), name, pc.fill_null(inters.column(name), ""))
-    return inters
+            yield _interaction_columns(piece, item_ids, item_dom, domains, domain_set)
+
+
+def conform_interactions(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` (validated pieces) with the columns of `schema` (`pa.unify_schemas` of all pieces, in input order:
+    the columns `concat_tables` would give them), in its order; an optional text column a piece lacks is ""."""
+    out = []
+    for field in schema:
+        col = table.column(field.name) if field.name in table.column_names else pa.nulls(table.num_rows, field.type)
+        if field.name in _STRING_INTERACTION_OPTIONAL and col.null_count:
+            col = pc.fill_null(col, "")
+        out.append(col)
+    return pa.table(out, schema=schema)
 
 
 def _interaction_columns(

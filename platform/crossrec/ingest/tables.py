@@ -3,7 +3,7 @@
 A prepared crossrec dataset is itself such a folder (Parquet), so it can be prepared again or merged.
 `--domain NAME` fills a missing `domain` column (one folder per domain).
 
-Files are streamed (CSV in blocks, Parquet by row group, JSONL in chunks of lines): the schema checks take them
+Files are streamed (CSV in blocks, Parquet in batches of rows, JSONL in chunks of lines): the schema checks take them
 piece by piece, so memory holds the validated columns, never a whole file as text or Python objects.
 """
 
@@ -22,10 +22,11 @@ from crossrec.ingest.base import Source
 from crossrec.ingest.jsonl import records
 from crossrec.schema import DataError, SourceTable
 
-__all__ = ["CSV", "PARQUET", "JSONL", "TableFolder", "CSV_BLOCK_BYTES", "JSONL_CHUNK_ROWS"]
+__all__ = ["CSV", "PARQUET", "JSONL", "TableFolder", "CSV_BLOCK_BYTES", "JSONL_CHUNK_ROWS", "PARQUET_BATCH_ROWS"]
 
-CSV_BLOCK_BYTES = 32 << 20  # CSV text parsed at a time
+CSV_BLOCK_BYTES = 4 << 20  # CSV text parsed at a time; Arrow reads up to 32 blocks ahead (128 MiB)
 JSONL_CHUNK_ROWS = 1 << 17  # JSON objects turned into Arrow at a time
+PARQUET_BATCH_ROWS = 1 << 20  # Parquet rows decoded at a time
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -109,9 +110,13 @@ def _read_parquet(path: Path) -> SourceTable:
 
     def chunks() -> Iterator[pa.Table]:
         f = pq.ParquetFile(path)
-        for i in range(f.num_row_groups):
-            yield f.read_row_group(i)
-        if f.num_row_groups == 0:
+        any_rows = False
+        # In batches, not whole row groups: a writer may have put millions of rows in one.
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            if batch.num_rows:
+                any_rows = True
+                yield pa.Table.from_batches([batch])
+        if not any_rows:
             yield f.schema_arrow.empty_table()
 
     return SourceTable(None, str(path), chunks)
