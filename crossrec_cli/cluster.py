@@ -8,6 +8,7 @@ import os
 import sys
 
 from crossrec_cli.options import UsageError, add_dashboard_address, key_values
+from crossrec_cli.parser import suggestion
 
 __all__ = ["register", "job_argv", "SUBMITTABLE"]
 
@@ -27,7 +28,9 @@ def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     if not argv:
         raise UsageError(f"no command to run: crossrec submit --address URL -- {{{','.join(SUBMITTABLE)}}} ARGS...")
     if argv[0] not in SUBMITTABLE:
-        raise UsageError(f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)})")
+        raise UsageError(
+            f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)}){suggestion(argv[0], SUBMITTABLE)}"
+        )
     args = parser.parse_args(argv)  # argparse's own message and exit code 2 on bad ARGS
     if argv[0] == "serve" and not args.state:
         raise UsageError(

@@ -427,10 +427,38 @@ def test_job_argv_points_ray_commands_at_the_jobs_cluster():
     assert (
         job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"], parser).count("--address") == 1
     )
+    from crossrec_cli.options import UsageError
+
+    with pytest.raises(UsageError, match="submit -- serve needs --state DIR, an absolute path"):
+        job_argv(["serve", "--bundle", "/b"], parser)
+    with pytest.raises(UsageError, match="--state st: a relative path"):
+        job_argv(["serve", "--bundle", "/b", "--state", "st"], parser)
+    assert job_argv(["--", "serve", "--bundle", "/b", "--state", "/s"], parser) == [
+        "serve",
+        "--bundle",
+        "/b",
+        "--state",
+        "/s",
+    ]
     renv = runtime_env()
     assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform" / "crossrec")]
     assert {".venv", "out", ".git"} <= set(renv["excludes"]) and "data" not in renv["excludes"]
     assert renv["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1" and "pip" not in renv
+
+
+def test_the_entrypoint_never_runs_the_python_of_the_heads_path():
+    from trainers.job_entry import missing_modules
+    from trainers.jobs import entrypoint
+
+    cmd = entrypoint(["prepare", "a b", "--out", "/d"])
+    assert cmd.startswith('exec "$(readlink -f /proc/$PPID/exe') and " python " not in cmd.replace("python)", "")
+    assert cmd.endswith("trainers/job_entry.py -- prepare 'a b' --out /d")
+    assert "--python /opt/py --check --" in entrypoint([], "/opt/py", check=True)
+    assert missing_modules(sys.executable) == []  # this venv has every dependency (and the checkout)
+    base = getattr(sys, "_base_executable", sys.executable)
+    if base != sys.executable and "pyarrow" in (bare := missing_modules(base)):
+        assert {"ray", "torch"} <= set(bare)
+    assert "cannot run /nonexistent/python" in missing_modules("/nonexistent/python")
 
 
 # -- cluster.yaml ------------------------------------------------------------------------------------------
