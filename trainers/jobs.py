@@ -334,10 +334,15 @@ def stop_job(c: JobSubmissionClient, job_id: str, wait_s: float = 0, poll_s: flo
 
 
 def list_jobs(c: JobSubmissionClient) -> list[JobDetails]:
-    """Submitted jobs (not drivers that connected directly), oldest first."""
+    """Submitted jobs (not drivers that connected directly, nor pre-flight checks that passed), oldest first."""
     with _errors("listing jobs", c.get_address()):
         jobs = c.list_jobs()
-    return sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
+
+    def shown(j: JobDetails) -> bool:
+        passed_check = (j.metadata or {}).get("command") == "check" and j.status == JobStatus.SUCCEEDED
+        return bool(j.submission_id) and not passed_check
+
+    return sorted(filter(shown, jobs), key=lambda j: j.start_time or 0)
 
 
 def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
