@@ -8,12 +8,16 @@ import os
 import sys
 
 from crossrec_cli.options import UsageError, add_dashboard_address, key_values
+from crossrec_cli.parser import suggestion
 
 __all__ = ["register", "job_argv", "SUBMITTABLE"]
 
-SUBMITTABLE = ("prepare", "train", "tune", "evaluate")
+SUBMITTABLE = ("prepare", "train", "tune", "evaluate", "serve")
 # Options whose value is written by the job: a relative path would land in the job's temporary working dir.
-_OUTPUTS = ("out", "json", "storage")
+_OUTPUTS = ("out", "json", "storage", "state")
+# A serve job is stopped with SIGTERM (`crossrec jobs stop`); Ray SIGKILLs a job after RAY_JOB_STOP_WAIT_TIME_S
+# (3 s by default), before Serve has shut down (~5-10 s): a detached Serve app would outlive its job.
+SERVE_JOB_ENV = {"RAY_JOB_STOP_WAIT_TIME_S": "60"}
 
 
 def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -24,8 +28,15 @@ def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     if not argv:
         raise UsageError(f"no command to run: crossrec submit --address URL -- {{{','.join(SUBMITTABLE)}}} ARGS...")
     if argv[0] not in SUBMITTABLE:
-        raise UsageError(f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)})")
+        raise UsageError(
+            f"cannot submit {argv[0]!r} (accepted: {', '.join(SUBMITTABLE)}){suggestion(argv[0], SUBMITTABLE)}"
+        )
     args = parser.parse_args(argv)  # argparse's own message and exit code 2 on bad ARGS
+    if argv[0] == "serve" and not args.state:
+        raise UsageError(
+            "submit -- serve needs --state DIR, an absolute path on the head: the log of items added online must "
+            "outlive the job's temporary working dir"
+        )
     for name in _OUTPUTS:
         value = getattr(args, name, None)
         if value and "://" not in str(value) and not os.path.isabs(value):
@@ -42,11 +53,12 @@ def job_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     from trainers.jobs import exit_code, follow, submit
 
+    argv = job_argv(args.command_args, args.parser)
     c, sid = submit(
         args.address,
-        job_argv(args.command_args, args.parser),
+        argv,
         working_dir=args.working_dir,
-        env=key_values(args.env, "--env"),
+        env={**(SERVE_JOB_ENV if argv[0] == "serve" else {}), **key_values(args.env, "--env")},
         excludes=args.exclude,
         pip=args.pip,
         python=args.python,
@@ -90,15 +102,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser(
         "submit",
-        help="run prepare/train/tune/evaluate as a job on a Ray cluster (Jobs API)",
+        help="run prepare/train/tune/evaluate/serve as a job on a Ray cluster (Jobs API)",
         description="Submit `crossrec SUBCOMMAND ARGS` through Ray's Jobs API. The job runs on the "
-        "head node in a runtime env that uploads this checkout (data/ included; .git, "
-        ".venv, out/ and caches excluded); relative paths in ARGS resolve inside that "
-        "upload, so outputs need absolute paths on shared storage. Prints the job id; "
-        "with --follow streams its logs and exits 0 if it succeeded, 1 if it failed or "
-        "was stopped.",
-        epilog="example: crossrec submit --address http://HEAD:8265 --follow -- train --data "
-        "data/amazon-art-office --out /mnt/shared/bundles/ao --workers 4 --gpus-per-worker 1",
+        "head node with the head's own Python (the one running its Ray, found there; a pre-flight job "
+        "checks it has crossrec's dependencies and names what is missing) in a runtime env that uploads "
+        "this checkout (data/ included; .git, .venv, out/ and caches excluded); relative paths in ARGS "
+        "resolve inside that upload, so outputs need absolute paths on shared storage. `serve` runs "
+        "`crossrec serve` as a long-running job on the cluster until `crossrec jobs stop ID`. Prints the "
+        "job id; with --follow streams its logs and exits 0 if it succeeded, 1 if it failed or was stopped.",
+        epilog="examples: crossrec submit --address http://HEAD:8265 --follow -- train --data "
+        "data/amazon-art-office --out /mnt/shared/bundles/ao --workers 4 --gpus-per-worker 1; "
+        "crossrec submit --address http://HEAD:8265 -- serve --bundle /mnt/shared/bundles/ao "
+        "--host 0.0.0.0 --state /mnt/shared/serve-state",
     )
     add_dashboard_address(sp)
     sp.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
@@ -122,7 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also leave out of the upload (gitignore syntax, repeatable)",
     )
     sp.add_argument("--working-dir", metavar="CHECKOUT", help="crossrec checkout to upload (default: this one)")
-    sp.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    sp.add_argument(
+        "--python",
+        metavar="PATH",
+        help="interpreter on the head (default: the one that runs the head's Ray, found by the job; never "
+        "the `python` of the head's PATH)",
+    )
     sp.add_argument(
         "--entrypoint-gpus",
         type=float,
@@ -134,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "command_args",
         nargs=argparse.REMAINDER,
         metavar="-- SUBCOMMAND ARGS",
-        help="prepare, train, tune or evaluate with its arguments",
+        help="prepare, train, tune, evaluate or serve with its arguments",
     )
     sp.set_defaults(func=cmd_submit)
 

@@ -20,6 +20,7 @@ import crossrec_cli.serve as serve
 import crossrec_cli.train as train
 from crossrec.schema import DataError
 from crossrec_cli.options import UsageError
+from crossrec_cli.parser import Parser
 
 __all__ = ["build_parser", "main"]
 
@@ -27,7 +28,7 @@ GROUPS = (data, evaluate, train, recommend, bundles, cluster, serve, demo)  # or
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="crossrec",
         description="LLM-enhanced cross-domain recommendation on Ray: prepare logs, train, tune, evaluate, serve.",
         epilog="Run `crossrec COMMAND --help` for a command's options. Data contract: docs/REFERENCE.md.",

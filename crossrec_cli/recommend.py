@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from crossrec.explain import DEFAULT_TOKENS
 from crossrec_cli.options import UsageError, add_bundle, csv_list
 
 __all__ = ["register"]
@@ -87,7 +88,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise UsageError(f"--domain: unknown domain {args.domain!r} (known: {', '.join(rec.domains)})")
     history, shown = _history(rec, args)
     try:
-        recs = rec.recommend(history, args.domain, k=args.k, explain=True)  # retrieval, ranker, reasons: one pass
+        # Retrieval, ranker and reasons in one pass; --explain-text writes its sentences from the reasons.
+        recs = rec.recommend(history, args.domain, k=args.k, explain=args.explain or args.explain_text)
     except KeyError as e:
         raise UsageError(str(e)) from None
     # Reasons name text entries `history[i]` (the recommender knows no id for them): back to what the user gave.
@@ -121,7 +123,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                         "weight": x["weight"],
                     }
                     for x in r.reasons or []
-                ],
+                ]
+                if args.explain
+                else None,
             }
             for r in recs
         ]
@@ -148,7 +152,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"{i:>3}. {r.item_id}  {r.score:7.2f}  {r.title[:80]}")
         if words is not None:
             print(f'       "{words.texts[i - 1]}"')
-        for reason in r.reasons or []:
+        for reason in r.reasons or [] if args.explain else []:
             e = entry[reason["item_id"]]
             text = (
                 rec.titles[e["domain"]][rec.pos[e["domain"]][e["item_id"]]]
@@ -196,6 +200,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print the answer as JSON (the shape of POST /v1/recommend's response) instead of a table",
     )
     sp.add_argument(
+        "--explain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show the history entries behind each item with their weights, as the API's `explain: true` "
+        "(default: on; --no-explain: items and scores only)",
+    )
+    sp.add_argument(
         "--explain-text",
         action="store_true",
         help="also one sentence per item in words, written by the instruct backbone (smollm2-135m) "
@@ -204,8 +215,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--explain-tokens",
         type=int,
-        default=32,
+        default=DEFAULT_TOKENS,
         metavar="N",
-        help="with --explain-text: at most N generated tokens per sentence (default: 32)",
+        help=f"with --explain-text: at most N generated tokens per sentence (default: {DEFAULT_TOKENS}; a "
+        "sentence stops at its end, one that reaches N is cut at its last whole word)",
     )
     sp.set_defaults(func=cmd_recommend)

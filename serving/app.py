@@ -18,6 +18,8 @@ starts, so `FAST_PATH_ENV` must be in `os.environ` before Ray starts (docs/RESUL
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -203,6 +205,7 @@ def deploy(
     from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml` deploys through
 
     _require_ray()
+    _quiet_driver_logs()
     schema, name, prefix, path = _schema(config or default_config(), str(bundle), host, port, state_dir)
     version = json.loads((Path(path) / "bundle.json").read_text())["version"]
     try:
@@ -218,6 +221,12 @@ def deploy(
     url = f"http://{host}:{port}{prefix.rstrip('/')}"
     wait_ready(url, version, timeout_s, app=name, failed=failed)
     return url
+
+
+def _quiet_driver_logs() -> None:
+    """Serve's logger in this (the deploying) process logs at INFO ("Started Serve in namespace ..."): WARNING
+    unless `crossrec --verbose` (CROSSREC_RAY_LOG_LEVEL), as every other Ray logger of a crossrec command."""
+    logging.getLogger("ray.serve").setLevel(os.environ.get("CROSSREC_RAY_LOG_LEVEL", "WARNING"))
 
 
 def wait_ready(

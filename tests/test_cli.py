@@ -283,14 +283,61 @@ def test_evaluate_reports_beyond_accuracy_and_slices_and_plots(tiny_fk, tmp_path
 
 @pytest.mark.slow
 def test_explanations_in_words_one_bounded_sentence_per_item():
-    from crossrec.explain import Explainer
+    """Five items in one batch (what `recommend --k 5 --explain-text` asks for): each a whole sentence that names
+    the history item behind it, within the token bound."""
+    import re
+
+    from crossrec.explain import Explainer, short_title
 
     ex = Explainer(max_new_tokens=24)
-    out = ex.explain(
-        [
-            ("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
-            ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"]),
-        ]
+    items = [
+        ("pilot metropolitan fountain pen, black barrel", ["sakura pigma micron ink pen set"]),
+        ("post it notes, canary yellow, 12 pads", ["moleskine ruled notebook", "highlighter set"]),
+        ("Two Tier Curved Fruit Basket", ["PowerBar Harvest Energy Bars, Double Chocolate Crisp, 2.29-Ounce Bars"]),
+        ("Cryopak Flexible Ice Pack for Lunch Boxes (2 pack)", ["Mae Ploy Thai Green Curry Paste - 14 oz jar"]),
+        ("Pinzon Velvet Plush Throw, Chocolate", ["Japanese Kit Kat Maccha Green Tea Flavor (5 Bag)"]),
+    ]
+    out = ex.explain(items)
+    assert len(out.texts) == 5 and out.new_tokens <= 5 * 24 and out.seconds > 0
+    for text, (_, because) in zip(out.texts, items):
+        assert re.fullmatch(r"[A-Z].*\w[)\"']?[.!?]", text), text  # a whole sentence: capital ... word, end mark
+        assert short_title(because[0]) in text, text
+
+
+def test_sentences_are_finished_at_their_end_or_at_a_whole_word():
+    from crossrec.explain import finish_sentence, short_title
+
+    assert finish_sentence("Because you liked X, it fits. More text") == "Because you liked X, it fits."
+    # A decimal point is no sentence end; the bound cuts at the last whole word, connectives dropped.
+    assert finish_sentence("Because you liked 2.29 oz bars, the snack and the bo", cut=True) == (
+        "Because you liked 2.29 oz bars, the snack."
     )
-    assert len(out.texts) == 2 and all(t for t in out.texts)
-    assert out.new_tokens <= 2 * 24 and out.seconds > 0
+    assert finish_sentence("Because you liked X, a match") == "Because you liked X, a match."  # ended by EOS
+    assert short_title("PowerBar Harvest Energy Bars, Double Chocolate Crisp") == "PowerBar Harvest Energy Bars"
+    assert short_title("Mae Ploy Thai Green Curry Paste - 14 oz jar") == "Mae Ploy Thai Green Curry Paste"
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["trian", "--data", "d"], "(did you mean train?)"),
+        (["evaluate", "--data", "d", "--baslines", "popularity"], "(did you mean --baselines?)"),
+        (["jobs", "logs", "ID", "--folow"], "(did you mean --follow?)"),
+        (["demo", "--dataset", "amazon-food-kitchn"], "(did you mean amazon-food-kitchen?)"),
+    ],
+)
+def test_a_misspelt_command_option_or_choice_gets_a_suggestion(argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(hint), err
+
+
+def test_recommend_accepts_explain_and_no_explain():
+    from crossrec_cli import build_parser
+
+    base = ["recommend", "--bundle", "b", "--domain", "d", "--history", "i"]
+    parser = build_parser()
+    assert parser.parse_args([*base, "--explain"]).explain is True  # was ambiguous with --explain-text/-tokens
+    assert parser.parse_args(base).explain is True and parser.parse_args([*base, "--no-explain"]).explain is False
+    assert parser.parse_args([*base, "--explain-text"]).explain_text is True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
@@ -56,16 +57,30 @@ def _own_processes(tmp: Path) -> list[int]:
     return pids
 
 
+def bare_path(folder: Path) -> str:
+    """A PATH whose `python` is the venv's base interpreter, which lacks crossrec's dependencies: a head started
+    as `.venv/bin/ray start` from a shell without the venv activated (the job entrypoint used to run this
+    `python` and fail with "No module named 'pyarrow'")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("python", "python3"):
+        (folder / name).symlink_to(getattr(sys, "_base_executable", None) or shutil.which("python3"))
+    return f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with the dashboard (Jobs API), 2 CPUs, its own short temp dir (unix socket paths < 108 chars)."""
-    with start_head() as head:
+def ray_head(tmp_path_factory):
+    """A Ray head with the dashboard (Jobs API), 2 CPUs, its own short temp dir (unix socket paths < 108 chars),
+    started from the venv's `ray` with a PATH whose `python` is not the venv's (bare_path): every job here runs
+    with the head's own interpreter or fails."""
+    with start_head(path=bare_path(tmp_path_factory.mktemp("bare") / "bin")) as head:
         yield head
 
 
 @contextlib.contextmanager
-def start_head(extra_env: dict[str, str] | None = None):
-    """Starts a local Ray head (see `ray_head`) with `extra_env` (e.g. token auth); yields {"url", "env", "tmp"}."""
+def start_head(extra_env: dict[str, str] | None = None, path: str | None = None):
+    """Starts a local Ray head (see `ray_head`) with `extra_env` (e.g. token auth); yields {"url", "env", "tmp"}.
+    `path`: the head's PATH (default: the venv's bin first, an activated venv); another one starts it as
+    `.venv/bin/ray start` from a shell whose `python` is not the venv's."""
     tmp = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))
     gcs, dash, *agents = _free_ports(8)
     env = {
@@ -75,8 +90,8 @@ def start_head(extra_env: dict[str, str] | None = None):
         "RAY_TMPDIR": str(tmp),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has no traffic to drain
-        # The job's entrypoint runs `python` from the head's PATH, as on a cluster node with crossrec installed.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # An activated venv (as on a cluster node with crossrec installed), or a PATH without one.
+        "PATH": path or f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -269,6 +284,100 @@ def test_jobs_stop_ends_a_running_job(ray_head, tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_a_python_without_the_dependencies_fails_in_one_line_before_the_job(ray_head, tmp_path):
+    """`--python` naming an interpreter without crossrec's dependencies (what the head's PATH `python` is here):
+    the pre-flight job says which are missing, in one line, and the command is never submitted."""
+    python = str(next(Path(p) for p in ray_head["env"]["PATH"].split(os.pathsep)) / "python")
+    bad = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        ray_head["url"],
+        "--python",
+        python,
+        "--",
+        "prepare",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout + bad.stderr
+    err = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("crossrec submit: error: the head's Python cannot run crossrec: "), err
+    assert f"{python} has no " in err[0] and "pyarrow" in err[0]
+    listed = _crossrec(ray_head, "jobs", "list", "--address", ray_head["url"]).stdout
+    assert "crossrec prepare " + str(tmp_path / "src") not in listed  # only the check ran
+
+
+@pytest.mark.slow
+def test_submit_serve_runs_the_app_on_the_cluster_until_the_job_is_stopped(ray_head, tiny_fk, tmp_path):
+    """`crossrec submit -- serve`: `crossrec serve` as a long-running job on the head (docs/REFERENCE.md says why
+    not `serve deploy`); it answers over HTTP, and `crossrec jobs stop` shuts Serve down (port closed)."""
+    url = ray_head["url"]
+    train = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--follow",
+        "--env",
+        f"CROSSREC_CACHE_DIR={tmp_path / 'cache'}",
+        "--",
+        "train",
+        "--config",
+        "basic",
+        "--data",
+        str(tiny_fk),
+        "--out",
+        str(tmp_path / "bundle"),
+        *[
+            x
+            for kv in ("epochs=1", "dim=32", "layers=1", "batch_size=32", "valid_max_targets=0")
+            for x in ("--set", kv)
+        ],
+        "--workers",
+        "1",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--quiet",
+    )
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    port = _free_ports(1)[0]
+    sub = _crossrec(
+        ray_head,
+        "submit",
+        "--address",
+        url,
+        "--",
+        "serve",
+        "--bundle",
+        str(tmp_path / "bundle"),
+        "--port",
+        str(port),
+        "--state",
+        str(tmp_path / "state"),
+    )
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip()
+    deadline, health = time.time() + 300, None
+    while health is None and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5) as r:
+                health = json.loads(r.read())
+        except OSError:
+            time.sleep(2)
+    logs = _crossrec(ray_head, "jobs", "logs", job_id, "--address", url).stdout
+    assert health and health["status"] == "ok", logs[-3000:]
+    assert f"serving bundle {health['model']} at http://127.0.0.1:{port}" in logs
+    status = _crossrec(ray_head, "jobs", "status", job_id, "--address", url)
+    assert status.returncode == 0 and "RUNNING" in status.stdout
+    stop = _crossrec(ray_head, "jobs", "stop", job_id, "--address", url, "--wait", "90")
+    assert f"job {job_id} STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    with pytest.raises(OSError):  # Serve shut down with its job, not left behind as a detached app
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5)
+    assert "shutting down Serve" in _crossrec(ray_head, "jobs", "logs", job_id, "--address", url).stdout
+
+
 def test_bad_submissions_fail_before_reaching_the_cluster(tmp_path):
     from crossrec_cli import main
 
@@ -318,10 +427,38 @@ def test_job_argv_points_ray_commands_at_the_jobs_cluster():
     assert (
         job_argv(["train", "--data", "d", "--out", "/b", "--address", "ray://h:10001"], parser).count("--address") == 1
     )
+    from crossrec_cli.options import UsageError
+
+    with pytest.raises(UsageError, match="submit -- serve needs --state DIR, an absolute path"):
+        job_argv(["serve", "--bundle", "/b"], parser)
+    with pytest.raises(UsageError, match="--state st: a relative path"):
+        job_argv(["serve", "--bundle", "/b", "--state", "st"], parser)
+    assert job_argv(["--", "serve", "--bundle", "/b", "--state", "/s"], parser) == [
+        "serve",
+        "--bundle",
+        "/b",
+        "--state",
+        "/s",
+    ]
     renv = runtime_env()
     assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform" / "crossrec")]
     assert {".venv", "out", ".git"} <= set(renv["excludes"]) and "data" not in renv["excludes"]
     assert renv["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1" and "pip" not in renv
+
+
+def test_the_entrypoint_never_runs_the_python_of_the_heads_path():
+    from trainers.job_entry import missing_modules
+    from trainers.jobs import entrypoint
+
+    cmd = entrypoint(["prepare", "a b", "--out", "/d"])
+    assert cmd.startswith('exec "$(readlink -f /proc/$PPID/exe') and " python " not in cmd.replace("python)", "")
+    assert cmd.endswith("trainers/job_entry.py -- prepare 'a b' --out /d")
+    assert "--python /opt/py --check --" in entrypoint([], "/opt/py", check=True)
+    assert missing_modules(sys.executable) == []  # this venv has every dependency (and the checkout)
+    base = getattr(sys, "_base_executable", sys.executable)
+    if base != sys.executable and "pyarrow" in (bare := missing_modules(base)):
+        assert {"ray", "torch"} <= set(bare)
+    assert "cannot run /nonexistent/python" in missing_modules("/nonexistent/python")
 
 
 # -- cluster.yaml ------------------------------------------------------------------------------------------

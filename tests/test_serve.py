@@ -66,13 +66,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_config(tmp_path_factory):
-    """The shipped Serve config with a small online-item bound."""
+    """The shipped Serve config with a small online-item bound and two Recommender replicas at all times (the
+    rollout, shedding and replica-kill tests count on two; the shipped config scales 1..2, tested on its own)."""
     import yaml
 
     from serving.app import default_config
 
     raw = yaml.safe_load(default_config().read_text())
     raw["applications"][0]["args"]["max_online_items"] = MAX_ONLINE
+    rec = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "Recommender")
+    rec["autoscaling_config"]["min_replicas"] = rec["autoscaling_config"]["max_replicas"] = 2
     path = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -699,26 +702,31 @@ def _text_of(catalog, item_id: str) -> str:
     return catalog_texts(row, template_of(bundle.config.text_template, bundle.config.max_tokens))[0]
 
 
+def test_the_shipped_config_autoscales_within_two_cpus():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import default_config
+
+    raw = yaml.safe_load(default_config().read_text())
+    ServeDeploySchema.model_validate(raw)
+    deployments = raw["applications"][0]["deployments"]
+    reserved = 0.0
+    for d in deployments:
+        auto = d["autoscaling_config"]
+        assert "num_replicas" not in d and auto["min_replicas"] == 1 and auto["target_ongoing_requests"] > 0
+        assert auto["max_replicas"] >= 2 and auto["target_ongoing_requests"] <= d["max_ongoing_requests"]
+        reserved += auto["max_replicas"] * d["ray_actor_options"]["num_cpus"]
+    assert reserved <= 2 - 0.3, reserved  # every replica at its maximum still fits the machine, with room for Ray
+
+
 @pytest.mark.slow
 def test_an_autoscaled_recommender_scales_up_under_load_and_back_down_when_idle(
-    url, bundles, catalog, serve_config, state_dir, tmp_path
+    url, bundles, catalog, serve_config, state_dir
 ):
-    import yaml
+    """The shipped serving/serve_config.yaml, unchanged: one replica when idle, two under load, one again."""
+    from serving.app import default_config
 
-    raw = yaml.safe_load(serve_config.read_text())
-    rec = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "Recommender")
-    rec.pop("num_replicas")
-    rec["ray_actor_options"] = {"num_cpus": 0.3}
-    rec["autoscaling_config"] = {
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 1,
-        "upscale_delay_s": 1,
-        "downscale_delay_s": 3,
-        "look_back_period_s": 2,
-    }
-    config = tmp_path / "autoscale.yaml"
-    config.write_text(yaml.safe_dump(raw))
     ids, _ = catalog
     body = {
         "history": [{"item_id": i, "domain": "food"} for i in ids["food"][:10]],
@@ -727,8 +735,8 @@ def test_an_autoscaled_recommender_scales_up_under_load_and_back_down_when_idle(
         "explain": True,
     }
     try:
-        redeploy(url, bundles[0], serve_config, state_dir, config=config)
-        _wait(lambda: _running() == 1, 90, "one replica when idle")
+        redeploy(url, bundles[0], serve_config, state_dir, config=default_config())
+        _wait(lambda: _running() == 1, 120, "one replica when idle")
         stop = threading.Event()
 
         def client():
@@ -739,14 +747,14 @@ def test_an_autoscaled_recommender_scales_up_under_load_and_back_down_when_idle(
         for t in threads:
             t.start()
         try:
-            _wait(lambda: _running() == 2, 90, "a second replica under load")
+            _wait(lambda: _running() == 2, 120, "a second replica under load")
         finally:
             stop.set()
             for t in threads:
                 t.join(60)
-        _wait(lambda: _running() == 1, 90, "back to one replica when idle")
+        _wait(lambda: _running() == 1, 120, "back to one replica when idle")
     finally:
-        redeploy(url, bundles[0], serve_config, state_dir)
+        redeploy(url, bundles[0], serve_config, state_dir)  # the module's two pinned replicas again
 
 
 def test_serve_command_rejects_a_bad_bundle_path(tmp_path, capsys):

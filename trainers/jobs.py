@@ -1,6 +1,9 @@
 """Ray Jobs API client behind `crossrec submit` and `crossrec jobs`.
 
-A submitted job runs `python -m crossrec_cli SUBCOMMAND ARGS` on the cluster's head node, in a runtime env that
+A submitted job runs `python -m crossrec_cli SUBCOMMAND ARGS` on the cluster's head node with the head's own
+interpreter, found on the head by `trainers/job_entry.py` (never the `python` of the head's PATH), after a pre-flight
+job has checked that this interpreter has crossrec's dependencies (one line naming what is missing otherwise). It
+runs in a runtime env that
 uploads this checkout: the repository root as `working_dir` (trainers/, serving/, tune_configs/, the vendored
 data/) and the core package `platform/crossrec` as a `py_module`, so the job runs exactly the code that was
 submitted. Dependencies are not shipped (no `pip` by default): cluster nodes have crossrec's pinned environment
@@ -43,10 +46,15 @@ __all__ = [
     "stop_job",
     "report",
     "repo_root",
+    "entrypoint",
+    "preflight",
 ]
 
 # What a job never needs: caches, environments, local outputs (Ray also honours .gitignore / .rayignore).
 EXCLUDES = [".git", ".venv", "out", "build", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ray_tmp"]
+# The job's first process: started by the job supervisor's own binary (`/proc/$PPID/exe`: Linux heads), it picks
+# the head's interpreter and runs crossrec with it (trainers/job_entry.py). Relative to the uploaded working_dir.
+ENTRY = "trainers/job_entry.py"
 # Every job: Train V2 (what trainers/ are written for) and no model hub (backbones come from installed packages).
 JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -126,6 +134,35 @@ def runtime_env(
     return renv
 
 
+def entrypoint(argv: list[str], python: str | None = None, check: bool = False) -> str:
+    """The job's shell command: job_entry.py run by the supervisor's interpreter, `--python` when one is given."""
+    launcher = '"$(readlink -f /proc/$PPID/exe 2>/dev/null || command -v python3 || command -v python)"'
+    flags = (["--python", python] if python else []) + (["--check"] if check else [])
+    return f"exec {launcher} {shlex.join([ENTRY, *flags, '--', *argv])}"
+
+
+def preflight(
+    c: JobSubmissionClient, renv: dict, python: str | None = None, sid: str | None = None, timeout_s: float = 300
+) -> str:
+    """Runs the pre-flight job (job_entry.py --check) and returns the head's interpreter it found; a head that
+    cannot run crossrec raises JobsError with the check's one line (e.g. the interpreter has no pyarrow)."""
+    sid = f"{sid or 'crossrec'}-check-{secrets.token_hex(2)}"
+    _submit(c, entrypoint([], python, check=True), renv, sid, {"crossrec": crossrec.__version__, "command": "check"})
+    deadline = time.monotonic() + timeout_s
+    while not (info := job_info(c, sid)).status.is_terminal():
+        if time.monotonic() > deadline:
+            stop_job(c, sid)
+            raise JobsError(f"the pre-flight check on the head ({sid}) did not end within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    lines = [ln.strip() for ln in job_logs(c, sid).splitlines() if ln.strip().startswith("crossrec job:")]
+    if info.status == JobStatus.SUCCEEDED and lines:
+        return lines[-1].split("crossrec job: python ", 1)[-1]
+    if lines:
+        raise JobsError(lines[-1].split("error: ", 1)[-1])
+    first = (info.message or str(info.status)).strip().splitlines()[0]
+    raise JobsError(f"the pre-flight check on the head ({sid}) {info.status}: {first}")
+
+
 def _address(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -161,6 +198,7 @@ def _quiet_sdk_logs() -> None:
     for name in (
         "ray.dashboard.modules.dashboard_sdk",
         "ray._private.runtime_env.packaging",
+        "ray._private.runtime_env.working_dir",
         "ray.dashboard.modules.job.sdk",
     ):
         log = logging.getLogger(name)
@@ -184,29 +222,47 @@ def submit(
     env: dict[str, str] | None = None,
     excludes: list[str] | None = None,
     pip: list[str] | None = None,
-    python: str = "python",
+    python: str | None = None,
     submission_id: str | None = None,
     entrypoint_num_gpus: float | None = None,
+    check: bool = True,
 ) -> tuple[JobSubmissionClient, str]:
     """Submits `crossrec ARGV` as a job; returns (the client, the submission id). ARGV is run as given: the CLI
-    checks it with its own parser first (`crossrec_cli.cluster.job_argv`)."""
+    checks it with its own parser first (`crossrec_cli.cluster.job_argv`). `python`: the interpreter on the head
+    (default: the one running the head's Ray, found there); `check`: run the pre-flight job first and submit
+    with the interpreter it found."""
     renv = runtime_env(working_dir, env, excludes, pip)
     sid = submission_id or f"crossrec-{argv[0]}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     c = client(address)
+    if check:
+        python = preflight(c, renv, python, sid)
+    _submit(
+        c,
+        entrypoint(argv, python),
+        renv,
+        sid,
+        {"crossrec": crossrec.__version__, "command": argv[0]},
+        entrypoint_num_gpus,
+    )
+    return c, sid
+
+
+def _submit(
+    c: JobSubmissionClient, command: str, renv: dict, sid: str, metadata: dict, num_gpus: float | None = None
+) -> str:
     # A head that has just started answers "No available agent to submit job" until its job agent is up:
     # that one error is retried for up to a minute; every other error is final.
     deadline = time.monotonic() + 60
     while True:
         try:
             with _errors("submission failed", c.get_address()):
-                sid = c.submit_job(
-                    entrypoint=shlex.join([python, "-m", "crossrec_cli", *argv]),
+                return c.submit_job(
+                    entrypoint=command,
                     runtime_env=renv,
                     submission_id=sid,
-                    entrypoint_num_gpus=entrypoint_num_gpus,
-                    metadata={"crossrec": crossrec.__version__, "command": argv[0]},
+                    entrypoint_num_gpus=num_gpus,
+                    metadata=metadata,
                 )
-            return c, sid
         except JobsError as e:
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
@@ -278,10 +334,15 @@ def stop_job(c: JobSubmissionClient, job_id: str, wait_s: float = 0, poll_s: flo
 
 
 def list_jobs(c: JobSubmissionClient) -> list[JobDetails]:
-    """Submitted jobs (not drivers that connected directly), oldest first."""
+    """Submitted jobs (not drivers that connected directly, nor pre-flight checks that passed), oldest first."""
     with _errors("listing jobs", c.get_address()):
         jobs = c.list_jobs()
-    return sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
+
+    def shown(j: JobDetails) -> bool:
+        passed_check = (j.metadata or {}).get("command") == "check" and j.status == JobStatus.SUCCEEDED
+        return bool(j.submission_id) and not passed_check
+
+    return sorted(filter(shown, jobs), key=lambda j: j.start_time or 0)
 
 
 def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
@@ -291,7 +352,10 @@ def format_jobs(jobs: list[JobDetails], width: int = 70) -> str:
         end = j.end_time or (time.time() * 1000 if j.start_time else None)
         took = f"{(end - j.start_time) / 1000:.0f}s" if j.start_time and end else "-"
         entry = j.entrypoint
-        if " -m crossrec_cli " in entry:  # the interpreter is noise: show what a user would type
+        if ENTRY in entry:  # the launcher is noise: show what a user would type
+            rest = entry.split(ENTRY, 1)[1]
+            entry = "crossrec " + rest.split(" -- ", 1)[1] if " -- " in rest else "crossrec pre-flight check"
+        elif " -m crossrec_cli " in entry:  # submitted by an older crossrec
             entry = "crossrec " + entry.split(" -m crossrec_cli ", 1)[1]
         rows.append(
             (

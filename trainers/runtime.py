@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def log_level(default: str = "WARNING") -> str:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connects to a cluster, or starts the embedded local Ray (no dashboard, small object store)."""
     if ray.is_initialized():
+        _drop_ray_noise()  # a Ray this process started otherwise (a test session's): the command's output still
         return
     address = address or os.environ.get("RAY_ADDRESS") or None  # inside a Ray job: the job's cluster
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -60,6 +62,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             )
         finally:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)  # this node's; not for a Ray a child process starts
+    _drop_ray_noise()
+
+
+# Lines Ray's processes print that a crossrec user can do nothing about, each harmless here. Dropped from the
+# driver's output (the session's log files keep them; `crossrec --verbose` shows them):
+_RAY_NOISE = re.compile(
+    "|".join(
+        [
+            # Ray Train v2 creates its PreemptionWatcher actor with object-store arguments and restarts allowed, and
+            # Ray's core worker logs that at ERROR (ray-project/ray#53727) on every fit.
+            r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: '\w+' has constructor arguments in the "
+            r"object store and max_restarts > 0",
+            # serve.shutdown() kills the controller while its own graceful_shutdown call is being retried.
+            r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining",
+        ]
+    )
+)
+
+
+def _drop_ray_noise() -> None:
+    """Wraps the driver's printer of worker and raylet output (`log_to_driver`) so that it leaves out _RAY_NOISE.
+    Ray has no public hook for this: the printer is the "ray_print_logs" handler of its stdstream dispatcher."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # ray
+
+    printer = next((h for name, h in dispatcher.handlers if name == "ray_print_logs"), None)
+    if printer is None or getattr(printer, "crossrec_filtered", False) or os.environ.get("CROSSREC_VERBOSE") == "1":
+        return
+
+    def filtered(data: dict) -> None:
+        lines = [ln for ln in data.get("lines", []) if not _RAY_NOISE.search(ln)]
+        if lines:
+            printer({**data, "lines": lines})
+
+    filtered.crossrec_filtered = True  # type: ignore[attr-defined]
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def _own_gcs_address() -> str:

@@ -389,8 +389,13 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 def load_backbone(spec_or_name: BackboneSpec | str | os.PathLike, dtype: torch.dtype = torch.float32) -> Backbone:
     """Loads tokenizer and base model (AutoModel: hidden states, no LM head) from local files, in eval mode."""
+    import transformers
     from transformers import AutoModel, AutoTokenizer
 
+    from crossrec.progress import verbose
+
+    if not verbose():  # a "Loading weights" bar per process (each Serve replica, each worker) is noise
+        transformers.utils.logging.disable_progress_bar()
     spec = prepare_backbone(spec_or_name)
     tokenizer = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     model = AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=dtype)
