@@ -334,8 +334,8 @@ def test_training_across_nodes_resumes_after_the_worker_node_is_killed(node_loss
 # -- Serve: 2 Recommender replicas, one per node -------------------------------------------------------------
 @pytest.fixture
 def served(cluster, node_loss_run, tmp_path_factory):
-    """`crossrec serve` (RAY_ADDRESS: the cluster) of the bundle trained above, with the shipped Serve config plus
-    `max_replicas_per_node: 1` for the Recommender: its 2 replicas must take both nodes. Yields the URL; Serve is
+    """`crossrec serve` (RAY_ADDRESS: the cluster) of the bundle trained above, with the shipped Serve config, its
+    Recommender pinned at 2 replicas and `max_replicas_per_node: 1`: its 2 replicas must take both nodes. Yields the URL; Serve is
     shut down after the test (its replicas hold CPUs the jobs below need)."""
     import yaml
 
@@ -344,7 +344,8 @@ def served(cluster, node_loss_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode-serve")
     raw = yaml.safe_load(default_config().read_text())
     rec = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "Recommender")
-    assert rec["num_replicas"] == 2
+    # The shipped config autoscales 1..2 replicas: pinned at 2 here, so both nodes get one at once.
+    rec["autoscaling_config"]["min_replicas"] = rec["autoscaling_config"]["max_replicas"] = 2
     rec["max_replicas_per_node"] = 1
     config = root / "serve.yaml"
     config.write_text(yaml.safe_dump(raw))
