@@ -159,7 +159,9 @@ def finish_bundle(
     cfg = resolved_prior(cfg, dataset, inputs.vectors, splits)  # as the run's fit() did (a tune trial's config)
     domains = model_domains(cfg, splits)
     work = Path(tempfile.mkdtemp(prefix="crossrec-export-"))  # end-to-end: adapter and merged backbone
-    model, item_vecs, in_dim, adapter_dir = _trained_model(cfg, inputs, trained, dataset, splits, work, progress)
+    model, item_vecs, in_dim, adapter_dir = _trained_model(
+        cfg, domains, inputs, trained, dataset, splits, work, progress
+    )
     # The priors in their configured order, each weighted on validation targets (0 on the grid) over the model
     # plus the priors before it, before the test evaluation.
     retriever = Retriever(model, splits, item_vecs, domains, [make_prior(n, splits) for n in cfg.priors])
@@ -226,11 +228,18 @@ def finish_bundle(
 
 
 def _trained_model(
-    cfg: TrainConfig, inputs: Inputs, trained: TrainedRun, dataset: Dataset, splits: Splits, work: Path, progress: bool
+    cfg: TrainConfig,
+    domains: list[str],
+    inputs: Inputs,
+    trained: TrainedRun,
+    dataset: Dataset,
+    splits: Splits,
+    work: Path,
+    progress: bool,
 ) -> tuple[CrossRecModel, torch.Tensor, int | None, Path | None]:
-    """The checkpoint's model in eval mode, the catalog's item vectors (N, V) under it, the backbone vectors' size
-    and, end-to-end, the adapter folder (the catalog then re-embedded by the adapted backbone)."""
-    domains = model_domains(cfg, splits)
+    """The checkpoint's model (ids for the model `domains`) in eval mode, the catalog's item vectors (N, V) under
+    it, the backbone vectors' size and, end-to-end, the adapter folder (the catalog then re-embedded by the adapted
+    backbone)."""
     adapter_dir = None
     n_items = len(splits.item_ids)
     with trained.checkpoint.as_directory() as folder:

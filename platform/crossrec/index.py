@@ -61,7 +61,16 @@ class IvfIndex:
     def __init__(self, index, nprobe: int):
         self.index = index
         self.nprobe = nprobe
-        index.nprobe = min(nprobe, index.nlist)
+
+    @property
+    def nprobe(self) -> int:
+        """Cells a query visits, as asked (the search visits at most nlist)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._nprobe = value
+        self.index.nprobe = min(value, int(self.index.nlist))
 
     @classmethod
     def build(cls, vectors: np.ndarray, nprobe: int, nlist: int | None = None, seed: int = 0) -> IvfIndex:
@@ -124,7 +133,6 @@ def tune_nprobe(
     recall = 0.0
     for nprobe in NPROBES:
         index.nprobe = nprobe
-        index.index.nprobe = min(nprobe, index.nlist)
         hits = [len(set(index.search(qi, candidates).tolist()) & set(e.tolist())) / kk for qi, e in zip(q, exact)]
         recall = float(np.mean(hits))
         if recall >= target or nprobe >= index.nlist:

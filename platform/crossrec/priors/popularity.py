@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -161,9 +161,6 @@ class PopularityPrior(Prior):
             have = stored[d]
             prior.p[off : off + n] = [have.get(str(i), prior.cold[d]) for i in catalog.item_ids[off : off + n]]
         return prior
-
-    def params(self, domains: list[str]) -> dict[str, Any]:
-        return {f"pop_weight[{d}]": round(self.weight[d], 6) for d in domains if d in self.weight}
 
 
 def _stored_pop(bundle: StoredBundle) -> dict[str, dict[str, float]]:
