@@ -230,16 +230,14 @@ class Recommender:
             cand = np.array(sorted({pos[c] for c in candidates if c in pos}), dtype=np.int64)
         else:
             cand = self.retriever.candidate_rows(domain, user, glob)
-        rows_d = self.retriever.rows(domain)
         if cand is None:
-            scores = rows_d @ user  # (N,)
+            scores = self.retriever.rows(domain) @ user  # (N,)
             bias = self.retriever.prior_terms(domain, [glob])
+            if bias is not None:
+                bias = bias[0]
+                scores = scores + bias
         else:
-            scores = rows_d[torch.from_numpy(cand)] @ user  # (C,)
-            bias = self.retriever.prior_terms_at(domain, [glob], cand)
-        if bias is not None:
-            bias = bias[0]
-            scores = scores + bias
+            scores, bias = self.retriever.scores_at(domain, user, glob, cand)  # (C,)
         if exclude_seen:
             seen = [
                 pos[h.item_id] for h in history if h.domain == domain and h.item_id is not None and h.item_id in pos

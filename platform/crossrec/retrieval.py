@@ -392,10 +392,19 @@ class Retriever:
         for r, h in enumerate(batch.histories):
             cand = self.candidate_rows(d, users[r], h)
             assert cand is not None  # the domain has an index
-            s = rows_d[torch.from_numpy(cand)] @ users[r]
-            bias = self.prior_terms_at(d, [h], cand)
-            out[r, torch.from_numpy(cand)] = s if bias is None else s + bias[0]
+            out[r, torch.from_numpy(cand)] = self.scores_at(d, users[r], h, cand)[0]
         return out
+
+    def scores_at(
+        self, domain: str, user: torch.Tensor, history: np.ndarray, rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(len(rows),) retrieval's scores of some rows of the domain for one user vector (V,) and its history
+        (global indices), and the priors' term in them (None without priors)."""
+        scores = self.rows(domain)[torch.from_numpy(rows)] @ user
+        bias = self.prior_terms_at(domain, [history], rows)
+        if bias is None:
+            return scores, None
+        return scores + bias[0], bias[0]
 
     def __call__(self, batch: TargetBatch) -> np.ndarray:
         """The evaluation Scorer (crossrec.evaluation.evaluate)."""
