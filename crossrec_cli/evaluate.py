@@ -61,19 +61,23 @@ def _bundle_retrievers(bundle, data, splits, domains: list[str] | None, args: ar
 
     scorers = {}
     evaluated = domains or splits.domains
-    unseen = [d for d in evaluated if d not in bundle.domains]
+    adapted = [d for d in evaluated if d in bundle.adapted]
+    if adapted:
+        print(f"adapted: {', '.join(adapted)} carry their calibration and priors (crossrec adapt): none is fitted here")
+    unseen = [d for d in evaluated if d not in bundle.catalog_domains]
     if unseen:
         print(
             f"zero-shot: the bundle never trained on {', '.join(unseen)}; their items are embedded from "
             f"text with {bundle.config.backbone}"
         )
     scorers["crossrec"] = bundle_retriever(bundle, data, splits, progress=not args.quiet, domains=evaluated)
-    if unseen == evaluated and not args.as_trained:  # a whole new dataset: calibrated on its validation split
+    if (
+        unseen and unseen == evaluated and not args.as_trained
+    ):  # a whole new dataset: calibrated on its validation split
         import copy
 
         as_trained = scorers["crossrec"]
-        scorers["crossrec"] = copy.copy(as_trained)
-        scorers["crossrec"].model = copy.deepcopy(as_trained.model)  # calibration changes the model's config
+        scorers["crossrec"] = copy.copy(as_trained)  # calibration sets its own priors and calibration
         calibrate_zero_shot(scorers["crossrec"], evaluated)
         scorers["crossrec-as-trained"] = as_trained
     if bundle.has_ranker:  # the full pipeline is `crossrec`; retrieval alone is reported beside it
@@ -110,7 +114,8 @@ def _write_json(
     }
     if bundle is not None:
         out["bundle_version"] = bundle.version
-        out["zero_shot_domains"] = [d for d in (domains or splits.domains) if d not in bundle.domains]
+        out["zero_shot_domains"] = [d for d in (domains or splits.domains) if d not in bundle.catalog_domains]
+        out["adapted_domains"] = [d for d in (domains or splits.domains) if d in bundle.adapted]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.json}")

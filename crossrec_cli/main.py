@@ -10,6 +10,7 @@ import crossrec
 
 # Submodules by their full names: `from crossrec_cli import ...` would tie this module to the package's
 # __init__, which imports it.
+import crossrec_cli.adapt as adapt
 import crossrec_cli.bundles as bundles
 import crossrec_cli.cluster as cluster
 import crossrec_cli.data as data
@@ -24,7 +25,7 @@ from crossrec_cli.parser import Parser
 
 __all__ = ["build_parser", "main"]
 
-GROUPS = (data, evaluate, train, recommend, bundles, cluster, serve, demo)  # order of `crossrec --help`
+GROUPS = (data, evaluate, train, adapt, recommend, bundles, cluster, serve, demo)  # order of `crossrec --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 bundle.json          format version, config, domains, backbone reference, data hash, metrics, version
 model.safetensors    adaptor (or item embeddings) + user tower + temperature
 items/DOMAIN.parquet item_id, title, vector (D floats): the model's vectors of that domain's catalog
+                     (also of the domains `crossrec adapt` added: bundle.json "adapted", with their calibration)
 index/DOMAIN.faiss   an ANN index of the domain's items (crossrec.index), for large catalogs; bundle.json "retrieval"
 PRIOR files          each prior's own (crossrec.priors: pop_prior.parquet, co_prior.parquet), its weights and choices
                      in bundle.json under its key, the priors' order in bundle.json "priors"
@@ -36,6 +37,7 @@ from crossrec.schema import check_domain
 if TYPE_CHECKING:
     from crossrec.index import IvfIndex
     from crossrec.priors import Prior
+    from crossrec.retrieval import Calibration
 
 __all__ = [
     "Bundle",
@@ -78,6 +80,23 @@ class Bundle:
 
     def domain_id(self, name: str) -> int:
         return domain_id(self.domains, name)
+
+    @property
+    def adapted(self) -> list[str]:
+        """Domains the model never trained on that `crossrec adapt` added: their catalog, calibration and priors."""
+        return list(self.meta.get("adapted") or {})
+
+    @property
+    def catalog_domains(self) -> list[str]:
+        """Every domain the bundle has items of and answers in: the trained ones, then the adapted ones."""
+        return [*self.domains, *(d for d in self.adapted if d not in self.domains)]
+
+    @property
+    def calibration(self) -> dict[str, Calibration]:
+        """Adapted domain -> how its user vectors are put together (crossrec.retrieval.Calibration)."""
+        from crossrec.retrieval import Calibration
+
+        return {d: Calibration.from_dict(a["calibration"]) for d, a in (self.meta.get("adapted") or {}).items()}
 
     @property
     def learned_weight(self) -> float:
@@ -234,9 +253,10 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     model = CrossRecModel(cfg, len(meta["domains"]), in_dim=meta["in_dim"], n_items=meta["n_items"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     model.eval()
+    catalog = [*meta["domains"], *(d for d in meta.get("adapted") or {} if d not in meta["domains"])]
     items = {
         d: pq.read_table(path / "items" / f"{d}.parquet")
-        for d in meta["domains"]
+        for d in catalog
         if (path / "items" / f"{d}.parquet").is_file()
     }
     return Bundle(path=path, meta=meta, config=cfg, model=model, domains=list(meta["domains"]), items=items)

@@ -7,6 +7,8 @@ adaptor. Domains the model never trained on use its "unknown" domain id.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -25,6 +27,9 @@ from crossrec.embedding import (
 )
 from crossrec.retrieval import Retriever
 from crossrec.splits import Splits
+
+if TYPE_CHECKING:
+    from crossrec.priors import Prior
 
 __all__ = [
     "domain_map_for",
@@ -144,6 +149,7 @@ def bundle_retriever(
         bundle.domains,
         load_priors(bundle, splits),
         learned_weight=bundle.learned_weight,
+        calibration=bundle.calibration,
     )
     shown = [d for d in splits.domains if domains is None or d in domains]
     for p in retriever.priors:
@@ -154,21 +160,26 @@ def bundle_retriever(
 LEARNED_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
 
-def calibrate_zero_shot(retriever: Retriever, domains: list[str] | None = None, max_targets: int = 1500) -> dict | None:
-    """Zero-shot on a dataset the bundle never saw, calibrated on that dataset's validation split as the
-    textknn baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid
-    over the prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0
-    leaves exactly the prior: the learned part did not transfer) together with the weights of the priors that
-    calibrate (`Prior.calibrates`: popularity, from this dataset's training window, when the bundle's config
-    lists it; weight 0 is on the grid). No weight of the model is trained. Changes `retriever` (and its model's
-    config) in place and returns the chosen values (also `retriever.params`), or None for a model without a text
-    prior."""
-    import dataclasses
-
+def calibrate_zero_shot(
+    retriever: Retriever, domains: list[str] | None = None, max_targets: int = 1500, refit: str = "calibrating"
+) -> dict | None:
+    """Zero-shot on domains the bundle never trained on, calibrated on their validation targets as the textknn
+    baseline is fitted there: the text prior's recency decay and cross-domain weight (textknn's grid over the
+    prior's own vectors), then the weight of the learned part against the prior (LEARNED_WEIGHTS; 0 leaves exactly
+    the prior: the learned part did not transfer) together with the weights of the priors refitted on this
+    dataset's training window: `refit` "calibrating" refits those that calibrate (`Prior.calibrates`: popularity,
+    searched even when the bundle's config leaves it out, then on a grid of 0 alone), "all" every prior of the
+    config in its order (`crossrec adapt`: the new domain's own logs give transitions into it too). No weight of the
+    model is trained. Sets `retriever.calibration` of `domains` (crossrec.retrieval.Calibration) and its priors
+    (clones: the bundle's choices stay for other domains) and returns the chosen values (also `retriever.params`),
+    or None for a model without a text prior."""
     from crossrec.baselines.textknn import fit_textknn
     from crossrec.priors import make_prior
     from crossrec.priors.base import choose
+    from crossrec.retrieval import Calibration
 
+    if refit not in ("calibrating", "all"):
+        raise ValueError(f"`refit` must be one of calibrating, all, got {refit!r}")
     model = retriever.model
     if not model.text_prior:
         return None
@@ -176,29 +187,40 @@ def calibrate_zero_shot(retriever: Retriever, domains: list[str] | None = None, 
     assert isinstance(splits, Splits)
     domains = list(domains or splits.domains)
     knn = fit_textknn(splits, retriever.vecs[:, model.cfg.dim :].numpy(), domains=domains, max_targets=max_targets)
-    model.cfg = dataclasses.replace(model.cfg, text_prior_decay=knn.decay, text_prior_cross=knn.cross_weight)
-    # The priors that calibrate are refitted on this dataset's training window and chosen for `domains` (the
-    # bundle's choices stay for other domains). Popularity is always searched, on a grid of 0 alone when the
-    # bundle's config leaves it out: the learned weight is then chosen on the model's scores alone.
     names = list(model.cfg.priors)
+
+    def refits(p: Prior) -> bool:
+        return p.calibrates or (refit == "all" and p.spec in names)
+
     # Copies: a shallow copy of the retriever (the as-trained model beside the calibrated one) keeps its own.
-    retriever.priors = [p.clone() if p.calibrates else p for p in retriever.priors]
+    retriever.priors = [p.clone() if refits(p) else p for p in retriever.priors]
+    retriever.calibration = dict(retriever.calibration)
     if not any(p.spec == "popularity" for p in retriever.priors):
         retriever.priors.insert(0, make_prior("popularity", splits))
-    fresh = [p for p in retriever.priors if p.calibrates]
+    for spec in names if refit == "all" else ():  # a prior the bundle stored nothing of (off everywhere)
+        if not any(p.spec == spec for p in retriever.priors):
+            retriever.priors.append(make_prior(spec, splits))
+    retriever.priors.sort(key=lambda p: names.index(p.spec) if p.spec in names else -1)
+    fresh = [p for p in retriever.priors if refits(p)]
     for p in fresh:
         p.fit(splits)
+
+    def calibrate(weight: float) -> None:
+        for d in domains:
+            retriever.calibration[d] = Calibration(weight, knn.decay, knn.cross_weight)
+
     best, best_score, best_choices = 1.0, -1.0, {}
     for w in LEARNED_WEIGHTS:  # ties keep the larger weight: the model as trained
-        retriever.learned_weight = w
+        calibrate(w)
+        # In order, each on the model plus the priors before it (installed: the next one's base includes it).
         choices = {
-            p.spec: choose(retriever, p, domains, max_targets, None if p.spec in names else (0.0,), install=False)
-            for p in fresh
+            p.spec: choose(retriever, p, domains, max_targets, None if p.spec in names else (0.0,)) for p in fresh
         }
-        score = float(np.mean([np.mean([c[d].valid_ndcg10 for d in domains]) for c in choices.values()]))
+        last = choices[fresh[-1].spec]  # the whole stack's validation NDCG@10
+        score = float(np.mean([last[d].valid_ndcg10 for d in domains]))
         if score > best_score:
             best, best_score, best_choices = w, score, choices
-    retriever.learned_weight = best
+    calibrate(best)
     for p in fresh:
         p.install(best_choices[p.spec])
     retriever.priors = [p for p in retriever.priors if p.spec in names or not p.calibrates]

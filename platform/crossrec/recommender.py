@@ -212,6 +212,7 @@ class Recommender:
             [hcodes[k] for k in keeps],
             code[domain],
             ([hids[k] for k in keeps], self.retriever.model_domain(domain)),
+            domain,
         )
 
     def _score(

@@ -14,7 +14,8 @@ indices, oldest first; -1 marks an entry the catalog does not know (an item adde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from crossrec.bundle import Bundle
     from crossrec.priors.base import Prior
 
-__all__ = ["Catalog", "BundleCatalog", "Retriever", "AnnIndex", "text_query", "history_arrays"]
+__all__ = ["Catalog", "BundleCatalog", "Retriever", "AnnIndex", "Calibration", "text_query", "history_arrays"]
 
 ANN_CANDIDATES = 200  # rows an ANN index proposes per request, rescored exactly
 PRIOR_CANDIDATES = 100  # rows each weighted prior adds to them (its largest terms for the history)
@@ -100,12 +101,36 @@ def text_query(
     return F.normalize(q, dim=-1)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How the user vector of a target domain the model never trained on is put together, chosen on that domain's
+    validation targets (crossrec.inference.calibrate_zero_shot; stored by `crossrec adapt` in bundle.json
+    "adapted"): the learned part's weight against the text prior, the text prior's recency decay and the weight of
+    history items from other domains. A domain without one uses the model as trained."""
+
+    learned_weight: float
+    text_prior_decay: float
+    text_prior_cross: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "learned_weight": self.learned_weight,
+            "text_prior_decay": self.text_prior_decay,
+            "text_prior_cross": self.text_prior_cross,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Calibration:
+        return cls(float(d["learned_weight"]), float(d["text_prior_decay"]), float(d["text_prior_cross"]))
+
+
 class Retriever:
     """The model, a catalog's item vectors and the priors: retrieval's scores for histories.
 
     vectors: (N, V) the model's item vectors in the catalog's global order. model_domains: the domains the model
     has ids for (any other domain is its "unknown" id). learned_weight scales the learned part of the user vector
-    against the text prior (1: the model as trained; zero-shot calibration may lower it)."""
+    against the text prior (1: the model as trained); `calibration` overrides it, and the text prior's decay and
+    cross-domain weight, for the target domains it names (zero-shot calibration, adapted domains)."""
 
     name = "crossrec"
 
@@ -118,6 +143,7 @@ class Retriever:
         priors: Sequence[Prior] = (),
         learned_weight: float = 1.0,
         batch_size: int = 512,
+        calibration: Mapping[str, Calibration] | None = None,
     ):
         if vectors.shape[0] != len(catalog.item_ids):
             raise ValueError(f"`vectors`: {vectors.shape[0]} rows for a catalog of {len(catalog.item_ids)} items")
@@ -128,6 +154,7 @@ class Retriever:
         self.domain_map = domain_ids(self.model_domains, catalog.domains)  # catalog code -> model id
         self.priors = list(priors)
         self.learned_weight = learned_weight
+        self.calibration: dict[str, Calibration] = dict(calibration or {})
         self.batch_size = batch_size
         self.params: dict = {}  # chosen values to report (`crossrec evaluate` prints them)
         # Per domain, the first rows of _block[d] are the domain's items: a view of `vecs` until an item added
@@ -162,6 +189,7 @@ class Retriever:
             bundle.domains,
             load_priors(bundle, catalog),
             learned_weight=bundle.learned_weight,
+            calibration=bundle.calibration,
         )
         out.load_indexes(bundle, index)
         return out
@@ -269,13 +297,16 @@ class Retriever:
         hist_codes: Sequence[np.ndarray],
         target_code: int,
         model_ids: tuple[Sequence[np.ndarray], int],
+        domain: str | None = None,
     ) -> torch.Tensor:
         """(B, V) user vectors for histories given as rows of `source` (M, V), their domains as codes (only equality
         matters: the text prior's same-domain weight) and as the model's ids (`model_ids`: per history, then the
         target's). The tower reads the last max_len items, left-padded to the longest of the batch (padded slots only
-        ever see themselves, so the last position is the same as at max_len); the text prior reads the whole history."""
+        ever see themselves, so the last position is the same as at max_len); the text prior reads the whole history.
+        `domain`: the target domain's name, for its `calibration`."""
         model = self.model
         d = model.cfg.dim
+        learned_weight, decay, cross = self.setting(domain)
         hist_ids, target_id = model_ids
         if len(source) == 0:  # no history anywhere: one zero row for the padded slots to read
             source = torch.zeros(1, source.shape[1])
@@ -289,23 +320,25 @@ class Retriever:
             hv = source[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
             u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))
             u = u[:, -1]
-            if self.learned_weight != 1.0:
-                u = u * self.learned_weight
+            if learned_weight != 1.0:
+                u = u * learned_weight
             if model.text_prior:
-                cfg = model.cfg
-                if cfg.text_prior_decay is None or cfg.text_prior_cross is None:
+                if decay is None or cross is None:
                     raise ValueError("`text_prior_decay` / `text_prior_cross` are unset: training chooses them first")
                 q = text_query(
-                    source[:, d:],
-                    hs,
-                    hist_codes[s : s + self.batch_size],
-                    np.full(len(hs), target_code),
-                    cfg.text_prior_decay,
-                    cfg.text_prior_cross,
+                    source[:, d:], hs, hist_codes[s : s + self.batch_size], np.full(len(hs), target_code), decay, cross
                 )
                 u = torch.cat([u, model.log_beta.exp() * q], dim=-1)
             out.append(u)
         return torch.cat(out) if out else torch.zeros(0, source.shape[1])
+
+    def setting(self, domain: str | None) -> tuple[float, float | None, float | None]:
+        """(learned weight, text prior decay, text prior cross-domain weight) for targets in `domain`: its
+        calibration, else the model as trained."""
+        c = self.calibration.get(domain) if domain is not None else None
+        if c is not None:
+            return c.learned_weight, c.text_prior_decay, c.text_prior_cross
+        return self.learned_weight, self.model.cfg.text_prior_decay, self.model.cfg.text_prior_cross
 
     def user_vectors(self, histories: Sequence[np.ndarray], domain: str) -> torch.Tensor:
         """(B, V) user vectors of catalog histories (global indices) for targets in `domain`."""
@@ -313,7 +346,12 @@ class Retriever:
         code = c.domain_code[c.check_domain(domain)]
         codes = [c.item_domain[h] for h in histories]
         return self.encode(
-            self.vecs, histories, codes, code, ([self.domain_map[x] for x in codes], int(self.domain_map[code]))
+            self.vecs,
+            histories,
+            codes,
+            code,
+            ([self.domain_map[x] for x in codes], int(self.domain_map[code])),
+            domain,
         )
 
     # -- scores -------------------------------------------------------------------------------------------------

@@ -33,7 +33,18 @@ if TYPE_CHECKING:
 
     from crossrec.catalog import Catalog
 
-__all__ = ["Prior", "StoredBundle", "Choice", "REGISTRY", "register", "grid_search", "choose", "subset", "check_grid"]
+__all__ = [
+    "Prior",
+    "StoredBundle",
+    "Choice",
+    "REGISTRY",
+    "register",
+    "grid_search",
+    "choose",
+    "subset",
+    "check_grid",
+    "rows_by_id",
+]
 
 REGISTRY: dict[str, type[Prior]] = {}
 
@@ -123,6 +134,27 @@ class Prior(ABC):
         """The term of an item added online (no statistics yet)."""
         return 0.0
 
+    def adopt(self, other: Prior, domains: Sequence[str]) -> None:
+        """Takes `other`'s statistics, chosen option and weight for `domains` (the same prior, fitted and chosen over
+        another catalog: items are matched by domain and item id); other domains keep this prior's own. How
+        `crossrec adapt` carries a new domain's prior into the bundle's."""
+        if type(other) is not type(self):
+            raise TypeError(f"{self.label}: cannot adopt a {other.label}")
+        for d in domains:
+            self.weight.pop(d, None)
+            self.choices.pop(d, None)
+            if d in other.weight:
+                self.weight[d] = other.weight[d]
+            if d in other.choices:
+                self.choices[d] = other.choices[d]
+        self._adopt(other, domains)
+
+    def _adopt(self, other: Prior, domains: Sequence[str]) -> None:
+        """`adopt`'s part for this prior's own statistics and options."""
+        raise NotImplementedError(
+            f"the {self.label} ({self.spec}) cannot be carried to a new domain: it has no `_adopt` (crossrec adapt)"
+        )
+
     def term_at(self, domain: str, histories: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """(B | 1, len(rows)) the term at some rows of the domain: a request that scores only candidates."""
         return np.asarray(self.term(domain, histories))[:, rows]
@@ -169,6 +201,18 @@ class Prior(ABC):
     def params(self, domains: list[str]) -> dict[str, Any]:
         """What `crossrec evaluate` prints of it for the evaluated domains."""
         return {f"{self.short}_weight[{d}]": round(self.weight[d], 6) for d in domains if d in self.weight}
+
+
+def rows_by_id(source: Catalog, target: Catalog, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `source`'s domain, the same items' rows in `target`'s domain): the items both catalogs have."""
+    off, n = source.offset[domain], source.n_items[domain]
+    where = {
+        str(i): k
+        for k, i in enumerate(target.item_ids[target.offset[domain] : target.offset[domain] + target.n_items[domain]])
+    }
+    pairs = [(k, where[str(i)]) for k, i in enumerate(source.item_ids[off : off + n]) if str(i) in where]
+    src, dst = (np.array(x, np.int64) for x in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
+    return src, dst
 
 
 def top_m(values: np.ndarray, m: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crossrec.baselines.popularity import Popularity
-from crossrec.priors.base import Prior, StoredBundle, register
+from crossrec.priors.base import Prior, StoredBundle, register, rows_by_id
 from crossrec.splits import Splits, TargetBatch
 
 if TYPE_CHECKING:
@@ -118,6 +118,18 @@ class PopularityPrior(Prior):
             off, n = self.catalog.offset[domain], self.catalog.n_items[domain]
             self._top[domain] = np.argsort(-self.p[off : off + n], kind="stable")
         return self._top[domain][:m]
+
+    def _adopt(self, other: Prior, domains: Sequence[str]) -> None:
+        assert isinstance(other, PopularityPrior)
+        for d in domains:
+            src, dst = rows_by_id(other.catalog, self.catalog, d)
+            off = self.catalog.offset[d]
+            self.cold[d] = other.cold.get(d, 0.0)
+            self.p[off : off + self.catalog.n_items[d]] = self.cold[d]  # items `other` lacks: never seen
+            self.p[off + dst] = other.p[other.catalog.offset[d] + src]
+            if d in other.window:
+                self.window[d] = other.window[d]
+            self._top.pop(d, None)
 
     def meta(self) -> dict:
         return {

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crossrec.priors.base import Prior, StoredBundle, register, top_m
@@ -146,6 +147,29 @@ class TransitionPrior(Prior):
         sums = self.transitions.sums(history, off, n, self.decay[domain])
         nz = np.flatnonzero(sums)  # the items the history leads to; every other item's term is 0
         return nz if len(nz) <= m else nz[top_m(sums[nz], m)]
+
+    def _adopt(self, other: Prior, domains: Sequence[str]) -> None:
+        assert isinstance(other, TransitionPrior)
+        c, o = self.catalog, other.catalog
+        adopted = np.zeros(len(c.item_ids), bool)
+        for d in domains:
+            adopted[c.offset[d] : c.offset[d] + c.n_items[d]] = True
+        theirs = other.transitions.to_table(o.item_ids, [o.domains[k] for k in o.item_domain])
+        theirs = theirs.filter(pc.is_in(theirs.column("dst_domain"), pa.array(list(domains))))
+        index = {(c.domains[k], str(i)): g for g, (k, i) in enumerate(zip(c.item_domain, c.item_ids))}
+        new = Transitions.from_table(theirs, index, len(c.item_ids))  # pairs into `domains`, from any item
+        keep = ~adopted[self.transitions.dst]
+        self.transitions = Transitions(
+            len(c.item_ids),
+            np.concatenate([self.transitions.src[keep], new.src]),
+            np.concatenate([self.transitions.dst[keep], new.dst]),
+            np.concatenate([self.transitions.weight[keep], new.weight]),
+        )
+        for d in domains:
+            if d in other.decay:
+                self.decay[d] = other.decay[d]
+            else:
+                self.decay.pop(d, None)
 
     def meta(self) -> dict:
         return {
