@@ -368,7 +368,13 @@ def test_submit_serve_runs_the_app_on_the_cluster_until_the_job_is_stopped(ray_h
             time.sleep(2)
     logs = _crossrec(ray_head, "jobs", "logs", job_id, "--address", url).stdout
     assert health and health["status"] == "ok", logs[-3000:]
-    assert f"serving bundle {health['model']} at http://127.0.0.1:{port}" in logs
+    # The app answers a moment before `crossrec serve` (done waiting for it) prints where it serves.
+    up = f"serving bundle {health['model']} at http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while up not in logs and time.time() < deadline:
+        time.sleep(2)
+        logs = _crossrec(ray_head, "jobs", "logs", job_id, "--address", url).stdout
+    assert up in logs, logs[-3000:]
     status = _crossrec(ray_head, "jobs", "status", job_id, "--address", url)
     assert status.returncode == 0 and "RUNNING" in status.stdout
     stop = _crossrec(ray_head, "jobs", "stop", job_id, "--address", url, "--wait", "90")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -269,12 +270,23 @@ def _submit(
             time.sleep(2)
 
 
+# Lines Ray writes into every job's log before the command's own output: its INFO line and the entrypoint (here the
+# launcher's shell line, not what the user typed). `crossrec jobs logs` (without --follow) keeps them.
+_RAY_JOB_PREAMBLE = re.compile(
+    r"^\d{4}-\d\d-\d\d [\d:,]+\s+INFO job_manager\.py:\d+ -- Runtime env is setting up\.$|^Running entrypoint for job "
+)
+
+
 async def _tail(c: JobSubmissionClient, job_id: str, out: TextIO) -> int:
-    n = 0
+    n, partial = 0, ""
     async for chunk in c.tail_job_logs(job_id):
-        out.write(chunk)
+        *lines, partial = (partial + chunk).split("\n")
+        kept = [ln + "\n" for ln in lines if not _RAY_JOB_PREAMBLE.search(ln)]
+        out.write("".join(kept))
         out.flush()
         n += len(chunk)
+    if partial:
+        out.write(partial)
     return n
 
 

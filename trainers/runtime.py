@@ -82,22 +82,22 @@ _RAY_NOISE = re.compile(
 
 
 def _drop_ray_noise() -> None:
-    """Wraps the driver's printer of worker and raylet output (`log_to_driver`) so that it leaves out _RAY_NOISE.
-    Ray has no public hook for this: the printer is the "ray_print_logs" handler of its stdstream dispatcher."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # ray
+    """Leaves _RAY_NOISE out of what Ray prints in this (the driver's) process: worker and raylet output
+    (`log_to_driver`) and the job's error messages from the GCS both go through `ray._private.worker.
+    print_worker_logs`, looked up at each call; Ray has no public hook, so that function is wrapped (once)."""
+    import ray._private.worker as ray_worker  # ray
 
-    printer = next((h for name, h in dispatcher.handlers if name == "ray_print_logs"), None)
-    if printer is None or getattr(printer, "crossrec_filtered", False) or os.environ.get("CROSSREC_VERBOSE") == "1":
+    printer = ray_worker.print_worker_logs
+    if getattr(printer, "crossrec_filtered", False) or os.environ.get("CROSSREC_VERBOSE") == "1":
         return
 
-    def filtered(data: dict) -> None:
+    def filtered(data: dict, *args, **kwargs) -> None:
         lines = [ln for ln in data.get("lines", []) if not _RAY_NOISE.search(ln)]
         if lines:
-            printer({**data, "lines": lines})
+            printer({**data, "lines": lines}, *args, **kwargs)
 
     filtered.crossrec_filtered = True  # type: ignore[attr-defined]
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    ray_worker.print_worker_logs = filtered
 
 
 def _own_gcs_address() -> str:
