@@ -38,12 +38,12 @@ def _changed(cfg: dict) -> dict:
 
 def bundle_summary(path: Path) -> dict:
     """Everything `crossrec inspect` prints, as data (its --json)."""
-    from crossrec.bundle import bundle_meta
+    from crossrec.bundle import bundle_meta, served_domains
 
     meta = bundle_meta(path, "BUNDLE")
     cfg, metrics = meta["config"], meta.get("metrics") or {}
     items = {}
-    for d in meta["domains"]:
+    for d in served_domains(meta):
         f = path / "items" / f"{d}.parquet"
         if f.is_file():
             import pyarrow.parquet as pq
@@ -81,6 +81,10 @@ def bundle_summary(path: Path) -> dict:
         "adapter": adapter,
         "ranker": (path / "ranker").is_dir(),
         "domains": items,
+        "adapted": {
+            d: {k: a.get(k) for k in ("calibration", "uses", "dataset", "n_train_interactions", "adapted_at")}
+            for d, a in (meta.get("adapted") or {}).items()
+        },
         "data_hash": meta.get("data_hash"),
         "dataset": meta.get("dataset"),
         "config_changed": _changed(cfg),
@@ -138,6 +142,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"dropout={a.get('lora_dropout')} on {', '.join(sorted(a.get('target_modules') or []))}"
             )
     print(f"domains  {', '.join(f'{d} ({n:,} items)' for d, n in s['domains'].items())}")
+    for d, a in s["adapted"].items():
+        c = a["calibration"]
+        print(
+            f"adapted  {d} (crossrec adapt on {a['dataset']}, {a['n_train_interactions']:,} training interactions): "
+            f"scores with {' + '.join(a['uses'])}; learned weight {c['learned_weight']}, text prior decay "
+            f"{c['text_prior_decay']}, cross {c['text_prior_cross']}"
+        )
     print(f"data     {s['dataset']}  (hash {s['data_hash']})")
     changed = ", ".join(f"{k}={v}" for k, v in s["config_changed"].items()) or "all TrainConfig defaults"
     print(f"config   {changed}  (changed from TrainConfig's defaults, `basic`: crossrec train --help-config)")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
+from crossrec.bundle import served_domains
 from crossrec.recommender import EXPLAIN_HISTORY
 from serving.deployments import Encoder, Recommender
 
@@ -273,7 +274,7 @@ def example_body(bundle: str | Path, n: int = 3) -> dict:
     import pyarrow.parquet as pq
 
     meta = json.loads((Path(bundle) / "bundle.json").read_text())
-    first, last = meta["domains"][0], meta["domains"][-1]
+    first, last = meta["domains"][0], served_domains(meta)[-1]
     ids = pq.read_table(Path(bundle) / "items" / f"{first}.parquet", columns=["item_id"]).column(0)
     return {
         "history": [{"item_id": i, "domain": first} for i in ids.slice(0, n).to_pylist()],

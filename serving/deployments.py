@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from crossrec import recommender as core
-from crossrec.bundle import load_bundle
+from crossrec.bundle import load_bundle, served_domains
 from crossrec.embedding import template_of
 from crossrec.inference import bundle_backbone, has_domain_adapters
 from crossrec.text import render_items
@@ -389,7 +389,7 @@ class Recommender:
     async def recommend(self, req: RecommendRequest):
         if self.state is None:
             return _unavailable(_NO_BUNDLE)
-        known = self.state.meta["domains"]
+        known = served_domains(self.state.meta)
         for name, domain in [
             ("domain", req.domain),
             *((f"history[{i}].domain", h.domain) for i, h in enumerate(req.history)),
@@ -476,9 +476,9 @@ class Recommender:
         template = template_of(cfg.get("text_template", ""), cfg.get("max_tokens", 64))
         texts = []
         for i, it in enumerate(req.items):
-            if it.domain not in st.meta["domains"]:
+            if it.domain not in served_domains(st.meta):
                 return _bad(
-                    f"`items[{i}].domain`: unknown domain {it.domain!r} (known: {', '.join(st.meta['domains'])})"
+                    f"`items[{i}].domain`: unknown domain {it.domain!r} (known: {', '.join(served_domains(st.meta))})"
                 )
             if it.text is not None:
                 texts.append((it.text, it.domain))
@@ -544,7 +544,8 @@ class Recommender:
             "created_at": m.get("created_at"),
             "backbone": m["config"].get("backbone"),
             "item_encoder": m["config"]["item_encoder"],
-            "domains": m["domains"],
+            "domains": served_domains(m),
+            "adapted": list(m.get("adapted") or {}),
             "ranker": None
             if rec.ranker is None
             else {"class": type(rec.ranker).__name__, "bundle": st.version, "top_n": rec.n_candidates},

@@ -155,6 +155,8 @@ def test_a_new_domain_without_logs_gets_text_only(food_bundle, cross_fk, tmp_pat
 
     b2 = load_bundle(out)
     assert b2.meta["adapted"]["kitchen"]["uses"] == ["text", "model"]
+    assert main(["inspect", str(out)]) == 0
+    assert "adapted  kitchen (crossrec adapt on" in capsys.readouterr().out
     assert "kitchen" not in b2.meta["pop_prior"]["weights"]
 
 

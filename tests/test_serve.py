@@ -544,6 +544,50 @@ def test_app_args_and_serve_config_fail_naming_the_field(bundles, tmp_path):
     assert rec.max_queued_requests > 0 and rec.backpressure_config.retry_after_s  # overload is shed, not queued
 
 
+def test_an_adapted_bundle_rolls_out_and_answers_in_its_new_domain(
+    url, bundles, catalog, serve_config, state_dir, tiny_ao, tmp_path
+):
+    """`crossrec adapt` adds office (art-office slice) to the food-kitchen text bundle; Serve rolls it out while
+    kitchen requests flow (no failure) and then answers in office over HTTP as the in-process Recommender does."""
+    from crossrec.adapt import adapt_bundle
+    from crossrec.dataset import Dataset
+
+    old = load_bundle(bundles[0])
+    status, out = call(url, "/v1/recommend", {"history": [], "domain": "office", "k": 3})
+    assert status in (400, 422) and "office" in out["detail"], out  # the trained bundle refuses the domain
+    adapted = tmp_path / "adapted"
+    adapt_bundle(old, Dataset.load(tiny_ao), ["office"], adapted)
+    new = load_bundle(adapted)
+    body = {"history": _history(catalog), "domain": "kitchen", "k": 5}
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            status, out = call(url, "/v1/recommend", body)
+            (seen.append(out["model"]) if status == 200 else failures.append((status, out)))
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        time.sleep(1.0)
+        redeploy(url, adapted, serve_config, state_dir)
+        time.sleep(1.0)
+        stop.set()
+        t.join(60)
+        assert not failures, failures[:3]
+        assert seen[-1] == new.version
+        office = new.items["office"].column("item_id").to_pylist()
+        hist = [{"item_id": office[0], "domain": "office"}, {"item_id": catalog[0]["food"][0], "domain": "food"}]
+        status, out = call(url, "/v1/recommend", {"history": hist, "domain": "office", "k": 5})
+        assert status == 200, out
+        local = Recommender.load(new).recommend([HistoryItem(h["domain"], h["item_id"]) for h in hist], "office", k=5)
+        assert [r["item_id"] for r in out["items"]] == [r.item_id for r in local]
+        np.testing.assert_allclose([r["score"] for r in out["items"]], [r.score for r in local], atol=1e-4)
+    finally:
+        stop.set()
+        redeploy(url, bundles[0], serve_config, state_dir)
+
+
 def test_serving_needs_a_connected_ray(bundles):
     """serving never starts Ray itself (the CLI or the caller does): without one the error says what to do."""
     import subprocess

@@ -46,6 +46,7 @@ __all__ = [
     "load_bundle",
     "is_bundle",
     "bundle_meta",
+    "served_domains",
     "verify_bundle",
     "bundle_content_hash",
     "BUNDLE_FORMAT",
@@ -88,8 +89,8 @@ class Bundle:
 
     @property
     def catalog_domains(self) -> list[str]:
-        """Every domain the bundle has items of and answers in: the trained ones, then the adapted ones."""
-        return [*self.domains, *(d for d in self.adapted if d not in self.domains)]
+        """Every domain the bundle has items of and answers in (`served_domains`)."""
+        return served_domains(self.meta)
 
     @property
     def calibration(self) -> dict[str, Calibration]:
@@ -107,6 +108,12 @@ class Bundle:
         t = self.items[domain]
         vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(), dtype=np.float32)
         return t.column("item_id").to_pylist(), torch.from_numpy(vecs.reshape(t.num_rows, -1).copy())
+
+
+def served_domains(meta: dict) -> list[str]:
+    """The domains a bundle (its bundle.json) answers in: those its model trained on, then those `crossrec adapt`
+    added."""
+    return [*meta["domains"], *(d for d in meta.get("adapted") or {} if d not in meta["domains"])]
 
 
 def is_bundle(path: str | Path) -> bool:
