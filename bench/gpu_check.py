@@ -80,11 +80,15 @@ def run_one(spec: dict) -> dict:
     from trainers.runtime import init_ray
 
     cfg = load_config(overrides=spec["overrides"])
+    print(f"gpu_check: loading {cfg.backbone} to count its weights", flush=True)
     backbone = load_backbone(cfg.backbone)
     matmul = sum(p.numel() for m in backbone.model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     apply_lora(backbone, cfg.lora)
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     del backbone
+    print(
+        "gpu_check: starting Ray, the catalog's frozen vectors (cached after the first run), then the fit", flush=True
+    )
     init_ray()
     settings = RunSettings(
         workers=spec["workers"],
@@ -207,7 +211,8 @@ def run_child(spec: dict, budget: float, log: Path) -> tuple[dict | None, str | 
     at the budget. (child's result, None) or (None, the error with the output's last lines)."""
     result = log.with_suffix(".json")
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec), "--result", str(result)]
+    # -u: its lines reach this log as they are printed (a pipe would buffer them until the child exits).
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--one", json.dumps(spec), "--result", str(result)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT
     )
