@@ -410,3 +410,74 @@ def test_smollm2_end_to_end_with_the_default_memory_bound_trains_within_its_esti
     (epoch,) = meta["metrics"]["history"]
     assert epoch["worker/peak_rss_mb"] / 1024 < est["total"]
     assert (tmp_path / "b" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_full_fine_tune_lowers_the_loss_and_its_exported_backbone_scores_as_the_trained_model(
+    ray_cluster, vector_cache, micro_fk, tmp_path
+):
+    """`lora.enabled: false` trains every backbone weight (2 workers, DDP): the loss falls, the bundle's adapter/
+    is a whole Hugging Face model (plain `AutoModel` loads it), and the backbone reloaded from the bundle gives the
+    trained model's item vectors and loss: the checkpoint's weights through the training path (`EndToEndModel`,
+    its pre-tokenized catalog) against the export path (merged copy embedded by Ray Data, then reloaded)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from crossrec.backbones import load_backbone, resolve_backbone
+    from crossrec.bundle import load_bundle
+    from crossrec.dataset import Dataset
+    from crossrec.embedding import catalog_texts, template_of
+    from crossrec.finetune import build_end_to_end, is_adapter_dir, load_backbone_state
+    from crossrec.inference import bundle_backbone
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import Splits
+    from crossrec.training import SequenceData, loss_inputs
+    from trainers.pipeline import train_bundle
+
+    over = [*E2E, "lora.enabled=false", "backbone_lr=1e-4", "epochs=3"]
+    out = tmp_path / "full"
+    meta = train_bundle(micro_fk, out, load_config(overrides=over), RunSettings(workers=2, name="full"), progress=False)
+    hist = meta["metrics"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train/loss"] < hist[0]["train/loss"]
+
+    adapter = out / "adapter"
+    assert not is_adapter_dir(adapter) and (adapter / "config.json").is_file()
+    plain = AutoModel.from_pretrained(adapter, local_files_only=True).state_dict()
+    base = AutoModel.from_pretrained(resolve_backbone("minilm").path, local_files_only=True).state_dict()
+    changed = [k for k in base if k in plain and not torch.equal(base[k], plain[k])]
+    assert any("word_embeddings" in k for k in changed) and any("encoder.layer.5." in k for k in changed)
+
+    # The trained model, rebuilt from the checkpoint the bundle was made from, through the training-time path.
+    bundle = load_bundle(out)
+    cfg = bundle.config
+    data = Dataset.load(micro_fk)
+    splits = Splits(data)
+    texts = catalog_texts(data.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
+    rec = CrossRecModel(cfg, len(bundle.domains), in_dim=bundle.meta["in_dim"], n_items=len(texts))
+    trained = build_end_to_end(cfg, rec, texts)
+    ckpt = meta["checkpoint"]
+    rec.load_state_dict(load_file(f"{ckpt}/model.safetensors"))
+    load_backbone_state(trained.encoder.backbone, load_file(f"{ckpt}/backbone.safetensors"))
+    trained.eval()
+    with torch.inference_mode():
+        mine = rec.item_vectors(trained.encoder.embed(torch.arange(len(texts))))
+        reloaded = bundle_backbone(bundle).encode(texts, max_length=cfg.max_tokens)  # the bundle's full model
+        exported = bundle.model.item_vectors(torch.from_numpy(reloaded))
+    stored = torch.cat([bundle.item_matrix(d)[1] for d in bundle.domains])  # Ray Data job over the merged copy
+    np.testing.assert_allclose(exported.numpy(), mine.numpy(), atol=1e-4)
+    np.testing.assert_allclose(stored.numpy(), mine.numpy(), atol=1e-4)
+    frozen = load_backbone("minilm").encode(texts, max_length=cfg.max_tokens)
+    assert np.abs(frozen - reloaded).max() > 1e-3  # the export is the fine-tuned backbone, not the base
+
+    # Scores: one real batch's loss (every logit of it) from the trained module and from the bundle's model on
+    # the reloaded backbone's vectors.
+    batch = next(SequenceData(splits, cfg.max_len).batches(8, np.random.default_rng(0)))
+    domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
+    inputs = loss_inputs(
+        batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4, np.random.default_rng(1), 2
+    )
+    with torch.inference_mode():
+        want = trained(**inputs)
+        got = bundle.model(**{**inputs, "item_x": torch.from_numpy(reloaded)[inputs["item_x"]]})
+    assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
