@@ -553,7 +553,7 @@ def test_an_adapted_bundle_rolls_out_and_answers_in_its_new_domain(
     from crossrec.dataset import Dataset
 
     old = load_bundle(bundles[0])
-    status, out = call(url, "/v1/recommend", {"history": [], "domain": "office", "k": 3})
+    status, out = call(url, "/v1/recommend", {"history": _history(catalog), "domain": "office", "k": 3})
     assert status in (400, 422) and "office" in out["detail"], out  # the trained bundle refuses the domain
     adapted = tmp_path / "adapted"
     adapt_bundle(old, Dataset.load(tiny_ao), ["office"], adapted)

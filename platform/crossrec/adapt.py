@@ -4,7 +4,7 @@ in-process Recommender and Serve answer in that domain with nothing fitted at re
 
 For each new domain, on the adapt dataset's validation targets of that domain (crossrec.inference.
 calibrate_zero_shot with every prior refitted): the text prior's recency decay and cross-domain weight, the learned
-part's weight against the text prior (crossrec.retrieval.Calibration), and every configured prior refitted on the
+part's weight against the text prior (crossrec.calibration.Calibration), and every configured prior refitted on the
 dataset's training window and weighted there (popularity; transitions into the domain, from any item, when its
 logs have them). The new bundle holds the bundle's model, items, priors and indexes unchanged for its other
 domains, plus the new domain's catalog embedded by the bundle's backbone, its calibration (bundle.json "adapted")
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from crossrec.bundle import Bundle, BundleContents, save_bundle
+from crossrec.calibration import Calibration
 from crossrec.catalog import BundleCatalog
 from crossrec.dataset import Dataset
 from crossrec.evaluation import evaluate
-from crossrec.retrieval import Calibration
 from crossrec.splits import Splits, splits_for
 
 __all__ = ["Adapted", "adapt_bundle"]

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import crossrec
 from crossrec.atomic import file_sha256, publishing
+from crossrec.calibration import Calibration
 from crossrec.config import TrainConfig, config_from_dict, config_to_dict
 from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
@@ -37,7 +38,6 @@ from crossrec.schema import check_domain
 if TYPE_CHECKING:
     from crossrec.index import IvfIndex
     from crossrec.priors import Prior
-    from crossrec.retrieval import Calibration
 
 __all__ = [
     "Bundle",
@@ -94,9 +94,7 @@ class Bundle:
 
     @property
     def calibration(self) -> dict[str, Calibration]:
-        """Adapted domain -> how its user vectors are put together (crossrec.retrieval.Calibration)."""
-        from crossrec.retrieval import Calibration
-
+        """Adapted domain -> how its user vectors are put together (crossrec.calibration.Calibration)."""
         return {d: Calibration.from_dict(a["calibration"]) for d, a in (self.meta.get("adapted") or {}).items()}
 
     @property

@@ -170,13 +170,13 @@ def calibrate_zero_shot(
     dataset's training window: `refit` "calibrating" refits those that calibrate (`Prior.calibrates`: popularity,
     searched even when the bundle's config leaves it out, then on a grid of 0 alone), "all" every prior of the
     config in its order (`crossrec adapt`: the new domain's own logs give transitions into it too). No weight of the
-    model is trained. Sets `retriever.calibration` of `domains` (crossrec.retrieval.Calibration) and its priors
+    model is trained. Sets `retriever.calibration` of `domains` (crossrec.calibration.Calibration) and its priors
     (clones: the bundle's choices stay for other domains) and returns the chosen values (also `retriever.params`),
     or None for a model without a text prior."""
     from crossrec.baselines.textknn import fit_textknn
+    from crossrec.calibration import Calibration
     from crossrec.priors import make_prior
     from crossrec.priors.base import choose
-    from crossrec.retrieval import Calibration
 
     if refit not in ("calibrating", "all"):
         raise ValueError(f"`refit` must be one of calibrating, all, got {refit!r}")

@@ -15,13 +15,13 @@ indices, oldest first; -1 marks an entry the catalog does not know (an item adde
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crossrec.calibration import Calibration
 from crossrec.catalog import BundleCatalog, Catalog
 from crossrec.domains import domain_id, domain_ids
 from crossrec.model import CrossRecModel
@@ -99,29 +99,6 @@ def text_query(
     q.index_add_(0, row, w[:, None] * text[items])
     # A weighted sum points where the weighted mean does: normalising it gives the mean's cosine directly.
     return F.normalize(q, dim=-1)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How the user vector of a target domain the model never trained on is put together, chosen on that domain's
-    validation targets (crossrec.inference.calibrate_zero_shot; stored by `crossrec adapt` in bundle.json
-    "adapted"): the learned part's weight against the text prior, the text prior's recency decay and the weight of
-    history items from other domains. A domain without one uses the model as trained."""
-
-    learned_weight: float
-    text_prior_decay: float
-    text_prior_cross: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "learned_weight": self.learned_weight,
-            "text_prior_decay": self.text_prior_decay,
-            "text_prior_cross": self.text_prior_cross,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> Calibration:
-        return cls(float(d["learned_weight"]), float(d["text_prior_decay"]), float(d["text_prior_cross"]))
 
 
 class Retriever:
