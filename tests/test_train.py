@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import _subset
 
 from crossrec.bundle import load_bundle
 from crossrec.config import RunSettings, load_config
@@ -185,6 +186,73 @@ def test_transfer_pretrain_then_finetune_adaptor(ray_cluster, vector_cache, tiny
             RunSettings(workers=1),
             progress=False,
         )
+
+
+def test_warm_start_on_a_newer_snapshot_with_new_items_and_users(
+    ray_cluster, vector_cache, tiny_fk, food_kitchen_csv, tmp_path, capsys
+):
+    """Retraining on new logs: a bundle of an older snapshot (tiny_fk) starts the training of a newer one that has
+    users and items the bundle never saw, and lacks items it had; a model of another shape is refused in one line."""
+    from safetensors.torch import load_file
+
+    from crossrec.config import config_from_dict
+    from crossrec.dataset import prepare
+    from crossrec.inference import backbone_vectors
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import splits_for
+    from trainers.pipeline import train_bundle
+    from trainers.train import initial_model
+
+    old_run = load_config(overrides=[*FAST, "epochs=1", "item_ids=true"])  # ids: rows must follow their items
+    train_bundle(tiny_fk, tmp_path / "old", old_run, RunSettings(workers=1, name="old"), progress=False)
+    new = tmp_path / "new"
+    prepare([_subset(food_kitchen_csv, tmp_path / "new-src", 150, extra_items=10)], new, progress=False)
+    old_data, new_data = Dataset.load(tiny_fk), Dataset.load(new)
+
+    old_items = set(old_data.items.column("item_id").to_pylist())
+    new_items = set(new_data.items.column("item_id").to_pylist())
+    new_users = set(new_data.interactions.column("user_id").to_pylist()) - set(
+        old_data.interactions.column("user_id").to_pylist()
+    )
+    assert len(new_items - old_items) > 0 and len(old_items - new_items) > 0 and len(new_users) > 0
+
+    cfg = load_config(overrides=[*FAST, "epochs=1", "item_ids=true", f"init_from={tmp_path / 'old'}"])
+    warm = train_bundle(new, tmp_path / "warm", cfg, RunSettings(workers=1, name="warm"), progress=False)
+    assert set(warm["metrics"]["test"]) >= {"food", "kitchen"}
+    assert all(v["ndcg@10"] is not None for v in warm["metrics"]["test"].values())
+    bundle = load_bundle(tmp_path / "warm")  # the new catalog whole, new items included
+    assert {i for t in bundle.items.values() for i in t.column("item_id").to_pylist()} == new_items
+    res = evaluate(Splits(new_data), bundle_retriever(bundle, new_data, Splits(new_data)), split="test")
+    assert sum(res.n_targets.values()) > 0
+
+    # Step 0 is the old model: every weight as trained, an item both snapshots have keeps its id row, an item
+    # new to the catalog starts at zero like any item without an id row.
+    src = load_file(str(tmp_path / "old" / "model.safetensors"))
+    wcfg = config_from_dict(warm["config"])
+    sp = splits_for(new_data, wcfg, training=True)
+    vecs = torch.from_numpy(backbone_vectors(new_data, sp, wcfg.backbone, wcfg.text_template, wcfg.max_tokens))
+    model = CrossRecModel(wcfg, 2, in_dim=vecs.shape[1], n_items=len(sp.item_ids))
+    start = initial_model(wcfg, new_data, sp, ["food", "kitchen"], model, vecs).state_dict()
+    for k, v in src.items():
+        if k != "item_emb.weight":
+            assert torch.equal(start[k], v), k
+    old_sp = Splits(old_data)
+    old_row = {iid: j for j, iid in enumerate(old_sp.item_ids.tolist())}
+    for j, iid in enumerate(sp.item_ids.tolist()):
+        want = src["item_emb.weight"][old_row[iid]] if iid in old_row else torch.zeros(wcfg.dim)
+        assert torch.equal(start["item_emb.weight"][j], want), iid
+    assert src["item_emb.weight"][:-1].abs().sum() > 0  # the old rows did train: the comparison means something
+
+    # Another model shape: refused before any training, in one line naming the key and the value to set.
+    argv = ["train", "--data", str(new), "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "old")]
+    capsys.readouterr()
+    assert main([*argv, "--config", "basic", "--set", "dim=16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "crossrec train: error: `init_from`: the bundle has dim=32, this run 16; they must match "
+        "(--set dim=32, or train without --init)"
+    )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_config_and_arguments_fail_naming_the_field(tiny_fk, tmp_path, capsys):

@@ -26,7 +26,7 @@ import ray.train.torch  # ray
 import torch
 import torch.distributed as dist
 
-from crossrec.bundle import bundle_meta, init_from_bundle
+from crossrec.bundle import bundle_meta, check_init, init_from_bundle
 from crossrec.config import RunSettings, TrainConfig, config_from_dict, config_to_dict
 from crossrec.dataset import Dataset
 from crossrec.domains import domain_ids
@@ -204,7 +204,7 @@ def initial_model(
     adaptor trainable under `finetune: adaptor`; end-to-end wraps it with the (adapted) backbone (`workers`: the
     Train workers sharing the machine, for its memory estimate)."""
     if cfg.init_from:
-        init_from_bundle(model, cfg, domains, cfg.init_from)
+        init_from_bundle(model, cfg, domains, cfg.init_from, splits.item_ids)
     elif cfg.item_encoder == "text":
         model.adaptor.init_from_vectors(vectors[:, : model.adaptor_in_dim])  # rank 0's init wins: DDP broadcasts it
     if cfg.finetune == "adaptor":
@@ -399,10 +399,11 @@ def resolved_prior(
 
 def resolved_init(cfg: TrainConfig) -> TrainConfig:
     """cfg with `init_from` made absolute (the workers read it, and their working directory is not the
-    driver's); fails naming the field when it is not a bundle."""
+    driver's); fails naming the field when it is not a bundle, or one of another model shape (before any Ray
+    work: the workers would fail with a traceback)."""
     if not cfg.init_from:
         return cfg
-    bundle_meta(Path(cfg.init_from).expanduser(), "`init_from`")  # the message names the path as given
+    check_init(bundle_meta(Path(cfg.init_from).expanduser(), "`init_from`")["config"], cfg)  # names the path as given
     return replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
 
 

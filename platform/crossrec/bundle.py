@@ -47,6 +47,7 @@ __all__ = [
     "is_bundle",
     "bundle_meta",
     "served_domains",
+    "check_init",
     "verify_bundle",
     "bundle_content_hash",
     "BUNDLE_FORMAT",
@@ -267,27 +268,84 @@ def load_bundle(path: str | Path, verify: bool = False) -> Bundle:
     return Bundle(path=path, meta=meta, config=cfg, model=model, domains=list(meta["domains"]), items=items)
 
 
-def init_from_bundle(model: CrossRecModel, cfg: TrainConfig, domains: list[str], path: str | Path) -> None:
-    """Transfer: start `model` (for `domains`) from a bundle trained on other domains. Domain embeddings are
-    matched by name; a domain the bundle never saw starts from the bundle's "unknown" embedding, which is
-    what zero-shot uses, so fine-tuning starts exactly where zero-shot stands."""
-    meta = bundle_meta(path, "`init_from`")
-    src = meta["config"]
-    for key in ("item_encoder", "backbone", "dim", "layers", "heads", "max_len", "adaptor", "n_experts"):
+# The config keys that size the recommender's weights (fusion's are checked where both runs have side vectors).
+SHAPE_KEYS = ("item_encoder", "backbone", "dim", "layers", "heads", "max_len", "adaptor", "n_experts")
+
+
+def check_init(src: dict, cfg: TrainConfig) -> None:
+    """Refuses a warm start (`init_from`) from a bundle whose saved config `src` sizes the model differently from
+    `cfg`, in one line naming the key and the value to set. The driver calls it before any work; the workers again
+    when loading."""
+    for key in SHAPE_KEYS:
         if src[key] != getattr(cfg, key):
             raise ValueError(
-                f"`init_from`: the bundle has {key}={src[key]!r}, this run {getattr(cfg, key)!r}; they must match"
+                f"`init_from`: the bundle has {key}={src[key]!r}, this run {getattr(cfg, key)!r}; they must match "
+                f"(--set {key}={src[key]}, or train without --init)"
             )
     if cfg.item_encoder != "text":
         raise ValueError("`init_from` needs `item_encoder` text: ID embeddings do not transfer across catalogs")
+    if src.get("side_dims") and cfg.side_dims:  # both fuse side vectors: the fusion must be the same shape
+        for key in ("side_dims", "fusion"):
+            if src.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"`init_from`: the bundle has {key}={src.get(key)!r}, this run {getattr(cfg, key)!r}; they "
+                    "must match (the same graph/feature_columns and fusion as the bundle, or train without --init)"
+                )
+
+
+def init_from_bundle(
+    model: CrossRecModel,
+    cfg: TrainConfig,
+    domains: list[str],
+    path: str | Path,
+    item_ids: np.ndarray | None = None,
+) -> None:
+    """Warm start: `model` (for `domains`, catalog `item_ids` in global order) from a bundle trained on other
+    domains (transfer) or an older snapshot of the logs. Domain embeddings are matched by name; a domain the
+    bundle never saw starts from the bundle's "unknown" embedding, which is what zero-shot uses, so fine-tuning
+    starts exactly where zero-shot stands. Item embeddings (`item_ids`) are matched by item id: an item new to the
+    catalog starts at zero, as an item never seen in training; one the catalog dropped is left out."""
+    meta = bundle_meta(path, "`init_from`")
+    check_init(meta["config"], cfg)
     state = load_file(str(Path(path) / "model.safetensors"))
     old = list(meta["domains"])
     rows = [*domain_ids(old, domains), len(old)]
     for key in ("tower.domain.weight", "tower.next_domain.weight"):
         state[key] = state[key][rows]
     own = model.state_dict()
-    if "item_emb.weight" in state and (
-        "item_emb.weight" not in own or state["item_emb.weight"].shape != own["item_emb.weight"].shape
-    ):
-        del state["item_emb.weight"]  # another catalog: item ids do not carry over, text does
+    if "item_emb.weight" in state:
+        if "item_emb.weight" in own and item_ids is not None:
+            state["item_emb.weight"] = _item_rows_by_id(
+                Path(path), meta, state["item_emb.weight"], own["item_emb.weight"], item_ids
+            )
+        else:
+            del state["item_emb.weight"]  # another catalog: item ids do not carry over, text does
+    for key, value in state.items():  # a safety net under check_init: one line, not load_state_dict's list
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(
+                f"`init_from`: the bundle's {key} has shape {tuple(value.shape)}, this run's "
+                f"{tuple(own[key].shape)}; train with the bundle's config, or without --init"
+            )
     model.load_state_dict(state, strict=False)
+
+
+def _item_rows_by_id(
+    path: Path, meta: dict, src: torch.Tensor, own: torch.Tensor, item_ids: np.ndarray
+) -> torch.Tensor:
+    """`own`'s item embedding rows (global order of `item_ids`, last row "no id") with the rows of the same items
+    in the bundle's `src`. The bundle's global order is its training catalog's (crossrec.splits: domains sorted,
+    then item id), which items/DOMAIN.parquet keeps (less adapted domains); a bundle whose files do not add up to it keeps `own`."""
+    adapted = meta.get("adapted") or {}  # domains `crossrec adapt` added: not in the training catalog
+    doms = sorted(p.stem for p in (path / "items").glob("*.parquet") if p.stem not in adapted)
+    old_ids = [
+        i for d in doms for i in pq.read_table(path / "items" / f"{d}.parquet", columns=["item_id"])[0].to_pylist()
+    ]
+    if len(old_ids) != src.shape[0] - 1:
+        return own
+    pos = {iid: k for k, iid in enumerate(old_ids)}
+    out = own.clone()
+    pairs = [(j, pos[iid]) for j, iid in enumerate(item_ids.tolist()) if iid in pos]
+    if pairs:
+        new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
+        out[new_rows] = src[old_rows]
+    return out
