@@ -420,9 +420,9 @@ class Recommender:
         vecs = iter(await self._vectors(st, texts) if texts else [])
         t1 = time.perf_counter()
         history = [
-            core.HistoryItem(h.domain, item_id=h.item_id)
+            core.HistoryItem(h.domain, item_id=h.item_id, rating=h.rating)
             if h.item_id is not None
-            else core.HistoryItem(h.domain, vector=torch.tensor(next(vecs)))
+            else core.HistoryItem(h.domain, vector=torch.tensor(next(vecs)), rating=h.rating)
             for h in req.history
         ]
         if req.query is not None:  # the intent, read as the newest entry of the target domain

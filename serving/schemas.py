@@ -43,6 +43,12 @@ class HistoryEntry(_Strict):
     text: str | None = Field(
         None, min_length=1, max_length=MAX_TEXT, description="an item known only by its text (embedded by the Encoder)"
     )
+    rating: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="the user's rating of the entry (0-10 scale, rounded); read by bundles trained with "
+        "`behaviour.rating: feature`, which read a missing one as unrated",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> HistoryEntry:

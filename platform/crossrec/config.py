@@ -22,6 +22,7 @@ __all__ = [
     "RankerConfig",
     "RetrievalConfig",
     "GraphConfig",
+    "BehaviourConfig",
     "TrainConfig",
     "RunSettings",
     "NAMED_CONFIGS",
@@ -44,6 +45,7 @@ ADAPTORS = ("moe", "mlp", "linear")
 ITEM_ENCODERS = ("text", "id")
 STRATEGIES = ("ddp", "deepspeed")
 FUSIONS = ("concat", "gate", "attention")
+RATING_MODES = ("off", "feature")
 # TrainConfig fields that training computes and saves in the bundle: not settable (--set, --config, sweep files).
 DERIVED = ("side_dims",)
 DEFAULT_PRIORS = ("popularity", "transition")
@@ -185,6 +187,28 @@ class RetrievalConfig:
 
 
 @dataclass
+class BehaviourConfig:
+    """How the user tower reads what a user did with each history item beyond the item itself (the interactions'
+    optional `rating`). Measured on MovieLens-100K, the one rated data set at hand (docs/RESULTS.md, "Ratings").
+    Event types (`event`) are kept in prepared data but read by no model: no data set here has them to measure on."""
+
+    rating: str = _doc(
+        "off",
+        "off: ratings ignored; feature: a learned embedding of the rounded rating (0-10, or 'unknown') added to "
+        "each history position of the user tower (needs a `rating` column; requests without one read 'unknown')",
+    )
+    # Requests and datasets without a rating still read the 'unknown' row: training hides a share of the ratings
+    # so that row is trained and a history without ratings is not out of distribution.
+    rating_dropout: float = _doc(0.1, "feature: chance a history rating is read as 'unknown' in a training batch")
+
+    def __post_init__(self):
+        check_types(self, "behaviour.")
+        _check_choice("behaviour.rating", self.rating, RATING_MODES)
+        if not 0 <= self.rating_dropout < 1:
+            raise ValueError(f"`behaviour.rating_dropout` must be in [0, 1), got {self.rating_dropout!r}")
+
+
+@dataclass
 class TrainConfig:
     """Everything that defines a trained model; saved in the bundle."""
 
@@ -295,6 +319,10 @@ class TrainConfig:
         "masked and cropped views of each training window (0: off)",
     )
     ssl_mask: float = _doc(0.3, "self-supervised views: share of history items masked out")
+    behaviour: BehaviourConfig = field(
+        default_factory=BehaviourConfig,
+        metadata={"doc": "what the user did with each history item (ratings): the behaviour.* keys"},
+    )
 
     def __post_init__(self):
         if not isinstance(self.lora, LoraConfig):
@@ -307,6 +335,8 @@ class TrainConfig:
             self.graph = from_dict(GraphConfig, self.graph, "graph")
         if not isinstance(self.retrieval, RetrievalConfig):
             self.retrieval = from_dict(RetrievalConfig, self.retrieval, "retrieval")
+        if not isinstance(self.behaviour, BehaviourConfig):
+            self.behaviour = from_dict(BehaviourConfig, self.behaviour, "behaviour")
         check_types(self)
         _check_choice("fusion", self.fusion, FUSIONS)
         if isinstance(self.feature_columns, str):

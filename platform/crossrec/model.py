@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +23,31 @@ from torch import nn
 from crossrec.config import TrainConfig
 from crossrec.fusion import Fusion, split_sides
 
-__all__ = ["ItemAdaptor", "UserTower", "CrossRecModel", "domain_mmd", "view_infonce"]
+__all__ = [
+    "ItemAdaptor",
+    "UserTower",
+    "CrossRecModel",
+    "domain_mmd",
+    "view_infonce",
+    "rating_buckets",
+    "RATING_UNKNOWN",
+]
+
+# Ratings read by the user tower (`behaviour.rating: feature`): rounded and clipped to 0..10, which holds the usual
+# scales (1-5 stars, 0.5-5 in halves, 1-10) without fitting a scale per dataset; row 11 is "unknown" (no rating:
+# a dataset or request without one, NaN).
+RATING_UNKNOWN = 11
+
+
+def rating_buckets(ratings: np.ndarray | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """int64 embedding rows of ratings (float, NaN = unknown); None gives `shape` filled with RATING_UNKNOWN."""
+    if ratings is None:
+        return np.full(shape or (0,), RATING_UNKNOWN, np.int64)
+    r = np.asarray(ratings, dtype=np.float64)
+    known = np.isfinite(r)
+    out = np.full(r.shape, RATING_UNKNOWN, np.int64)
+    out[known] = np.clip(np.rint(r[known]), 0, 10).astype(np.int64)
+    return out
 
 
 class ItemAdaptor(nn.Module):
@@ -89,9 +114,13 @@ class UserTower(nn.Module):
         self.domain = nn.Embedding(n_domains + 1, d)
         self.next_domain = nn.Embedding(n_domains + 1, d)
         self.pad = nn.Parameter(torch.zeros(d))
+        # Only with `behaviour.rating: feature`: bundles trained without it keep their state dict as it was.
+        self.rating = nn.Embedding(RATING_UNKNOWN + 1, d) if cfg.behaviour.rating == "feature" else None
+        self.rating_dropout = cfg.behaviour.rating_dropout
         # Small embeddings at start: the residual stream is then mostly the items themselves.
-        for emb in (self.pos, self.domain, self.next_domain):
-            nn.init.normal_(emb.weight, std=0.02)
+        for emb in (self.pos, self.domain, self.next_domain, self.rating):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(
             d,
             cfg.heads,
@@ -108,13 +137,27 @@ class UserTower(nn.Module):
         self.heads = cfg.heads
 
     def forward(
-        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+        self,
+        items: torch.Tensor,
+        domains: torch.Tensor,
+        next_domains: torch.Tensor,
+        valid: torch.Tensor,
+        ratings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """items (B, L, D) item vectors; domains, next_domains (B, L) ids; valid (B, L) bool, left-padded.
+        """items (B, L, D) item vectors; domains, next_domains (B, L) ids; valid (B, L) bool, left-padded; ratings
+        (B, L) `rating_buckets` rows (None: all unknown; read only with `behaviour.rating: feature`).
         Returns (B, L, D) L2-normalised user vectors: position t has read items <= t."""
         b, length, d = items.shape
         pos = torch.arange(length - 1, -1, -1, device=items.device)  # left padding: last = most recent
-        x = torch.where(valid.unsqueeze(-1), items + self.domain(domains), self.pad)
+        x = items + self.domain(domains)
+        if self.rating is not None:
+            if ratings is None:
+                ratings = torch.full_like(domains, RATING_UNKNOWN)
+            elif self.training and self.rating_dropout:
+                hide = torch.rand(ratings.shape, device=ratings.device) < self.rating_dropout
+                ratings = ratings.masked_fill(hide, RATING_UNKNOWN)
+            x = x + self.rating(ratings)
+        x = torch.where(valid.unsqueeze(-1), x, self.pad)
         x = x + self.pos(pos).unsqueeze(0) + self.next_domain(next_domains)
         x = self.drop(self.norm_in(x))
         # Causal, and padded keys hidden; a padded query still sees itself (no all-masked rows -> no NaN).
@@ -214,19 +257,29 @@ class CrossRecModel(nn.Module):
         return torch.cat([v, F.normalize(x, dim=-1)], dim=-1) if self.text_prior else v
 
     def learned_user_vectors(
-        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+        self,
+        items: torch.Tensor,
+        domains: torch.Tensor,
+        next_domains: torch.Tensor,
+        valid: torch.Tensor,
+        ratings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The learned part of user_vectors: (B, L, dim) tower outputs over the items' learned columns, / tau."""
-        return self.tower(items, domains, next_domains, valid) / self.tau
+        return self.tower(items, domains, next_domains, valid, ratings) / self.tau
 
     def user_vectors(
-        self, items: torch.Tensor, domains: torch.Tensor, next_domains: torch.Tensor, valid: torch.Tensor
+        self,
+        items: torch.Tensor,
+        domains: torch.Tensor,
+        next_domains: torch.Tensor,
+        valid: torch.Tensor,
+        ratings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """items (B, L, vector_dim) -> (B, L, vector_dim) user vectors, scaled so that score = <user, item>: at
         every position (training). Inference reads the last position's with the prior over the whole history
         (crossrec.retrieval.Retriever.encode)."""
         d = self.cfg.dim
-        u = self.learned_user_vectors(items[..., :d], domains, next_domains, valid)
+        u = self.learned_user_vectors(items[..., :d], domains, next_domains, valid, ratings)
         if not self.text_prior:
             return u
         # Recency-weighted prefix means of the history's text vectors: w[t, s] = decay^(t - s), s <= t.
@@ -261,6 +314,7 @@ class CrossRecModel(nn.Module):
         labels: torch.Tensor,
         target_domain: torch.Tensor | None = None,
         ssl_valid: torch.Tensor | None = None,
+        ratings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss in one forward pass (so DDP/DeepSpeed see every parameter once): InfoNCE, plus
         `align_weight` * MMD between target domains' user vectors and `ssl_weight` * a contrastive loss between
@@ -269,17 +323,20 @@ class CrossRecModel(nn.Module):
         item_x: encoder input of the U unique items of the batch; hist_index (B, L) and cand_index (C,)
         index into them; labels (P,) is each valid position's target column in the C candidates; logits
         of candidates from another domain than the target's are masked (wrong_domain (P, C)). target_domain (P,):
-        the dataset domain of each target (alignment); ssl_valid (2, B, L): the two views' kept positions."""
+        the dataset domain of each target (alignment); ssl_valid (2, B, L): the two views' kept positions; ratings
+        (B, L): the history's `rating_buckets` rows (None: unknown)."""
         vecs = self.item_vectors(item_x)  # (U, V)
         hist = vecs[hist_index] * valid.unsqueeze(-1)  # (B, L, V)
-        users = self.user_vectors(hist, domains, next_domains, valid)[target_valid]  # (P, V)
+        users = self.user_vectors(hist, domains, next_domains, valid, ratings)[target_valid]  # (P, V)
         logits = (users @ vecs[cand_index].T).masked_fill(wrong_domain, float("-inf"))  # (P, C)
         loss = F.cross_entropy(logits, labels)
         d = self.cfg.dim
         if self.cfg.align_weight and target_domain is not None:
             loss = loss + self.cfg.align_weight * domain_mmd(users[:, :d] * self.tau, target_domain)
         if self.cfg.ssl_weight and ssl_valid is not None:
-            views = [self.tower(hist[..., :d] * v.unsqueeze(-1), domains, next_domains, v)[:, -1] for v in ssl_valid]
+            views = [
+                self.tower(hist[..., :d] * v.unsqueeze(-1), domains, next_domains, v, ratings)[:, -1] for v in ssl_valid
+            ]
             loss = loss + self.cfg.ssl_weight * view_infonce(*views)  # (B, dim) each: the last position
         return loss
 

@@ -58,6 +58,7 @@ class HistoryItem:
     domain: str
     item_id: str | None = None
     vector: torch.Tensor | None = None  # (D,) an item vector of the model (e.g. text embedded by the encoder)
+    rating: float | None = None  # what the user rated it; read by a model trained with `behaviour.rating: feature`
 
 
 @dataclass
@@ -204,6 +205,7 @@ class Recommender:
         code = {name: k for k, name in enumerate(sorted({domain, *names}))}  # only equality matters
         hcodes = np.array([code[n] for n in names], dtype=np.int64)
         hids = np.array([self.retriever.model_domain(n) for n in names], dtype=np.int64)
+        rates = np.array([np.nan if h.rating is None else h.rating for h in history], dtype=np.float32)
         n = len(history)
         keeps = [np.array([i for i in range(n) if i != d], dtype=np.int64) for d in drop]
         return self.retriever.encode(
@@ -212,7 +214,8 @@ class Recommender:
             [hcodes[k] for k in keeps],
             code[domain],
             ([hids[k] for k in keeps], self.retriever.model_domain(domain)),
-            domain,
+            domain=domain,
+            ratings=[rates[k] for k in keeps],
         )
 
     def _score(

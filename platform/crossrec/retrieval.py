@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from crossrec.calibration import Calibration
 from crossrec.catalog import BundleCatalog, Catalog
 from crossrec.domains import domain_id, domain_ids
-from crossrec.model import CrossRecModel
+from crossrec.model import CrossRecModel, rating_buckets
 from crossrec.splits import TargetBatch
 
 if TYPE_CHECKING:
@@ -46,15 +46,21 @@ class AnnIndex(Protocol):
 
 
 def history_arrays(
-    histories: list[np.ndarray], hist_domains: list[np.ndarray], target_domain: np.ndarray, max_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Left-padded (items, domains, next_domains, valid) for inference: the last position asks for the
-    target domain. Histories longer than max_len keep their most recent items."""
+    histories: list[np.ndarray],
+    hist_domains: list[np.ndarray],
+    target_domain: np.ndarray,
+    max_len: int,
+    ratings: Sequence[np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded (items, domains, next_domains, valid, ratings) for inference: the last position asks for the
+    target domain; ratings are `rating_buckets` rows (unknown where a history, or the whole batch, has none).
+    Histories longer than max_len keep their most recent items."""
     b = len(histories)
     items = np.zeros((b, max_len), np.int64)
     doms = np.zeros((b, max_len), np.int64)
     nxt = np.zeros((b, max_len), np.int64)
     valid = np.zeros((b, max_len), bool)
+    rates = rating_buckets(None, (b, max_len))
     for r, (h, hd) in enumerate(zip(histories, hist_domains)):
         h, hd = h[-max_len:], hd[-max_len:]
         k = len(h)
@@ -67,7 +73,10 @@ def history_arrays(
         nxt[r, max_len - k : -1] = hd[1:]
         nxt[r, -1] = target_domain[r]
         valid[r, max_len - k :] = True
-    return items, doms, nxt, valid
+        hr = None if ratings is None else ratings[r]
+        if hr is not None:
+            rates[r, max_len - k :] = rating_buckets(np.asarray(hr)[-max_len:])
+    return items, doms, nxt, valid, rates
 
 
 def text_query(
@@ -207,7 +216,8 @@ class Retriever:
             index = self.index[d] = IvfIndex.build(rows, nprobe, nlist)
             targets = self.catalog.targets("valid", d)[:tune_on] if tune_on and hasattr(self.catalog, "targets") else []
             if len(targets):
-                users = self.user_vectors(self.catalog.batch(targets, d).histories, d).numpy()  # type: ignore[attr-defined]
+                b = self.catalog.batch(targets, d)  # type: ignore[attr-defined]
+                users = self.user_vectors(b.histories, d, b.history_ratings).numpy()
                 _, recall[d] = tune_nprobe(index, rows, users, self.ann_candidates)
         return recall
 
@@ -275,12 +285,15 @@ class Retriever:
         target_code: int,
         model_ids: tuple[Sequence[np.ndarray], int],
         domain: str | None = None,
+        ratings: Sequence[np.ndarray | None] | None = None,
     ) -> torch.Tensor:
         """(B, V) user vectors for histories given as rows of `source` (M, V), their domains as codes (only equality
         matters: the text prior's same-domain weight) and as the model's ids (`model_ids`: per history, then the
-        target's). The tower reads the last max_len items, left-padded to the longest of the batch (padded slots only
-        ever see themselves, so the last position is the same as at max_len); the text prior reads the whole history.
-        `domain`: the target domain's name, for its `calibration`."""
+        target's). `domain`: the target domain's name, for its `calibration`. `ratings`: optionally each history's
+        ratings (float per entry, NaN or a None history: unrated; read by a model trained with `behaviour.rating:
+        feature`). The tower reads the last max_len items, left-padded to the longest of the batch (padded slots only
+        ever see themselves, so the last position is the same as at max_len); the text prior reads the whole
+        history."""
         model = self.model
         d = model.cfg.dim
         learned_weight, decay, cross = self.setting(domain)
@@ -291,11 +304,21 @@ class Retriever:
         for s in range(0, len(histories), self.batch_size):
             hs = histories[s : s + self.batch_size]
             length = min(model.cfg.max_len, max(1, max(len(h) for h in hs)))
-            items, doms, nxt, valid = history_arrays(
-                list(hs), list(hist_ids[s : s + self.batch_size]), np.full(len(hs), target_id), length
+            items, doms, nxt, valid, rates = history_arrays(
+                list(hs),
+                list(hist_ids[s : s + self.batch_size]),
+                np.full(len(hs), target_id),
+                length,
+                None if ratings is None else ratings[s : s + self.batch_size],
             )
             hv = source[torch.from_numpy(items), :d] * torch.from_numpy(valid).unsqueeze(-1)  # (B, L, dim)
-            u = model.learned_user_vectors(hv, torch.from_numpy(doms), torch.from_numpy(nxt), torch.from_numpy(valid))
+            u = model.learned_user_vectors(
+                hv,
+                torch.from_numpy(doms),
+                torch.from_numpy(nxt),
+                torch.from_numpy(valid),
+                torch.from_numpy(rates),
+            )
             u = u[:, -1]
             if learned_weight != 1.0:
                 u = u * learned_weight
@@ -317,8 +340,11 @@ class Retriever:
             return c.learned_weight, c.text_prior_decay, c.text_prior_cross
         return self.learned_weight, self.model.cfg.text_prior_decay, self.model.cfg.text_prior_cross
 
-    def user_vectors(self, histories: Sequence[np.ndarray], domain: str) -> torch.Tensor:
-        """(B, V) user vectors of catalog histories (global indices) for targets in `domain`."""
+    def user_vectors(
+        self, histories: Sequence[np.ndarray], domain: str, ratings: Sequence[np.ndarray] | None = None
+    ) -> torch.Tensor:
+        """(B, V) user vectors of catalog histories (global indices) for targets in `domain`; ratings: per history,
+        its ratings (a TargetBatch's `history_ratings`; None: unrated)."""
         c = self.catalog
         code = c.domain_code[c.check_domain(domain)]
         codes = [c.item_domain[h] for h in histories]
@@ -328,7 +354,8 @@ class Retriever:
             codes,
             code,
             ([self.domain_map[x] for x in codes], int(self.domain_map[code])),
-            domain,
+            domain=domain,
+            ratings=ratings,
         )
 
     # -- scores -------------------------------------------------------------------------------------------------
@@ -386,7 +413,7 @@ class Retriever:
     def model_scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) the model's scores of the domain's items, without the priors."""
         if users is None:
-            users = self.user_vectors(batch.histories, batch.domain)
+            users = self.user_vectors(batch.histories, batch.domain, batch.history_ratings)
         return users @ self.rows(batch.domain).T
 
     def scores(self, batch: TargetBatch, users: torch.Tensor | None = None) -> torch.Tensor:
@@ -401,7 +428,7 @@ class Retriever:
     def _ann_scores(self, batch: TargetBatch, users: torch.Tensor | None) -> torch.Tensor:
         d = batch.domain
         if users is None:
-            users = self.user_vectors(batch.histories, d)
+            users = self.user_vectors(batch.histories, d, batch.history_ratings)
         rows_d = self.rows(d)
         out = torch.full((len(batch.histories), len(rows_d)), float("-inf"))
         for r, h in enumerate(batch.histories):

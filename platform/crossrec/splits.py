@@ -84,8 +84,8 @@ def protocol_info(protocol: str, min_per_domain: int = 3, cold_fraction: float =
 
 def splits_for(data: Dataset, cfg, training: bool = False) -> Splits:
     """The splits a TrainConfig's protocol defines on `data`; training=True also keeps only its `train_domains`
-    (what training may see)."""
-    return Splits(
+    (what training may see) and refuses a `behaviour.rating` that the data cannot feed."""
+    splits = Splits(
         data,
         cfg.min_per_domain,
         protocol=cfg.protocol,
@@ -93,6 +93,13 @@ def splits_for(data: Dataset, cfg, training: bool = False) -> Splits:
         cold_seed=cfg.cold_seed,
         domains=cfg.train_domains if training else None,
     )
+    if training and cfg.behaviour.rating != "off" and (splits.row_rating is None or np.isnan(splits.row_rating).all()):
+        # Evaluating such a bundle on unrated data is fine (it reads 'unknown'); training it on none learns nothing.
+        raise ValueError(
+            f"`behaviour.rating` is {cfg.behaviour.rating!r} but the dataset has no ratings "
+            "(no `rating` column, or every value empty): set behaviour.rating=off"
+        )
+    return splits
 
 
 @dataclass
@@ -105,6 +112,7 @@ class TargetBatch:
     histories: list[np.ndarray]  # global item indices, chronological, all domains
     history_ts: list[np.ndarray]
     target_ts: np.ndarray
+    history_ratings: list[np.ndarray] | None = None  # float per history item, NaN unrated; None: no ratings
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -116,7 +124,8 @@ class Splits:
     Items: `item_ids`, `item_domain` (domain code), `item_row` (row in the dataset's items table) per global
     item index; `offset[d]`, `n_items[d]` the block of domain `d`; `domain_code[d]` its code.
     Interactions ("rows"), sorted by user then time: `row_user` (index into `users`), `row_item` (global item
-    index), `row_time`, `row_domain` (domain code), and the masks `is_test`, `is_valid`, `is_train`;
+    index), `row_time`, `row_domain` (domain code), `row_rating` (float32, NaN unrated; None when the dataset has
+    no `rating` column), and the masks `is_test`, `is_valid`, `is_train`;
     `user_start[k]:user_start[k + 1]` are user k's rows.
     """
 
@@ -177,6 +186,10 @@ class Splits:
         )
         o = np.lexsort((np.arange(len(ts)), ts, ucode))
         self.row_user, self.row_item, self.row_time = ucode[o], item[o], ts[o]
+        self.row_rating: np.ndarray | None = None
+        if "rating" in inter.column_names:
+            rating = inter.column("rating").cast(pa.float32()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+            self.row_rating = np.asarray(rating, np.float32)[o]
         self.row_domain = self.item_domain[self.row_item]
         n = len(self.row_user)
         self.user_start = np.searchsorted(self.row_user, np.arange(len(self.users) + 1))
@@ -251,6 +264,7 @@ class Splits:
             histories=[self.row_item[s:e] for s, e in zip(starts, ends)],
             history_ts=[self.row_time[s:e] for s, e in zip(starts, ends)],
             target_ts=self.row_time[rows],
+            history_ratings=None if self.row_rating is None else [self.row_rating[s:e] for s, e in zip(starts, ends)],
         )
 
     # -- training ----------------------------------------------------------------------------------------

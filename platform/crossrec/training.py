@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from crossrec.config import TrainConfig
+from crossrec.model import RATING_UNKNOWN, rating_buckets
 from crossrec.splits import Splits
 
 __all__ = [
@@ -37,6 +38,7 @@ class SeqBatch:
     valid: np.ndarray  # (B, L) bool: a real input item
     targets: np.ndarray  # (B, L) global item index
     target_valid: np.ndarray  # (B, L) bool
+    ratings: np.ndarray | None = None  # (B, L) crossrec.model.rating_buckets rows; None: the data has no ratings
 
 
 class SequenceData:
@@ -59,6 +61,7 @@ class SequenceData:
         self.windows = windows
         self.item = splits.row_item
         self.dom = splits.row_domain if domain_map is None else domain_map[splits.row_domain]
+        self.rating = None if splits.row_rating is None else rating_buckets(splits.row_rating)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -88,15 +91,18 @@ class SequenceData:
         nxt = np.zeros((b, length), np.int64)
         tgt = np.zeros((b, length), np.int64)
         valid = np.zeros((b, length), bool)
+        ratings = None if self.rating is None else np.full((b, length), RATING_UNKNOWN, np.int64)
         for r, w in enumerate(windows):
             inp, out = w[:-1], w[1:]
             k = len(inp)
+            if ratings is not None and self.rating is not None:
+                ratings[r, length - k :] = self.rating[inp]
             items[r, length - k :] = self.item[inp]
             doms[r, length - k :] = self.dom[inp]
             nxt[r, length - k :] = self.dom[out]
             tgt[r, length - k :] = self.item[out]
             valid[r, length - k :] = True
-        return SeqBatch(items, doms, nxt, valid, tgt, valid.copy())
+        return SeqBatch(items, doms, nxt, valid, tgt, valid.copy(), ratings)
 
 
 def _drop_domains(batch: SeqBatch, p: float, unknown: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +159,8 @@ def loss_inputs(
     extra = {}
     if ssl_mask is not None:
         extra["ssl_valid"] = torch.from_numpy(ssl_views(batch.valid, ssl_mask, rng))
+    if batch.ratings is not None:  # the model reads them only with `behaviour.rating: feature`
+        extra["ratings"] = torch.from_numpy(batch.ratings)
     return {
         **extra,
         "target_domain": item_domain[targets],

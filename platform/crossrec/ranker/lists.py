@@ -24,7 +24,7 @@ def candidate_lists(
     table_rows: catalog global index -> ItemTable row. Returns (lists, top columns (B, N), full scores (B, n))."""
     c = scorer.catalog
     off, n = c.offset[batch.domain], c.n_items[batch.domain]
-    users = scorer.user_vectors(batch.histories, batch.domain)  # (B, V)
+    users = scorer.user_vectors(batch.histories, batch.domain, batch.history_ratings)  # (B, V)
     block = scorer.vecs[off : off + n]
     full = scorer.scores(batch, users)  # (B, n) the priors included: lists and their `retrieval` scores
     for r, h in enumerate(batch.histories):
