@@ -344,6 +344,49 @@ def test_bounded_backbone_gradients_keep_the_loss_and_reach_only_the_chosen_item
     assert sum(k for k, _ in grads[5]) == n
 
 
+def test_items_without_gradients_reuse_recent_backbone_vectors_from_the_bank(micro_fk):
+    """`backbone_bank_steps`: a step's items without gradients take the vector the backbone gave them at most that
+    many steps ago (exactly that vector), and run the backbone again once it is older; 0 re-encodes every step."""
+    from crossrec.dataset import Dataset
+    from crossrec.embedding import catalog_texts, template_of
+    from crossrec.finetune import build_end_to_end
+    from crossrec.model import CrossRecModel
+    from crossrec.splits import Splits
+    from crossrec.training import SequenceData, loss_inputs
+
+    data = Dataset.load(micro_fk)
+    splits = Splits(data)
+    texts = catalog_texts(data.items.take(splits.item_row), template_of("", 16))
+    batch = next(SequenceData(splits, 30).batches(8, np.random.default_rng(0)))
+    domain_items = [torch.arange(splits.offset[d], splits.offset[d] + splits.n_items[d]) for d in splits.domains]
+    inputs = loss_inputs(
+        batch, lambda i: i, torch.from_numpy(splits.item_domain), domain_items, 4, np.random.default_rng(1), 2
+    )
+    n = len(inputs["item_x"])
+    extra = ["text_prior_decay=0.6", "text_prior_cross=0.1", "backbone_grad_items=5"]
+    for bank in (0, 2):
+        cfg = load_config(overrides=[*E2E, *extra, f"backbone_bank_steps={bank}"])
+        model = build_end_to_end(cfg, CrossRecModel(cfg, 2, in_dim=384, n_items=len(texts)), texts)
+        model.train()
+        encoded = []
+        model.encoder.register_forward_hook(lambda m, a, out: encoded.append((len(a[0]), out.requires_grad)))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        per_step = []
+        for _ in range(4):
+            encoded.clear()
+            model(**inputs).backward()
+            opt.step()
+            opt.zero_grad()
+            per_step.append(sum(k for k, g in encoded if not g))
+        if bank == 0:
+            assert per_step == [n - 5] * 4
+        else:  # step 0 fills the bank, steps 1-2 read it, step 3 finds it 3 steps old
+            assert per_step == [n - 5, 0, 0, n - 5]
+            assert model.bank is not None and model.steps == 4
+            model.refresh_bank(torch.zeros(len(texts), 384))  # validation's catalog vectors refill every row
+            assert bool((model.bank_step == 4).all())
+
+
 def test_end_to_end_memory_is_estimated_and_a_run_that_cannot_fit_is_refused(micro_fk, tmp_path, capsys):
     from crossrec.backbones import resolve_backbone
     from crossrec.finetune import backbone_size, check_memory, memory_estimate

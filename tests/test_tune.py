@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from crossrec.baselines.textknn import CROSS_WEIGHTS, DECAYS
@@ -170,10 +171,11 @@ def test_shipped_sweeps_validate(tiny_fk, tmp_path, capsys):
     assert cpu.base_config().mode == "cached" and cpu.scheduler.type == "asha"
     assert cpu.base_params() == {"lr": 1e-3, "temperature": 0.2, "layers": 2, "batch_size": 256, "dim": 64}
     lora = load_sweep(REPO / "tune_configs" / "lora_lr_rank.yaml")
-    assert lora.base_config().mode == "end-to-end" and lora.base_config().backbone == "smollm2-135m"
-    assert set(lora.space) == {"lr", "lora.rank"} and lora.trial_config({"lora.rank": 4, "lr": 1e-4}).lora.rank == 4
-    # On 2 cores: one 1-CPU worker per trial, trials in turn.
-    assert (lora.max_concurrent_trials, lora.workers_per_trial, lora.cpus_per_worker) == (1, 1, 1)
+    assert lora.base_config().mode == "end-to-end" and lora.base_config().backbone == "minilm"
+    assert set(lora.space) == {"backbone_lr", "lr", "lora.rank"}
+    assert lora.trial_config({"lora.rank": 4, "lr": 1e-4, "backbone_lr": 1e-4}).lora.rank == 4
+    # On 2 cores: one worker with both cores per trial, trials in turn.
+    assert (lora.max_concurrent_trials, lora.workers_per_trial, lora.cpus_per_worker) == (1, 1, 2)
 
 
 @pytest.mark.slow
@@ -206,6 +208,8 @@ def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(
                 "patience": 0,
             },
             "space": {"lr": {"type": "grid", "values": [1.0e-3]}, "lora.rank": {"type": "grid", "values": [2, 4]}},
+            "num_samples": 1,
+            "cpus_per_worker": 1,
         },
     )
     out = tmp_path / "lora"
@@ -224,6 +228,62 @@ def test_lora_sweep_exports_the_best_trials_adapter_loadable_with_plain_peft(
     )
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(torch.abs(p).max()) > 0 for p in lora_b)  # trained: B starts at zero
+
+
+def test_a_lora_trial_changes_its_adapter_and_its_validation_differs_from_the_frozen_backbone(
+    ray_cluster, vector_cache, micro_fk, tmp_path
+):
+    """The shipped LoRA sweep's trial (shrunk: MiniLM, 16-token texts, one trial of 2 epochs) trains its adapter,
+    and that is what its validation measures: the trial's reported NDCG@10 is the one its recommender gets with
+    the adapted backbone's vectors, not the one it gets with the frozen backbone's."""
+    from safetensors.torch import load_file
+
+    from crossrec.backbones import load_backbone
+    from crossrec.bundle import load_bundle
+    from crossrec.dataset import Dataset
+    from crossrec.early_stopping import VALID_METRIC
+    from crossrec.embedding import catalog_texts, template_of
+    from crossrec.inference import bundle_backbone
+    from crossrec.splits import splits_for
+    from trainers.train import _validate, model_domains
+    from trainers.tune import run_sweep
+
+    shipped = yaml.safe_load((REPO / "tune_configs" / "lora_lr_rank.yaml").read_text())
+    small = {"dim": 32, "layers": 1, "batch_size": 8, "n_negatives": 4, "max_tokens": 16, "valid_max_targets": 0}
+    sweep = sweep_from_dict(
+        {
+            **shipped,
+            "base": {**shipped["base"], **small, "backbone": "minilm", "epochs": 2, "patience": 0},
+            "space": {"backbone_lr": {"type": "grid", "values": [1.0e-3]}},
+            "scheduler": {"type": "fifo"},
+            "num_samples": 1,
+            "cpus_per_worker": 1,
+        }
+    )
+    result = run_sweep(sweep, micro_fk, tmp_path / "lora", progress=False)
+    (trial,) = result.records
+    assert trial.status == "completed" and [h["step"] for h in trial.history][-1] >= 4
+    # LoRA's B matrices start at zero: every one of them moved.
+    last = load_file(str(Path(trial.history[-1]["checkpoint_path"]) / "backbone.safetensors"))
+    lora_b = [v for k, v in last.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
+
+    bundle = load_bundle(tmp_path / "lora" / "best")
+    cfg = bundle.config
+    data = Dataset.load(micro_fk)
+    splits = splits_for(data, cfg, training=True)
+    texts = catalog_texts(data.items.take(splits.item_row), template_of(cfg.text_template, cfg.max_tokens))
+
+    def valid_ndcg(backbone) -> float:
+        vecs = torch.from_numpy(backbone.encode(texts, max_length=cfg.max_tokens))
+        with torch.inference_mode():
+            items = bundle.model.item_vectors(vecs)
+        return _validate(bundle.model, items, splits, model_domains(cfg, splits), cfg, 0, 1)[VALID_METRIC]
+
+    reported = trial.best(VALID_METRIC, "max")[VALID_METRIC]
+    adapted, frozen = valid_ndcg(bundle_backbone(bundle)), valid_ndcg(load_backbone(cfg.backbone))
+    assert adapted == pytest.approx(reported, abs=1e-6)
+    assert abs(adapted - frozen) > 1e-4
 
 
 BASE_SWEEP = {"space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}

@@ -128,7 +128,8 @@ def _eval_model(
     strategy, new_recommender, cfg: TrainConfig, splits: Splits, item_input, n_items: int, rank: int, world: int
 ) -> tuple[CrossRecModel, torch.Tensor]:
     """A float32 CPU copy of the current recommender and its item vectors of the catalog (any strategy,
-    any device; end-to-end re-embeds the catalog with the current backbone)."""
+    any device; end-to-end re-embeds the catalog with the current backbone: validation ranks every item of a
+    target's domain, and the same vectors refill the model's bank of vectors without gradients)."""
     from crossrec.finetune import EndToEndModel
 
     module = strategy.module
@@ -136,9 +137,9 @@ def _eval_model(
         rec = new_recommender()
         rec.load_state_dict(strategy.weights()["model"])
         if isinstance(module, EndToEndModel):
-            item_input = make_item_input(
-                cfg, splits, _embed_catalog(module.encoder, n_items, rank, world, strategy.device)
-            )
+            catalog = _embed_catalog(module.encoder, n_items, rank, world, strategy.device)
+            module.refresh_bank(catalog)  # the next steps' items without gradients read these
+            item_input = make_item_input(cfg, splits, catalog)
     rec.eval()
     with torch.inference_mode():
         vecs = torch.cat(
@@ -339,10 +340,9 @@ def train_func(config: dict) -> None:
                 cfg.domain_dropout,
                 cfg.ssl_mask if cfg.ssl_weight else None,
             )
-            if end_to_end:  # backbone tokens this step encodes (throughput metric)
-                idx = inputs["item_x"][0] if isinstance(inputs["item_x"], tuple) else inputs["item_x"]
-                tokens += int(model.encoder.lengths[idx].sum())
+            before = model.tokens if end_to_end else 0
             losses.append(strategy.step(strategy.to_device(inputs)))
+            tokens += model.tokens - before if end_to_end else 0  # backbone tokens the step encoded (throughput)
             state["step"] += 1
             if rank == 0 and progress_every and time.time() - shown > progress_every and len(losses) < n_steps:
                 shown = time.time()

@@ -261,6 +261,17 @@ class TrainConfig:
         "end-to-end: items per step and worker with gradients through the backbone "
         "(targets, then history); the rest without; bounds memory; 0: all",
     )
+    # End-to-end: the items of a step encoded without gradients (history overflow, sampled negatives) take their
+    # vector from a bank of recent backbone vectors when it is at most this many steps old, as a memory bank of
+    # negatives does (MoCo, He et al. 2020; XBM, Wang et al. 2020: the drift of slowly trained features is small);
+    # the bank is refilled by every step's gradient items and by each epoch's validation, which embeds the whole
+    # catalog anyway. Re-encoding them every step was ~95% of a default step's backbone work (docs/RESULTS.md
+    # "End-to-end speed"). 0: every step re-encodes them (exact, slow).
+    backbone_bank_steps: int = _doc(
+        50,
+        "end-to-end: items without gradients reuse their backbone vector from at most this many steps ago "
+        "(a memory bank refreshed by each validation); 0: re-encode every step",
+    )
     weight_decay: float = _doc(0.01, "AdamW weight decay")
     batch_size: int = _doc(256, "sequences per optimizer step, over all workers")
     seed: int = _doc(0, "seed of initialisation, batch order, negatives and dropout")
@@ -378,6 +389,7 @@ class TrainConfig:
             "valid_max_targets",
             "patience",
             "backbone_grad_items",
+            "backbone_bank_steps",
         ):
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.dim % self.heads:

@@ -186,13 +186,11 @@ class ItemTextEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            order = idx[torch.argsort(self.lengths[idx], descending=True, stable=True)]
+            perm = torch.argsort(self.lengths[idx], descending=True, stable=True)  # positions in idx
             out = torch.empty(len(idx), self.dim)
-            pos = {int(g): k for k, g in enumerate(idx)}
-            for s in range(0, len(order), batch_size):
-                part = order[s : s + batch_size]
-                rows = torch.tensor([pos[int(g)] for g in part], dtype=torch.long)
-                out[rows] = self(part).float().cpu()
+            for s in range(0, len(perm), batch_size):
+                rows = perm[s : s + batch_size]
+                out[rows] = self(idx[rows]).float().cpu()
             return out
         finally:
             self.train(was_training)
@@ -203,10 +201,21 @@ class EndToEndModel(nn.Module):
 
     grad_items > 0 bounds the backbone's activation memory: of the step's distinct items, the targets, then the
     history items, up to `grad_items` of them, go through the backbone with gradients; the others (sampled
-    negatives, overflow) in one forward without gradients, whose activations are freed layer by layer. Their
-    vectors still enter the loss (as fixed vectors this step), like the cached negatives of a memory bank."""
+    negatives, overflow) without gradients, whose activations are freed layer by layer. Their vectors still enter
+    the loss (as fixed vectors this step), like the cached negatives of a memory bank.
 
-    def __init__(self, recommender: CrossRecModel, encoder: ItemTextEncoder, grad_items: int = 0, max_items: int = 0):
+    bank_steps > 0 makes that a memory bank: an item without gradients whose vector was computed at most
+    `bank_steps` steps ago (by a gradient forward, a no-gradient forward, or `refresh_bank` from validation's
+    catalog embedding) reuses it instead of running the backbone again."""
+
+    def __init__(
+        self,
+        recommender: CrossRecModel,
+        encoder: ItemTextEncoder,
+        grad_items: int = 0,
+        max_items: int = 0,
+        bank_steps: int = 0,
+    ):
         """max_items > 0: every step runs the forwards of that many items without gradients, whatever its
         items (ZeRO-3 gathers each layer's shards collectively: all ranks must run the same forwards)."""
         super().__init__()
@@ -214,31 +223,66 @@ class EndToEndModel(nn.Module):
         self.encoder = encoder
         self.grad_items = grad_items
         self.max_items = max_items
+        self.bank_steps = bank_steps
+        # Plain attributes, not buffers: a rank's own cache, nothing for DDP to broadcast or checkpoints to store.
+        self.bank: torch.Tensor | None = None  # (N, D) float32 backbone vectors
+        self.bank_step = torch.full((len(encoder.lengths),), -(1 << 40), dtype=torch.long)  # step each was computed
+        self.steps = 0  # training forwards so far (the bank's clock)
+        self.tokens = 0  # backbone tokens the training forwards encoded (a throughput count)
 
     def forward(self, item_x, **inputs) -> torch.Tensor:
         """`CrossRecModel.forward` with item_x = (U,) global item indices, or (indices, id rows) with item_ids."""
         idx, ids = item_x if isinstance(item_x, tuple) else (item_x, None)
         if self.grad_items and self.training and torch.is_grad_enabled():
             vecs = self._encode_bounded(idx, inputs)
+            self.steps += 1
         else:
             vecs = self.encoder(idx).float()  # (U, D): the recommender runs in float32 (autocast may lower it)
+            self.tokens += int(self.encoder.lengths[idx.cpu()].sum()) if self.training else 0
         return self.recommender(item_x=vecs if ids is None else (vecs, ids), **inputs)
+
+    def refresh_bank(self, vectors: torch.Tensor) -> None:
+        """Every item's bank vector from (N, D) vectors under the current weights (validation's embedding)."""
+        if self.bank_steps:
+            self.bank = vectors.detach().float().clone()
+            self.bank_step.fill_(self.steps)
+
+    def _remember(self, idx: torch.Tensor, vecs: torch.Tensor) -> None:
+        if not self.bank_steps:
+            return
+        if self.bank is None:
+            self.bank = torch.zeros(len(self.bank_step), vecs.shape[1])
+        self.bank[idx] = vecs.detach().float().cpu()
+        self.bank_step[idx] = self.steps
 
     def _encode_bounded(self, idx: torch.Tensor, inputs: dict) -> torch.Tensor:
         n = len(idx)
         rows = grad_rows(n, inputs, self.grad_items)  # (n,) positions in idx, gradient rows first
         grad, rest = rows[: self.grad_items], rows[self.grad_items :]
         with_grad = self.encoder(idx[grad]).float()  # (G, D)
+        self.tokens += int(self.encoder.lengths[idx[grad].cpu()].sum())
+        device = with_grad.device
+        out = torch.empty(n, with_grad.shape[1], device=device)
+        out[grad.to(device)] = with_grad
+        self._remember(idx[grad].cpu(), with_grad)
+        if self.bank_steps and len(rest):
+            fresh = self.bank_step[idx[rest].cpu()] >= self.steps - self.bank_steps
+            out[rest[fresh].to(device)] = self.bank[idx[rest[fresh]].cpu()].to(device)  # type: ignore[index]
+            rest = rest[~fresh]
+        # Chunks of similar lengths: a chunk is padded to its longest text.
+        rest = rest[torch.argsort(self.encoder.lengths[idx[rest].cpu()], descending=True, stable=True)]
         chunks = max(-(-len(rest) // NO_GRAD_CHUNK), -(-max(0, self.max_items - self.grad_items) // NO_GRAD_CHUNK))
-        parts = []
         with torch.no_grad():  # in chunks: the peak is one chunk's layer, whatever the step's items
             for c in range(chunks):
                 part = rest[c * NO_GRAD_CHUNK : (c + 1) * NO_GRAD_CHUNK]
                 if len(part):
-                    parts.append(self.encoder(idx[part]).float())
+                    vecs = self.encoder(idx[part]).float()
+                    self.tokens += int(self.encoder.lengths[idx[part].cpu()].sum())
+                    out[part.to(device)] = vecs
+                    self._remember(idx[part].cpu(), vecs)
                 else:  # ZeRO-3 padding: the same forwards on every rank
                     self.encoder(idx[:1])
-        return torch.cat([with_grad, *parts])[torch.argsort(rows)]  # (n, D), back to the order of idx
+        return out  # (n, D) in the order of idx; the gradient rows carry the graph
 
 
 def grad_rows(n: int, inputs: dict, limit: int) -> torch.Tensor:
@@ -449,6 +493,7 @@ def build_end_to_end(
         ItemTextEncoder(backbone, texts, cfg.max_tokens, item_domains if cfg.lora.per_domain else None),
         grad_items=cfg.backbone_grad_items,
         max_items=_items_per_step(cfg, workers, len(set(item_domains or [])) or 2) if zero3 else 0,
+        bank_steps=cfg.backbone_bank_steps,
     )
 
 
