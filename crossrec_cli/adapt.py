@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossrec.calibration import MIN_TARGETS
 from crossrec_cli.options import UsageError, add_bundle, add_data, add_quiet, csv_list
 
 __all__ = ["register"]
@@ -26,7 +27,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         f"adapting {bundle.version} (trained on {', '.join(bundle.domains)}) to {', '.join(domains)}: "
         f"items embedded with {bundle.config.backbone}, calibrated on {args.data}'s validation targets"
     )
-    res = adapt_bundle(bundle, data, domains, args.out, data_path=args.data, progress=not args.quiet)
+    if args.min_targets < 1:
+        raise UsageError(f"--min-targets must be >= 1, got {args.min_targets}")
+    res = adapt_bundle(
+        bundle, data, domains, args.out, data_path=args.data, progress=not args.quiet, min_targets=args.min_targets
+    )
     for d in res.domains:
         parts = " + ".join(res.uses[d])
         line = f"{d}: {res.n_train[d]} training interactions, {res.n_valid[d]} validation targets; scores with {parts}"
@@ -51,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "recency decay and cross-domain weight, the learned part's weight, and every configured prior refitted "
         "on the dataset's training window (popularity; transitions into the new domain when its logs have them). "
         "`crossrec evaluate`, `crossrec recommend` and `crossrec serve` then answer in the new domain with "
-        "nothing fitted at request time. A domain with no validation targets gets text only (the model as "
-        "trained). The model's weights are not trained: use `crossrec train --init BUNDLE` for that.",
+        "nothing fitted at request time. A domain with fewer than --min-targets validation targets (none: no "
+        "logs) gets text only: its items' text vectors with the bundle's text prior, no priors. The model's weights are not trained: use `crossrec train --init BUNDLE` for that.",
     )
     add_bundle(sp, help="the bundle to adapt (kept as it is)")
     add_data(sp)
@@ -63,5 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the new domains (domains of DATASET the bundle's model never trained on)",
     )
     sp.add_argument("--out", required=True, metavar="BUNDLE", help="where to write the adapted bundle")
+    sp.add_argument(
+        "--min-targets",
+        type=int,
+        default=MIN_TARGETS,
+        metavar="N",
+        help="validation targets a new domain needs to be calibrated on; with fewer it gets text only "
+        "(default: %(default)s: on fewer, the choice follows noise)",
+    )
     add_quiet(sp)
     sp.set_defaults(func=cmd_adapt)

@@ -62,7 +62,7 @@ def adapted(food_bundle, cross_fk, tmp_path_factory):
     from crossrec.dataset import Dataset
 
     out = tmp_path_factory.mktemp("adapt") / "food+kitchen"
-    res = adapt_bundle(food_bundle, Dataset.load(cross_fk), ["kitchen"], out)
+    res = adapt_bundle(food_bundle, Dataset.load(cross_fk), ["kitchen"], out, min_targets=1)  # a tiny slice
     return res, load_bundle(out)
 
 
@@ -149,12 +149,13 @@ def test_a_new_domain_without_logs_gets_text_only(food_bundle, cross_fk, tmp_pat
     )
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "kitchen: 0 training interactions, 0 validation targets; scores with text + model" in printed
-    assert "text only" in printed
+    assert "kitchen: 0 training interactions, 0 validation targets; scores with text\n" in printed
+    assert "kitchen: no validation targets (0 training interactions): text only" in printed
     from crossrec.bundle import load_bundle
 
     b2 = load_bundle(out)
-    assert b2.meta["adapted"]["kitchen"]["uses"] == ["text", "model"]
+    assert b2.meta["adapted"]["kitchen"]["uses"] == ["text"]
+    assert b2.calibration["kitchen"].learned_weight == 0.0
     assert main(["inspect", str(out)]) == 0
     assert "adapted  kitchen (crossrec adapt on" in capsys.readouterr().out
     assert "kitchen" not in b2.meta["pop_prior"]["weights"]
@@ -171,3 +172,25 @@ def test_adapt_refuses_a_trained_domain_an_unknown_one_and_its_own_folder(food_b
     assert main([*base, "--domains", "kitchen", "--out", str(food_bundle.path)]) == 2
     assert "--out" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_domain_with_fewer_validation_targets_than_min_targets_gets_text_only(
+    food_bundle, adapted, cross_fk, tmp_path, capsys
+):
+    """Weights chosen on a handful of targets follow noise: below --min-targets nothing is chosen or fitted."""
+    from crossrec.bundle import load_bundle
+    from crossrec_cli import main
+
+    res, _ = adapted
+    n = res.n_valid["kitchen"]
+    base = ["adapt", "--bundle", str(food_bundle.path), "--data", str(cross_fk), "--domains", "kitchen", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "b0"), "--min-targets", "0"]) == 2
+    assert "--min-targets must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b2"), "--min-targets", str(n + 1)]) == 0
+    printed = capsys.readouterr().out
+    assert f"kitchen: {n} validation targets, fewer than the {n + 1} a choice of weights needs" in printed
+    assert "chosen on validation" not in printed
+    b2 = load_bundle(tmp_path / "b2")
+    assert b2.meta["adapted"]["kitchen"]["uses"] == ["text"] and b2.calibration["kitchen"].learned_weight == 0.0
+    assert "kitchen" not in b2.meta["pop_prior"]["weights"]
+    assert b2.meta["adapted"]["kitchen"]["test"]["n_targets"] > 0  # still measured on its test targets
