@@ -5,8 +5,10 @@ scripts/ci_deepspeed.sh (DeepSpeed installed: the ZeRO rows run), so the script 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,20 +23,25 @@ def test_gpu_check_dry_run_writes_every_row_with_positive_numbers(tmp_path, vect
     import deepspeed  # noqa: F401  # the ZeRO rows need it: fail loudly where the extra is missing (no skip)
 
     out = tmp_path / "gpu_check"
+    # A short folder of its own: Ray's socket paths under pytest's tmp_path pass the 107-byte AF_UNIX limit.
+    ray_tmp = tempfile.mkdtemp(prefix="gc", dir="/tmp")
     env = {
         **os.environ,
         "PYTHON": sys.executable,
         "CROSSREC_GPU_CHECK_DRY": "1",  # the switch the script documents beside --dry-run
-        "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path / "ray")),
+        "RAY_TMPDIR": ray_tmp,
     }
     env.pop("RAY_ADDRESS", None)  # each configuration starts its own local Ray, as on the GPU machine
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu_check.sh"), "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3000,  # six configurations, each bounded by the dry run's budget (420 s)
-    )
+    try:
+        proc = subprocess.run(
+            ["bash", str(ROOT / "bench/gpu_check.sh"), "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3000,  # six configurations, each bounded by the dry run's budget (420 s)
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     doc = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, (proc.stdout[-3000:], doc)
     env_ = doc["environment"]

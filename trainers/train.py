@@ -124,6 +124,18 @@ def _embed_catalog(encoder, n_items: int, rank: int, world: int, device: torch.d
     return torch.cat(parts).cpu()[:n_items]
 
 
+def _refill_bank(strategy, n_items: int, rank: int, world: int) -> None:
+    """A resumed end-to-end run's bank of backbone vectors as the last validation left it (the bank is a rank's
+    cache, not in the checkpoint): the restored backbone re-embeds the catalog, so the steps after a restart read
+    the vectors an uninterrupted run reads."""
+    from crossrec.finetune import EndToEndModel
+
+    module = strategy.module
+    if isinstance(module, EndToEndModel) and module.bank_steps:
+        with strategy.gathered(), torch.no_grad():
+            module.refresh_bank(_embed_catalog(module.encoder, n_items, rank, world, strategy.device))
+
+
 def _eval_model(
     strategy, new_recommender, cfg: TrainConfig, splits: Splits, item_input, n_items: int, rank: int, world: int
 ) -> tuple[CrossRecModel, torch.Tensor]:
@@ -299,6 +311,8 @@ def train_func(config: dict) -> None:
     strategy.prepare(model, _param_groups(model, cfg))  # DDP over gloo / NCCL, or a DeepSpeed engine
     ckpt = ray.train.get_checkpoint()  # ray: a re-run of the same run name, or a restart after a failure
     state = _restored_state(strategy, ckpt, config.get("resume_from"), rank)
+    if state["epoch"]:
+        _refill_bank(strategy, n_items, rank, world)
     # The run's record of where each start of the worker group ran (rank -> node): a restart after a node is lost
     # lands elsewhere.
     state.setdefault("worker_nodes", []).append(worker_nodes(world))  # ray: each rank's node
