@@ -123,6 +123,19 @@ def test_local_directory_works_like_the_registry_name(minilm):
     np.testing.assert_allclose(load_backbone(spec).encode(TITLES), minilm.encode(TITLES), atol=1e-6)
 
 
+def test_a_saved_fine_tuned_encoder_loads_without_a_weights_report(minilm, tmp_path):
+    # What an end-to-end export writes (crossrec.finetune.write_merged): the model without the unused pooler.
+    minilm.model.save_pretrained(tmp_path)
+    minilm.tokenizer.save_pretrained(tmp_path)
+    # A process of its own: transformers' log handler holds the stderr it found at import (pytest's, here).
+    code = f"from crossrec.backbones import load_backbone; print(load_backbone({str(tmp_path)!r}).model.pooler)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOAD REPORT" not in proc.stderr and "MISSING" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "None"
+    np.testing.assert_allclose(load_backbone(tmp_path).encode(TITLES), minilm.encode(TITLES), atol=1e-6)
+
+
 def test_lora_targets_name_real_modules(minilm):
     from peft import LoraConfig, get_peft_model
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -387,6 +387,32 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
+def _has_pooler_weights(path: str | os.PathLike) -> bool:
+    """Whether the folder's safetensors hold a BERT-style pooler (True when it has no safetensors to read)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return True
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            if any(k == "pooler" or k.startswith("pooler.") or ".pooler." in k for k in handle.keys()):
+                return True
+    return False
+
+
+def _no_pooler_kwargs(path: str | os.PathLike) -> dict:
+    """`add_pooling_layer=False` where the model class takes it: a merged fine-tuned backbone is saved without the
+    pooler mean pooling never uses, and loading it with one prints transformers' MISSING-weights report."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls: Any = AutoModel._model_mapping.get(type(config), None)  # the class AutoModel would build
+    if cls is not None and "add_pooling_layer" in inspect.signature(cls).parameters:
+        return {"add_pooling_layer": False}
+    return {}
+
+
 def load_backbone(spec_or_name: BackboneSpec | str | os.PathLike, dtype: torch.dtype = torch.float32) -> Backbone:
     """Loads tokenizer and base model (AutoModel: hidden states, no LM head) from local files, in eval mode."""
     import transformers
@@ -398,7 +424,8 @@ def load_backbone(spec_or_name: BackboneSpec | str | os.PathLike, dtype: torch.d
         transformers.utils.logging.disable_progress_bar()
     spec = prepare_backbone(spec_or_name)
     tokenizer = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
-    model = AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=dtype)
+    extra = {} if spec.kind == "decoder" or _has_pooler_weights(spec.path) else _no_pooler_kwargs(spec.path)
+    model = AutoModel.from_pretrained(spec.path, local_files_only=True, dtype=dtype, **extra)
     hidden = getattr(model.config, "hidden_size", None)
     if hidden != spec.dim:
         raise ValueError(f"backbone {spec.name!r}: model at {spec.path} has hidden size {hidden}, spec says {spec.dim}")
