@@ -5,7 +5,8 @@ calibration `crossrec evaluate` does for a bundle that never saw the domain.
     crossrec prepare ../shared/data/amazon-food-kitchen ../shared/data/amazon-art-office --out out/pool4
     crossrec train --data out/pool4 --out out/bench/adapt/base --config basic --set epochs=4 \
         --train-domains arts,food,kitchen
-    python bench/adapt.py --pool out/pool4 --bundle out/bench/adapt/base --domain office --out out/bench/adapt
+    python bench/adapt.py --pool out/pool4 --bundle out/bench/adapt/base --domain office --out out/bench/adapt \
+        --counts 0,100,1000,3000,10000,all  [--min-targets N: passed to crossrec adapt]
 
 For a count k, the adapt dataset is the pool with the new domain's interactions of a seeded random sample of its
 users only (whole users, until their interactions reach k; every item kept): the new domain's first users. Its
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--domain", required=True)
     ap.add_argument("--counts", default="0,100,1000,all")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-targets", type=int, default=None, help="passed to crossrec adapt (default: its own)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out, d = Path(a.out), a.domain
@@ -79,7 +81,10 @@ def main() -> None:
         b2 = out / f"adapted-{c}"
         t = None
         if not (b2 / "bundle.json").is_file():
-            t = run(["adapt", "--bundle", a.bundle, "--data", data, "--domains", d, "--out", str(b2), "--quiet"])
+            extra = [] if a.min_targets is None else ["--min-targets", str(a.min_targets)]
+            t = run(
+                ["adapt", "--bundle", a.bundle, "--data", data, "--domains", d, "--out", str(b2), "--quiet", *extra]
+            )
         ev = out / f"eval-{c}.json"
         if not ev.is_file():
             run(

@@ -1,9 +1,9 @@
 """Does fine-tuning the backbone pay? End-to-end LoRA on MiniLM against the cached default (frozen MiniLM vectors)
 on a slice of the shared data, with the commands a user runs (printed before they run), per seed:
 
-    frozen-sS       crossrec train --data SLICE --out OUT/frozen-sS --config basic --set seed=S
+    frozen-sS       crossrec train --data SLICE --out OUT/frozen-sS --config basic --set seed=S [--set KEY=VALUE ...]
     lora-sS         crossrec train --data SLICE --out OUT/lora-sS --config basic --mode end-to-end --set seed=S
-                        --set lora.enabled=true [--lora-set KEY=VALUE ...]      (to convergence: `patience` stops it)
+                        [--set ...] --set lora.enabled=true [--lora-set KEY=VALUE ...]   (`patience` stops it)
     lora-budget-sS  the same with `epochs` cut to what fits frozen-sS's wall time (at least one epoch)
 
 Both use `basic` (text vectors only, no graph, no ranker) so that the backbone is the one difference. Each bundle's
@@ -11,7 +11,7 @@ test NDCG@10 is reported with the priors it was trained with (what `crossrec eva
 priors off (the model's own score: what the backbone and the towers learned), in-process on the same splits.
 
     python bench/finetune_quality.py --data data/amazon-art-office --users 600 --out out/bench/ftq --seeds 0,1 \
-        --lora-set backbone_lr=3e-4 --lora-set lora.rank=8
+        --set batch_size=16 --set max_tokens=32 --lora-set backbone_lr=3.6e-5 --lora-set lora.rank=8
     python bench/finetune_quality.py table out/bench/ftq/result.json
 
 Writes OUT/result.json (per run: wall seconds, epochs, best epoch, test NDCG@10 per domain with and without the
@@ -89,11 +89,13 @@ def measure(args: argparse.Namespace) -> None:
     data = users_slice(args.data, out / "data", args.users) if args.users else Path(args.data)
     result_path = out / "result.json"
     result = json.loads(result_path.read_text()) if result_path.is_file() else {"runs": {}}
-    result.update({"data": str(args.data), "users": args.users, "lora_set": args.lora_set})
+    result.update({"data": str(args.data), "users": args.users, "set": args.set, "lora_set": args.lora_set})
     lora_flags = ["--mode", "end-to-end", "--set", "lora.enabled=true"]
     for kv in args.lora_set:
         lora_flags += ["--set", kv]
     base = ["train", "--data", str(data), "--config", "basic", "--quiet", "--force"]
+    for kv in args.set:
+        base += ["--set", kv]
 
     def train(name: str, seed: int, extra: list[str]) -> None:
         if name in result["runs"]:
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=0, help="a slice of this many users (0: all)")
     p.add_argument("--out", default="out/bench/ftq")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of every run")
     p.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="config of the LoRA runs")
     args = p.parse_args()
     if args.cmd == "table":

@@ -63,7 +63,8 @@ def _bundle_retrievers(bundle, data, splits, domains: list[str] | None, args: ar
     evaluated = domains or splits.domains
     adapted = [d for d in evaluated if d in bundle.adapted]
     if adapted:
-        print(f"adapted: {', '.join(adapted)} carry their calibration and priors (crossrec adapt): none is fitted here")
+        verb = "carries its" if len(adapted) == 1 else "carry their"
+        print(f"adapted: {', '.join(adapted)} {verb} calibration and priors (crossrec adapt): none is fitted here")
     unseen = [d for d in evaluated if d not in bundle.catalog_domains]
     if unseen:
         print(

@@ -15,8 +15,10 @@ domain (`adapter/<domain>/`), each loadable on its own with `PeftModel.from_pret
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -92,13 +94,24 @@ def apply_lora(backbone: Backbone, lora: LoraConfig, domains: Sequence[str] = ()
         bias="none",
     )
     if not lora.per_domain:
-        backbone.model = get_peft_model(backbone.model, config)
+        with _quiet_peft():
+            backbone.model = get_peft_model(backbone.model, config)
         return backbone
-    backbone.model = get_peft_model(backbone.model, config, adapter_name=domains[0])
+    with _quiet_peft():
+        backbone.model = get_peft_model(backbone.model, config, adapter_name=domains[0])
     for d in domains[1:]:
         backbone.model.add_adapter(d, config)
     backbone.model.set_requires_grad(list(domains), True)  # add_adapter leaves only the active adapter trainable
     return backbone
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5 for the deprecated `is_gradient_checkpointing` when it wraps a model: a
+    FutureWarning in every training run's and Serve replica's output about code that is not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def adapter_names(backbone: Backbone) -> list[str]:
@@ -451,7 +464,8 @@ def load_adapted_backbone(
     if not is_adapter_dir(folder):
         return load_backbone(Path(folder))
     backbone = load_backbone(base)
-    backbone.model = PeftModel.from_pretrained(backbone.model, str(folder))
+    with _quiet_peft():
+        backbone.model = PeftModel.from_pretrained(backbone.model, str(folder))
     backbone.eval()
     return merge_adapter(backbone) if merge else backbone
 
