@@ -116,6 +116,8 @@ def measure(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         train(f"frozen-s{seed}", seed, [])
         train(f"lora-s{seed}", seed, lora_flags)
+        if args.no_budget:
+            continue
         k = budget_epochs(
             out / f"lora-s{seed}",
             result["runs"][f"lora-s{seed}"]["wall_s"],
@@ -150,6 +152,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=0, help="a slice of this many users (0: all)")
     p.add_argument("--out", default="out/bench/ftq")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--no-budget", action="store_true", help="skip the lora-budget runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of every run")
     p.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="config of the LoRA runs")
     args = p.parse_args()

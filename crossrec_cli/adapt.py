@@ -21,14 +21,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise UsageError("--domains: name at least one new domain, e.g. --domains office")
     if Path(args.out).resolve() == Path(args.bundle).resolve():
         raise UsageError("--out: write the adapted bundle to a new folder (the bundle it starts from is kept as it is)")
+    if args.min_targets < 1:
+        raise UsageError(f"--min-targets must be >= 1, got {args.min_targets}")
     bundle = load_bundle(args.bundle)
     data = Dataset.load(args.data)
     print(
         f"adapting {bundle.version} (trained on {', '.join(bundle.domains)}) to {', '.join(domains)}: "
         f"items embedded with {bundle.config.backbone}, calibrated on {args.data}'s validation targets"
     )
-    if args.min_targets < 1:
-        raise UsageError(f"--min-targets must be >= 1, got {args.min_targets}")
     res = adapt_bundle(
         bundle, data, domains, args.out, data_path=args.data, progress=not args.quiet, min_targets=args.min_targets
     )
