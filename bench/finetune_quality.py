@@ -22,19 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from crossrec_cli import main as crossrec
-
-
-def run(argv: list[str]) -> float:
-    print("$ crossrec " + " ".join(argv), flush=True)
-    t0 = time.time()
-    rc = crossrec(argv)
-    if rc:
-        raise SystemExit(f"crossrec {argv[0]} failed with exit code {rc}")
-    return round(time.time() - t0, 1)
+from adapt import run  # bench/adapt.py (this script's folder): a crossrec command, printed, timed, loud on failure
 
 
 def ndcg(bundle: Path, data: Path) -> dict:

@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on the dataset's training window (popularity; transitions into the new domain when its logs have them). "
         "`crossrec evaluate`, `crossrec recommend` and `crossrec serve` then answer in the new domain with "
         "nothing fitted at request time. A domain with fewer than --min-targets validation targets (none: no "
-        "logs) gets text only: its items' text vectors with the bundle's text prior, no priors. The model's weights are not trained: use `crossrec train --init BUNDLE` for that.",
+        "logs) gets text only: its items' text vectors with the bundle's text prior, no priors. The model's "
+        "weights are not trained: use `crossrec train --init BUNDLE` for that.",
     )
     add_bundle(sp, help="the bundle to adapt (kept as it is)")
     add_data(sp)
